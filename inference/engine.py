@@ -1,0 +1,89 @@
+"""The student sampler: a vLLM engine with LoRA, swapping in the trainer's newest adapter each step."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from shared.engines import make_llm
+from shared.runtime import redirect_output
+from shared.wire import Rollout, RolloutBatch, encode
+
+ADAPTER_COMPLETE = "COMPLETE"
+
+
+class InferenceEngine:
+    """Ray actor body. One per data-parallel rank; the orchestrator spreads prompts across them."""
+
+    def __init__(self, model_path: str, spec: dict, log_path: str):
+        redirect_output(log_path)
+        t0 = time.perf_counter()
+        self.llm = make_llm(
+            model_path,
+            dtype=spec["dtype"],
+            max_model_len=spec["max_model_len"],
+            seed=spec["seed"],
+            tp=spec.get("tp", 1),
+            enforce_eager=spec.get("enforce_eager", True),
+            gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
+            lora_rank=spec["lora_rank"],
+        )
+        self.start_seconds = time.perf_counter() - t0
+        self.lora = None
+        self.adapter_step = 0
+
+    def ready(self) -> float:
+        return self.start_seconds
+
+    def load_adapter(self, path: str, step: int) -> None:
+        """Serve ``path`` (a complete peft adapter) from now on, under a fresh LoRA id."""
+        from vllm.lora.request import LoRARequest
+
+        if not (Path(path) / ADAPTER_COMPLETE).exists():
+            raise RuntimeError(f"adapter {path} is not complete (no {ADAPTER_COMPLETE} marker)")
+        self.lora = LoRARequest(f"step_{step}", step + 1, path)
+        self.adapter_step = step
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        prompt_indices: list[int],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int,
+    ) -> bytes:
+        """``n`` completions per prompt, with the sampler's log-prob of every sampled token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                logprobs=0,
+                seed=seed + i,
+            )
+            for i in prompt_indices
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        rollouts = []
+        for idx, ids, out in zip(prompt_indices, prompt_ids, outputs):
+            for comp in out.outputs:
+                toks = list(comp.token_ids)
+                lps = [float(d[t].logprob) for t, d in zip(toks, comp.logprobs or [])]
+                rollouts.append(
+                    Rollout(
+                        prompt_index=idx,
+                        prompt_ids=list(ids),
+                        completion_ids=toks,
+                        logprobs=lps,
+                        finish_reason=str(comp.finish_reason or ""),
+                        text=comp.text,
+                    )
+                )
+        return encode(RolloutBatch(rollouts=rollouts, adapter_step=self.adapter_step))

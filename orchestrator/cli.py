@@ -1,0 +1,46 @@
+"""Command line: ``rl @ experiments/x.toml [@ more.toml] [--section.key VALUE ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.config import ConfigError, load, to_toml
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("  --dry_run prints every key with its resolved value and the placement plan.")
+        return 0
+    try:
+        cfg = load(argv)
+        if cfg.dry_run:
+            from shared.placement import describe, plan
+
+            print(to_toml(cfg))
+            print(describe(plan(cfg)))
+            return 0
+        from orchestrator.launcher import launch
+        from orchestrator.orchestrator import RoleFailure
+
+        try:
+            summary = launch(cfg)
+        except RoleFailure as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; "
+        f"eval {summary['eval_start']:.3f} -> {summary['eval_end']:.3f}; output in {cfg.output_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Prompt datasets: JSONL files with one ``{"prompt": str, "answer"?: str}`` object per line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from msgspec import Struct
+
+from shared.config import ConfigError
+
+
+class Prompt(Struct, kw_only=True):
+    text: str
+    answer: str | None = None
+
+
+class DatasetError(ConfigError):
+    """A dataset problem; the message names the file (and line)."""
+
+
+def load_jsonl(path: str, on_bad_row: str = "error") -> tuple[list[Prompt], int]:
+    """Rows of ``path`` and the number of bad rows skipped (always 0 with ``on_bad_row="error"``)."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"orchestrator.dataset.path: {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"orchestrator.dataset.path: {path}: cannot read ({type(e).__name__}: {e})") from None
+    prompts: list[Prompt] = []
+    bad = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        problem = None
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            row, problem = None, f"not valid JSON ({e.msg})"
+        if problem is None:
+            if not isinstance(row, dict):
+                problem = f"expected a JSON object, got {type(row).__name__}"
+            elif "prompt" not in row:
+                problem = "missing field 'prompt'"
+            elif not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                problem = "'prompt' must be a non-empty string"
+            elif "answer" in row and row["answer"] is not None and not isinstance(row["answer"], str):
+                problem = "'answer' must be a string"
+        if problem is not None:
+            if on_bad_row == "error":
+                raise DatasetError(f"{path}:{lineno}: {problem} (set orchestrator.dataset.on_bad_row = \"skip\" to skip)")
+            bad += 1
+            continue
+        prompts.append(Prompt(text=row["prompt"], answer=row.get("answer")))
+    if not prompts:
+        raise DatasetError(f"{path}: no usable prompts ({bad} bad rows)")
+    return prompts, bad

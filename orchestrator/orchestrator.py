@@ -1,0 +1,270 @@
+"""The orchestrator: the only role that decides what happens next.
+
+Each step: prompts → student engines (sample ``group_size`` completions with log-probs) → teacher
+engines (log-probs of the same tokens) → per-token advantages → trainer ranks (one optimizer step,
+adapter written to ``broadcast/step_N``) → student engines load that adapter.  Evaluation runs at the
+start (baseline), every ``eval.interval`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ray
+import torch
+
+from orchestrator import environments
+from orchestrator.data import Prompt
+from shared.config import Config
+from shared.metrics import MetricsLogger
+from shared.placement import ActorPlan, plan
+from shared.runtime import first_line, redirect_output
+from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, StepResult, TrainBatch, TrainSample, decode, encode
+from trainer.loss import reverse_kl_advantages, sanitize_logprobs
+
+
+class RoleFailure(RuntimeError):
+    """A role's actor died or raised; ``role`` names it, the message is the cause's first line."""
+
+    def __init__(self, role: str, cause: str):
+        super().__init__(f"{role} failed: {cause}")
+        self.role = role
+        self.cause = cause
+
+
+def _get(role: str, refs: Any) -> Any:
+    try:
+        return ray.get(refs)
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+        raise RoleFailure(role, first_line(e)) from None
+
+
+def _split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+class Orchestrator:
+    """Ray actor body; ``run`` returns a summary dict."""
+
+    def __init__(self, cfg_json: bytes, model_paths: dict[str, str]):
+        self.cfg: Config = msgspec.json.decode(cfg_json, type=Config)
+        self.out = Path(self.cfg.output_dir)
+        redirect_output(str(self.out / "logs" / "orchestrator.log"))
+        self.paths = model_paths
+        self.actors: dict[str, list] = {}
+        self.role_seconds: dict[str, float] = {"inference": 0.0, "teacher": 0.0, "trainer": 0.0}
+
+    # ------------------------------------------------------------------------------------------
+    def _start_roles(self) -> dict[str, float]:
+        cfg, out = self.cfg, self.out
+        from inference.engine import InferenceEngine
+        from shared.engines import engine_env
+        from teacher.engine import TeacherEngine
+        from trainer.worker import TrainerRank
+
+        actors = plan(cfg)
+        port = _free_port()
+
+        def opts(a: ActorPlan, extra_env: dict[str, str]) -> dict:
+            return dict(
+                name=f"{out.name}-{a.name}-{port}",
+                num_cpus=0,
+                num_gpus=0,
+                max_concurrency=1,
+                runtime_env={"env_vars": {**a.env, **extra_env}},
+            )
+
+        base = dict(max_model_len=cfg.model.max_model_len, seed=cfg.seed, enforce_eager=cfg.inference.enforce_eager)
+        for a in actors:
+            log = str(out / "logs" / f"{a.name}.log")
+            if a.role == "inference":
+                spec = dict(base, dtype=cfg.model.dtype, tp=a.tp, lora_rank=cfg.model.lora.rank,
+                            gpu_memory_utilization=cfg.inference.gpu_memory_utilization)
+                actor = ray.remote(InferenceEngine).options(**opts(a, engine_env(cfg.inference.kv_cache_gib)))
+                self.actors.setdefault("inference", []).append(actor.remote(self.paths["student"], spec, log))
+            elif a.role == "teacher":
+                spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp,
+                            gpu_memory_utilization=cfg.teacher.gpu_memory_utilization)
+                actor = ray.remote(TeacherEngine).options(**opts(a, engine_env(cfg.teacher.kv_cache_gib)))
+                self.actors.setdefault("teacher", []).append(actor.remote(self.paths["teacher"], spec, log))
+            elif a.role == "trainer":
+                t, m = cfg.trainer, cfg.model
+                spec = dict(
+                    seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                    lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                    lora_targets=list(m.lora.target_modules),
+                    mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
+                )
+                world = sum(1 for b in actors if b.role == "trainer")
+                actor = ray.remote(TrainerRank).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
+                self.actors.setdefault("trainer", []).append(
+                    actor.remote(a.index, world, a.backend, f"tcp://127.0.0.1:{port}", self.paths["student"], spec,
+                                 str(out), log)
+                )
+        # Start everything at once; report each role's start-up time.
+        refs = {
+            "inference": [x.ready.remote() for x in self.actors["inference"]],
+            "teacher": [x.ready.remote() for x in self.actors["teacher"]],
+            "trainer": [x.setup.remote() for x in self.actors["trainer"]],
+        }
+        return {f"time/startup_{role}": max(_get(role, r)) for role, r in refs.items()}
+
+    # ------------------------------------------------------------------------------------------
+    def _sample(self, prompts: list[Prompt], prompt_ids: list[list[int]], first_index: int, n: int,
+                temperature: float) -> list:
+        engines = self.actors["inference"]
+        idx = list(range(first_index, first_index + len(prompts)))
+        inf = self.cfg.inference
+        refs = [
+            e.generate.remote(ids, ix, n, temperature, inf.top_p, inf.max_tokens, self.cfg.seed * 1_000_003)
+            for e, ids, ix in zip(engines, _split(prompt_ids, len(engines)), _split(idx, len(engines)))
+            if ids
+        ]
+        rollouts = []
+        for data in _get("inference", refs):
+            rollouts.extend(decode(data, RolloutBatch).rollouts)
+        rollouts.sort(key=lambda r: r.prompt_index)
+        return rollouts
+
+    def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        engines = self.actors["teacher"]
+        order = list(range(len(prompt_ids)))
+        parts = _split(order, len(engines))
+        refs = [
+            e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
+                                               completion_ids=[completion_ids[i] for i in part])))
+            for e, part in zip(engines, parts) if part
+        ]
+        out: list[list[float]] = [[] for _ in order]
+        for part, data in zip([p for p in parts if p], _get("teacher", refs)):
+            for i, lps in zip(part, decode(data, ScoreResult).logprobs):
+                out[i] = lps
+        return out
+
+    def _evaluate(self, env, step: int) -> dict[str, float]:
+        prompts = env.eval_prompts(self.cfg.orchestrator.eval.num_prompts)
+        ids = [self.tok(p.text).input_ids for p in prompts]
+        rollouts = self._sample(prompts, ids, 0, 1, 0.0)
+        scores = [env.score(prompts[r.prompt_index], r.text) for r in rollouts]
+        return {"step": step, f"eval/{env.name}/avg": statistics.fmean(scores)}
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        t_run = time.perf_counter()
+        env = environments.make(cfg)
+        self.tok = AutoTokenizer.from_pretrained(self.paths["student"])
+        logger = MetricsLogger(str(self.out), msgspec.to_builtins(cfg.wandb), msgspec.to_builtins(cfg),
+                               experiment=self.out.name)
+        try:
+            startup = self._start_roles()
+            logger.log({"step": 0, **startup})
+            first_eval = self._evaluate(env, 0)
+            logger.log(first_eval)
+            last_eval = first_eval
+            for step in range(1, cfg.max_steps + 1):
+                row = self._train_step(env, step)
+                logger.log(row)
+                interval = cfg.orchestrator.eval.interval
+                if step == cfg.max_steps or (interval and step % interval == 0):
+                    last_eval = self._evaluate(env, step)
+                    logger.log(last_eval)
+            key = f"eval/{env.name}/avg"
+            return {
+                "steps": cfg.max_steps,
+                "wall_seconds": time.perf_counter() - t_run,
+                "eval_start": first_eval[key],
+                "eval_end": last_eval[key],
+                "role_seconds": dict(self.role_seconds),
+                "bad_rows": env.bad_rows,
+            }
+        finally:
+            logger.close()
+
+    def _train_step(self, env, step: int) -> dict[str, float]:
+        cfg, oc, lc = self.cfg, self.cfg.orchestrator, self.cfg.trainer.loss
+        t0 = time.perf_counter()
+        prompts = env.next_prompts(oc.batch_size)
+        prompt_ids = [self.tok(p.text).input_ids for p in prompts]
+        rollouts = self._sample(prompts, prompt_ids, env.position - len(prompts), oc.group_size,
+                                cfg.inference.temperature)
+        # prompt_index is global (env.position based); map back to this step's prompts
+        base = env.position - len(prompts)
+        empty = sum(1 for r in rollouts if not r.completion_ids)
+        rollouts = [r for r in rollouts if r.completion_ids]
+        t1 = time.perf_counter()
+        teacher_lp = self._score([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
+        t2 = time.perf_counter()
+
+        samples, kls, advs, rewards, lens = [], [], [], [], []
+        clipped = 0
+        for r, tlp in zip(rollouts, teacher_lp):
+            t_lp, n_bad = sanitize_logprobs(torch.tensor(tlp, dtype=torch.float64), lc.logprob_floor)
+            clipped += n_bad
+            s_lp = torch.tensor(r.logprobs, dtype=torch.float64)
+            adv = reverse_kl_advantages(s_lp, t_lp, lc.kl_coef)
+            kls.append(s_lp - t_lp)
+            advs.append(adv)
+            rewards.append(env.score(prompts[r.prompt_index - base], r.text))
+            lens.append(len(r.completion_ids))
+            samples.append(TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
+                                       inference_logprobs=r.logprobs, advantages=adv.tolist()))
+        total_tokens = sum(lens)
+        ranks = self.actors["trainer"]
+        shares = _split(samples, len(ranks))
+        per_rank = max(len(s) for s in shares)
+        micro = -(-per_rank // cfg.trainer.micro_batch_size)
+        refs = [
+            rank.train_step.remote(encode(TrainBatch(step=step, samples=share, total_tokens=total_tokens,
+                                                     num_micro_batches=micro)))
+            for rank, share in zip(ranks, shares)
+        ]
+        results = [decode(d, StepResult) for d in _get("trainer", refs)]
+        t3 = time.perf_counter()
+        adapter = results[0].adapter_path
+        _get("inference", [e.load_adapter.remote(adapter, step) for e in self.actors["inference"]])
+        t4 = time.perf_counter()
+
+        tm = {k: sum(r.metrics[k] for r in results) for k in ("loss/policy", "masked_low", "masked_high",
+                                                                "ratio_sum", "tokens")}
+        all_kl = torch.cat(kls) if kls else torch.zeros(1)
+        all_adv = torch.cat(advs) if advs else torch.zeros(1)
+        self.role_seconds["inference"] += t1 - t0
+        self.role_seconds["teacher"] += t2 - t1
+        self.role_seconds["trainer"] += t3 - t2
+        return {
+            "step": step,
+            "teacher_kl": float(all_kl.mean()),
+            "teacher_kl/seq": float(statistics.fmean(float(k.sum()) for k in kls)) if kls else 0.0,
+            "combined_advantage": float(all_adv.mean()),
+            "loss/policy": tm["loss/policy"],
+            "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
+            "seq_len/mean": statistics.fmean(lens) if lens else 0.0,
+            "grad_norm": results[0].metrics["grad_norm"],
+            "skipped_step": results[0].metrics["skipped_step"],
+            "masked/low_frac": tm["masked_low"] / max(tm["tokens"], 1),
+            "masked/high_frac": tm["masked_high"] / max(tm["tokens"], 1),
+            "ratio/mean": tm["ratio_sum"] / max(tm["tokens"], 1),
+            "teacher/logprob_clipped": float(clipped),
+            "rollouts/empty": float(empty),
+            "tokens/step": float(total_tokens),
+            "time/step": t4 - t0,
+            "time/inference": t1 - t0,
+            "time/teacher": t2 - t1,
+            "time/trainer": t3 - t2,
+            "time/weight_update": t4 - t3,
+        }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

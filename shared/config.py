@@ -1,0 +1,355 @@
+"""Typed run configuration: TOML files deep-merged left to right, then CLI overrides.
+
+Every field has a default and a one-line description (``Meta(description=...)``); ``rl --dry_run``
+prints the resolved result.  Every user mistake becomes a :class:`ConfigError` whose message is one
+line starting with the full key path (``trainer.lr: expected float, got "abc"``) or the file, line
+and column of a malformed TOML file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import tomli
+import tomli_w
+from msgspec import Meta, Struct, field
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; its message is one line that names the key or file."""
+
+
+def _doc(tp: Any, description: str, **constraints: Any) -> Any:
+    return Annotated[tp, Meta(description=description, **constraints)]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LoraConfig(_Section):
+    rank: _doc(int, "LoRA rank r", ge=1, le=256) = 16
+    alpha: _doc(float, "LoRA scaling numerator (scale = alpha / rank)", gt=0) = 32.0
+    dropout: _doc(float, "LoRA dropout probability", ge=0, lt=1) = 0.0
+    target_modules: _doc(list[str], "module names that get adapters") = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class ModelConfig(_Section):
+    name: _doc(str, "student: a local model directory or a built-in alias (tiny-reverse-student)") = (
+        "tiny-reverse-student"
+    )
+    dtype: _doc(Literal["float32", "bfloat16"], "weights and compute dtype") = "float32"
+    max_model_len: _doc(int, "longest prompt + completion, in tokens", ge=8) = 64
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+class ParallelConfig(_Section):
+    dp: _doc(int, "engines (data parallel); 0 = one per tp-sized group of ids (1 on CPU)", ge=0) = 0
+    tp: _doc(int, "tensor-parallel size of each engine", ge=1) = 1
+
+
+class InferenceConfig(_Section):
+    gpu_ids: _doc(list[int], "GPU ids of the student engines; empty = CPU") = field(default_factory=list)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    temperature: _doc(float, "sampling temperature", ge=0) = 1.0
+    top_p: _doc(float, "nucleus sampling mass", gt=0, le=1) = 1.0
+    max_tokens: _doc(int, "longest completion, in tokens", ge=1) = 16
+    kv_cache_gib: _doc(int, "KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE), GiB", ge=1) = 1
+    gpu_memory_utilization: _doc(float, "fraction of GPU memory vLLM may use", gt=0, le=1) = 0.85
+    enforce_eager: _doc(bool, "skip graph capture / compilation (faster start)") = True
+
+
+class TeacherConfig(_Section):
+    name: _doc(str, "teacher: a local model directory or a built-in alias (tiny-reverse-teacher)") = (
+        "tiny-reverse-teacher"
+    )
+    dtype: _doc(Literal["float32", "bfloat16"], "teacher dtype") = "float32"
+    gpu_ids: _doc(list[int], "GPU ids of the teacher engines; empty = CPU") = field(default_factory=list)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_cache_gib: _doc(int, "KV cache per teacher engine on CPU, GiB", ge=1) = 1
+    gpu_memory_utilization: _doc(float, "fraction of GPU memory the teacher may use", gt=0, le=1) = 0.85
+
+
+class LossConfig(_Section):
+    kl_coef: _doc(float, "reverse-KL advantage weight: A_t = -kl_coef * (logp_student - logp_teacher)", ge=0) = 1.0
+    mask_ratio_low: _doc(float, "tokens whose trainer/inference ratio is below this are masked", gt=0, le=1) = 0.125
+    mask_ratio_high: _doc(float, "tokens whose trainer/inference ratio is above this are masked", ge=1) = 8.0
+    logprob_floor: _doc(float, "teacher log-probs below this (or -inf/NaN) are clipped to it and counted", lt=0) = (
+        -20.0
+    )
+
+
+class TrainerConfig(_Section):
+    gpu_ids: _doc(list[int], "GPU ids of the trainer ranks (one FSDP2 rank each); empty = CPU") = field(
+        default_factory=list
+    )
+    cpu_ranks: _doc(int, "FSDP2 ranks (gloo) when the trainer runs on the CPU", ge=1, le=64) = 1
+    lr: _doc(float, "AdamW learning rate", gt=0) = 2e-3
+    weight_decay: _doc(float, "AdamW weight decay", ge=0) = 0.0
+    max_grad_norm: _doc(float, "gradient-norm clip; 0 = off", ge=0) = 1.0
+    micro_batch_size: _doc(int, "sequences per forward/backward on each rank", ge=1) = 64
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+class DatasetConfig(_Section):
+    path: _doc(str, "JSONL prompt file (one {\"prompt\", \"answer\"?} object per line); empty = generated") = ""
+    on_bad_row: _doc(Literal["error", "skip"], "a malformed row stops the run (error) or is counted and skipped") = (
+        "error"
+    )
+
+
+class EvalConfig(_Section):
+    interval: _doc(int, "evaluate every N steps (and at the start and end); 0 = only start and end", ge=0) = 5
+    num_prompts: _doc(int, "held-out prompts per evaluation", ge=1) = 64
+
+
+class OrchestratorConfig(_Section):
+    environment: _doc(str, "prompt source and scorer (reverse_text)") = "reverse_text"
+    batch_size: _doc(int, "prompts per step", ge=1) = 16
+    group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
+    max_async_level: _doc(int, "rollouts may be sampled with an adapter this many steps old", ge=0) = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class WandbConfig(_Section):
+    mode: _doc(Literal["offline", "online", "disabled"], "W&B mode (online needs WANDB_API_KEY)") = "offline"
+    project: _doc(str, "W&B project") = "opd"
+    name: _doc(str, "run name; empty = output_dir's name") = ""
+    group: _doc(str, "run group; empty = the experiment's name") = ""
+
+
+class Config(_Section):
+    max_steps: _doc(int, "optimizer steps to run", ge=1) = 20
+    seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0) = 0
+    output_dir: _doc(str, "where metrics, adapters, logs and the report go") = "outputs/run"
+    dry_run: _doc(bool, "print the resolved config and placement plan, start nothing") = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# Convenience flags of the user's card: `--inference_gpu_ids 0,1` is `--inference.gpu_ids 0,1`.
+CLI_ALIASES = {
+    "inference_gpu_ids": "inference.gpu_ids",
+    "teacher_gpu_ids": "teacher.gpu_ids",
+    "trainer_gpu_ids": "trainer.gpu_ids",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
+    try:
+        return tomli.loads(text)
+    except tomli.TOMLDecodeError as e:
+        line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
+        msg = getattr(e, "msg", str(e))
+        if line is None:  # older tomli: "... (at line 3, column 5)"
+            m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+            line, col = (m.group(1), m.group(2)) if m else ("?", "?")
+            msg = re.sub(r"\s*\(at line.*\)$", "", str(e))
+        raise ConfigError(f"{path}: line {line}, column {col}: invalid TOML: {msg}") from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``override`` on top of ``base``; tables merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _field_type(path: list[str]) -> Any:
+    """The declared type at a dotted key path (None if there is no such key)."""
+    tp: Any = Config
+    for key in path:
+        if not (isinstance(tp, type) and issubclass(tp, Struct)):
+            return None
+        fields = {f.name: f.type for f in msgspec.structs.fields(tp)}
+        if key not in fields:
+            return None
+        tp = fields[key]
+        while typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _parse_cli_value(path: list[str], tokens: list[str]) -> Any:
+    """CLI tokens → a value.  TOML literal syntax is tried first; lists accept `0,1` and `0 1`."""
+    tp = _field_type(path)
+    is_list = typing.get_origin(tp) is list
+    if is_list:
+        parts = [p for tok in tokens for p in tok.split(",") if p != ""]
+        return [_scalar(p) for p in parts]
+    if len(tokens) != 1:
+        raise ConfigError(f"{'.'.join(path)}: expected one value, got {len(tokens)} ({' '.join(tokens)})")
+    return _scalar(tokens[0])
+
+
+def _scalar(token: str) -> Any:
+    try:
+        return tomli.loads(f"v = {token}")["v"]
+    except tomli.TOMLDecodeError:
+        return token  # a bare string
+
+
+def parse_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split ``@ a.toml @ b.toml --x.y V ...`` into config files and an override dict."""
+    files: list[str] = []
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "@":
+            if i + 1 >= len(argv):
+                raise ConfigError("'@' must be followed by a TOML file path")
+            files.append(argv[i + 1])
+            i += 2
+        elif tok.startswith("@"):
+            files.append(tok[1:])
+            i += 1
+        elif tok.startswith("--"):
+            key, eq, inline = tok[2:].partition("=")
+            key = key.replace("-", "_")
+            key = CLI_ALIASES.get(key, key)
+            if not key:
+                raise ConfigError(f"bad option '{tok}'")
+            values = [inline] if eq else []
+            i += 1
+            if not eq:
+                while i < len(argv) and not argv[i].startswith("--") and not argv[i].startswith("@"):
+                    values.append(argv[i])
+                    i += 1
+            path = key.split(".")
+            if _field_type(path) is None:
+                raise ConfigError(f"{key}: unknown option (see `rl --dry_run` for every key)")
+            if not values:
+                if _field_type(path) is bool:
+                    value: Any = True
+                else:
+                    raise ConfigError(f"{key}: missing value")
+            else:
+                value = _parse_cli_value(path, values)
+            node = overrides
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        else:
+            raise ConfigError(f"unexpected argument '{tok}' (config files follow '@', options start with '--')")
+    return files, overrides
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def _dig(raw: Any, path: str) -> Any:
+    node = raw
+    for part in re.findall(r"\.(\w+)|\[(\d+)\]", path):
+        key, idx = part
+        try:
+            node = node[key] if key else node[int(idx)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a merged dict into a :class:`Config`; every failure names its key path."""
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as e:
+        m = _MSGSPEC_PATH.match(str(e))
+        msg, path = m.group("msg"), (m.group("path") or "")
+        key = path.lstrip(".")
+        unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+        if unknown:
+            full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            raise ConfigError(f"{full}: unknown key") from None
+        got = _dig(raw, path)
+        if msg.startswith("Invalid enum value"):
+            choices = typing.get_args(_field_type(key.split(".")))
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {got!r}") from None
+        msg = msg.replace("`", "")
+        msg = msg[0].lower() + msg[1:]
+        if got is not None and not isinstance(got, (dict, list)):
+            shown = json.dumps(got) if isinstance(got, str) else repr(got)
+            msg = re.sub(r", got \w+$", "", msg) + f", got {shown}"
+        raise ConfigError(f"{key or '<root>'}: {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def load(argv: list[str]) -> Config:
+    files, overrides = parse_cli(argv)
+    raw: dict[str, Any] = {}
+    for f in files:
+        raw = deep_merge(raw, load_toml(f))
+    raw = deep_merge(raw, overrides)
+    return from_dict(raw)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules that a type cannot express."""
+    roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids}
+    for role, ids in roles.items():
+        if any(i < 0 for i in ids):
+            raise ConfigError(f"{role}.gpu_ids: GPU ids must be >= 0, got {ids}")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{role}.gpu_ids: duplicate GPU id in {ids}")
+    seen: dict[int, str] = {}
+    for role, ids in roles.items():
+        for i in ids:
+            if i in seen:
+                raise ConfigError(
+                    f"{role}.gpu_ids: GPU {i} is also given to {seen[i]}.gpu_ids; roles may not share a device"
+                )
+            seen[i] = role
+    for role, sec in (("inference", cfg.inference), ("teacher", cfg.teacher)):
+        ids, par = sec.gpu_ids, sec.parallel
+        if ids and len(ids) % par.tp:
+            raise ConfigError(f"{role}.parallel.tp: {par.tp} does not divide the {len(ids)} ids in {role}.gpu_ids")
+        if ids and par.dp and par.dp * par.tp != len(ids):
+            raise ConfigError(
+                f"{role}.parallel.dp: dp*tp = {par.dp * par.tp} must equal the {len(ids)} ids in {role}.gpu_ids"
+            )
+        if not ids and par.tp > 1:
+            raise ConfigError(f"{role}.parallel.tp: tensor parallelism needs GPU ids ({role}.gpu_ids is empty)")
+    lc = cfg.trainer.loss
+    if lc.mask_ratio_low >= lc.mask_ratio_high:
+        raise ConfigError("trainer.loss.mask_ratio_low: must be below trainer.loss.mask_ratio_high")
+    if cfg.inference.max_tokens >= cfg.model.max_model_len:
+        raise ConfigError(
+            f"inference.max_tokens: {cfg.inference.max_tokens} leaves no room for a prompt in "
+            f"model.max_model_len = {cfg.model.max_model_len}"
+        )
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir: must not be empty")
+
+
+def to_toml(cfg: Config) -> str:
+    data = msgspec.to_builtins(cfg)
+    data.pop("dry_run", None)
+    return tomli_w.dumps(data)

@@ -1,0 +1,94 @@
+"""Typed messages between roles, encoded as msgpack with msgspec (nothing on our own wire is pickled).
+
+Ray carries the bytes; the receiving side decodes them into exactly one of the known message types
+(a tagged union), so an unknown message or an oversized frame is rejected, never executed.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+from msgspec import Struct
+
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+
+class WireError(ValueError):
+    """A frame that is not one of our messages, or too large."""
+
+
+class Rollout(Struct, tag=True, kw_only=True):
+    """One sampled completion of one prompt, with the sampler's per-token log-probs."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = ""
+    text: str = ""
+
+
+class RolloutBatch(Struct, tag=True, kw_only=True):
+    rollouts: list[Rollout]
+    adapter_step: int = 0
+
+
+class ScoreRequest(Struct, tag=True, kw_only=True):
+    """Score each completion after its teacher prompt (the teacher's prompt may carry extra context)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+
+
+class ScoreResult(Struct, tag=True, kw_only=True):
+    """Teacher log-prob of every completion token (same lengths as the request's completions)."""
+
+    logprobs: list[list[float]]
+
+
+class TrainSample(Struct, kw_only=True):
+    """A prompt + completion; per-completion-token arrays align with ``input_ids[prompt_len:]``."""
+
+    input_ids: list[int]
+    prompt_len: int
+    inference_logprobs: list[float]
+    advantages: list[float]
+
+
+class TrainBatch(Struct, tag=True, kw_only=True):
+    step: int
+    samples: list[TrainSample]
+    total_tokens: int  # completion tokens across all ranks: the loss normaliser
+    num_micro_batches: int = 1  # the same on every rank, so FSDP's collectives line up
+
+
+class StepResult(Struct, tag=True, kw_only=True):
+    step: int
+    metrics: dict[str, float]
+    adapter_path: str = ""
+
+
+Message = Union[Rollout, RolloutBatch, ScoreRequest, ScoreResult, TrainBatch, StepResult]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    data = _encoder.encode(msg)
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError(f"{type(msg).__name__} frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    return data
+
+
+def decode(data: bytes, expect: type | None = None) -> Message:
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        msg = _decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise WireError(f"not a known message: {e}") from None
+    if expect is not None and not isinstance(msg, expect):
+        raise WireError(f"expected {expect.__name__}, got {type(msg).__name__}")
+    return msg

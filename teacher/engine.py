@@ -1,0 +1,45 @@
+"""The teacher scorer: a LoRA-free vLLM engine returning log-probs of given completion tokens."""
+
+from __future__ import annotations
+
+import time
+
+from shared.engines import make_llm
+from shared.runtime import redirect_output
+from shared.wire import ScoreRequest, ScoreResult, decode, encode
+
+
+class TeacherEngine:
+    """Ray actor body: ``score`` runs ``prompt + completion`` through the teacher with
+    ``prompt_logprobs`` and keeps the entries of the completion tokens."""
+
+    def __init__(self, model_path: str, spec: dict, log_path: str):
+        redirect_output(log_path)
+        t0 = time.perf_counter()
+        self.llm = make_llm(
+            model_path,
+            dtype=spec["dtype"],
+            max_model_len=spec["max_model_len"],
+            seed=spec["seed"],
+            tp=spec.get("tp", 1),
+            enforce_eager=spec.get("enforce_eager", True),
+            gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
+        )
+        self.start_seconds = time.perf_counter() - t0
+
+    def ready(self) -> float:
+        return self.start_seconds
+
+    def score(self, request: bytes) -> bytes:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        req = decode(request, ScoreRequest)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(req.prompt_ids, req.completion_ids)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for p, c, out in zip(req.prompt_ids, req.completion_ids, outputs):
+            entries = out.prompt_logprobs[len(p) :]
+            result.append([float(e[t].logprob) if e is not None else float("nan") for t, e in zip(c, entries)])
+        return encode(ScoreResult(logprobs=result))

@@ -1,0 +1,167 @@
+"""One trainer rank: the student (transformers + peft LoRA) sharded with FSDP2 over gloo (CPU) or NCCL.
+
+The orchestrator sends each rank its share of a :class:`TrainBatch` (msgpack bytes); all ranks run the
+same number of micro-batches so the collectives line up.  After the optimizer step the LoRA weights
+are gathered (``full_tensor``) and rank 0 writes a peft adapter to ``broadcast/step_N`` atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from shared.runtime import redirect_output
+from shared.wire import StepResult, TrainBatch, decode, encode
+from trainer.loss import policy_loss, token_logprobs
+
+ADAPTER_COMPLETE = "COMPLETE"
+
+
+class TrainerRank:
+    def __init__(self, rank: int, world: int, backend: str, init_method: str, model_path: str, spec: dict,
+                 output_dir: str, log_path: str):
+        redirect_output(log_path)
+        self.rank, self.world, self.backend = rank, world, backend
+        self.init_method = init_method
+        self.model_path = model_path
+        self.spec = spec
+        self.output_dir = Path(output_dir)
+        self.model = None
+
+    def setup(self) -> float:
+        """Join the process group, load and shard the model; returns seconds taken."""
+        import torch.distributed as dist
+        from peft import LoraConfig, get_peft_model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers import AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        spec = self.spec
+        torch.manual_seed(spec["seed"])
+        if self.backend == "nccl":
+            torch.cuda.set_device(0)  # each rank sees exactly its own GPU
+            device_type = "cuda"
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+            device_type = "cpu"
+        dist.init_process_group(self.backend, init_method=self.init_method, rank=self.rank, world_size=self.world)
+        mesh = init_device_mesh(device_type, (self.world,))
+        dtype = getattr(torch, spec["dtype"])
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32, use_safetensors=True)
+        lora = LoraConfig(
+            r=spec["lora_rank"],
+            lora_alpha=spec["lora_alpha"],
+            lora_dropout=spec["lora_dropout"],
+            target_modules=spec["lora_targets"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if device_type == "cuda":
+            model = model.to("cuda")
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.model = model
+        self.device = torch.device(device_type)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+        self.pad_id = 0
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------
+    def _micro_batch(self, samples):
+        """Right-padded tensors; per-token arrays placed at the positions that predict each token."""
+        length = max(len(s.input_ids) for s in samples)
+        n = len(samples)
+        ids = torch.full((n, length), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((n, length), dtype=torch.long)
+        mask = torch.zeros((n, length - 1))
+        inf_lp = torch.zeros((n, length - 1))
+        adv = torch.zeros((n, length - 1))
+        for i, s in enumerate(samples):
+            L = len(s.input_ids)
+            ids[i, :L] = torch.tensor(s.input_ids)
+            attn[i, :L] = 1
+            a, b = s.prompt_len - 1, L - 1  # logits at a..b-1 predict tokens prompt_len..L-1
+            mask[i, a:b] = 1
+            inf_lp[i, a:b] = torch.tensor(s.inference_logprobs)
+            adv[i, a:b] = torch.tensor(s.advantages)
+        dev = self.device
+        return ids.to(dev), attn.to(dev), mask.to(dev), inf_lp.to(dev), adv.to(dev)
+
+    def train_step(self, batch_bytes: bytes) -> bytes:
+        batch: TrainBatch = decode(batch_bytes, TrainBatch)
+        spec = self.spec
+        t0 = time.perf_counter()
+        model = self.model
+        model.train()
+        samples = batch.samples
+        chunks = [samples[i :: batch.num_micro_batches] for i in range(batch.num_micro_batches)]
+        totals = {"loss/policy": 0.0, "masked_low": 0.0, "masked_high": 0.0, "ratio_sum": 0.0, "tokens": 0.0}
+        for k, chunk in enumerate(chunks):
+            weight = 1.0
+            if not chunk:  # keep collectives aligned across ranks: a zero-weight pass
+                chunk, weight = samples[:1], 0.0
+            ids, attn, mask, inf_lp, adv = self._micro_batch(chunk)
+            model.set_requires_gradient_sync(k == len(chunks) - 1)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            logp = token_logprobs(logits, ids[:, 1:])
+            loss, stats = policy_loss(
+                logp, inf_lp, adv, mask * weight,
+                spec["mask_ratio_low"], spec["mask_ratio_high"], float(batch.total_tokens),
+            )
+            # FSDP averages gradients over ranks; the loss is already normalised by the global count.
+            (loss * self.world).backward()
+            totals["loss/policy"] += float(loss.detach()) * weight
+            totals["masked_low"] += stats["masked_low"]
+            totals["masked_high"] += stats["masked_high"]
+            totals["ratio_sum"] += stats["ratio_mean"] * stats["tokens"]
+            totals["tokens"] += stats["tokens"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        max_norm = spec["max_grad_norm"] or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        skipped = not math.isfinite(grad_norm)  # global (all-reduced): every rank decides alike
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        train_seconds = time.perf_counter() - t0
+        adapter = self.save_adapter(batch.step)
+        metrics = {
+            "loss/policy": totals["loss/policy"],
+            "masked_low": totals["masked_low"],
+            "masked_high": totals["masked_high"],
+            "ratio_sum": totals["ratio_sum"],
+            "tokens": totals["tokens"],
+            "grad_norm": grad_norm,
+            "skipped_step": float(skipped),
+            "time/trainer_compute": train_seconds,
+            "time/adapter_save": time.perf_counter() - t0 - train_seconds,
+        }
+        return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=str(adapter)))
+
+    def save_adapter(self, step: int) -> Path:
+        """Gather the LoRA weights (a collective) and let rank 0 write ``broadcast/step_N`` atomically."""
+        state = {}
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                state[name] = full.detach().to("cpu", torch.float32).contiguous()
+        final = self.output_dir / "broadcast" / f"step_{step}"
+        if self.rank == 0:
+            tmp = final.with_name(f".step_{step}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            (tmp / ADAPTER_COMPLETE).write_text(str(step))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        return final
