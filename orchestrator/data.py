@@ -23,10 +23,11 @@ def load_jsonl(path: str, on_bad_row: str = "error") -> tuple[list[Prompt], int]
     """Rows of ``path`` and the number of bad rows skipped (always 0 with ``on_bad_row="error"``)."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON allows inside strings
+        lines = p.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise DatasetError(f"orchestrator.dataset.path: {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, or a NUL byte in the path
         raise DatasetError(f"orchestrator.dataset.path: {path}: cannot read ({type(e).__name__}: {e})") from None
     prompts: list[Prompt] = []
     bad = 0
@@ -36,8 +37,8 @@ def load_jsonl(path: str, on_bad_row: str = "error") -> tuple[list[Prompt], int]
         problem = None
         try:
             row = json.loads(line)
-        except ValueError as e:
-            row, problem = None, f"not valid JSON ({e.msg})"
+        except (ValueError, RecursionError) as e:  # also: an integer of > 4300 digits, nesting too deep
+            row, problem = None, f"not valid JSON ({getattr(e, 'msg', e)})"
         if problem is None:
             if not isinstance(row, dict):
                 problem = f"expected a JSON object, got {type(row).__name__}"

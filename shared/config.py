@@ -157,7 +157,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, or a NUL byte in the path
         raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
     try:
         return tomli.loads(text)
@@ -169,6 +169,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             line, col = (m.group(1), m.group(2)) if m else ("?", "?")
             msg = re.sub(r"\s*\(at line.*\)$", "", str(e))
         raise ConfigError(f"{path}: line {line}, column {col}: invalid TOML: {msg}") from None
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than tomli allows
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -203,17 +205,21 @@ def _parse_cli_value(path: list[str], tokens: list[str]) -> Any:
     is_list = typing.get_origin(tp) is list
     if is_list:
         parts = [p for tok in tokens for p in tok.split(",") if p != ""]
-        return [_scalar(p) for p in parts]
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else None
+        return [_scalar(p, item) for p in parts]
     if len(tokens) != 1:
         raise ConfigError(f"{'.'.join(path)}: expected one value, got {len(tokens)} ({' '.join(tokens)})")
-    return _scalar(tokens[0])
+    return _scalar(tokens[0], tp)
 
 
-def _scalar(token: str) -> Any:
+def _scalar(token: str, tp: Any = None) -> Any:
     try:
-        return tomli.loads(f"v = {token}")["v"]
-    except tomli.TOMLDecodeError:
+        value = tomli.loads(f"v = {token}")["v"]
+    except (tomli.TOMLDecodeError, ValueError, RecursionError):
         return token  # a bare string
+    if tp is str and not isinstance(value, str):
+        return token  # `--wandb.name 123`, `--output_dir 2024-01-01`: a str field takes the token as written
+    return value
 
 
 def parse_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -255,14 +261,16 @@ def parse_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                 value = _parse_cli_value(path, values)
             node = overrides
             for part in path[:-1]:
-                node = node.setdefault(part, {})
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}  # the later option wins over an earlier `--trainer 5`
+                node = node[part]
             node[path[-1]] = value
         else:
             raise ConfigError(f"unexpected argument '{tok}' (config files follow '@', options start with '--')")
     return files, overrides
 
 
-_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
 def _dig(raw: Any, path: str) -> Any:
@@ -284,9 +292,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
         m = _MSGSPEC_PATH.match(str(e))
         msg, path = m.group("msg"), (m.group("path") or "")
         key = path.lstrip(".")
-        unknown = re.match(r"Object contains unknown field `(.+)`", msg)
+        unknown = re.match(r"Object contains unknown field `(.+)`", msg, re.DOTALL)
         if unknown:
-            full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            name = unknown.group(1)
+            if not re.fullmatch(r"[\w-]+", name):
+                name = json.dumps(name)  # keep the message one line: `trainer."a\nb": unknown key`
+            full = f"{key}.{name}" if key else name
             raise ConfigError(f"{full}: unknown key") from None
         got = _dig(raw, path)
         if msg.startswith("Invalid enum value"):

@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 
-def redirect_output(log_path: str) -> None:
-    """Send this process's stdout/stderr (including C-level writes from vLLM/torch) to ``log_path``."""
+def redirect_output(log_path: str | None) -> None:
+    """Send this process's stdout/stderr (including C-level writes from vLLM/torch) to ``log_path``
+    (``None``: leave them alone, e.g. when a role runs inside a test process)."""
+    if log_path is None:
+        return
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()

@@ -1,0 +1,54 @@
+"""End to end through the real `rl` command: Ray actors, vLLM engines, FSDP2 trainer, W&B offline."""
+
+import json
+import subprocess
+
+import pytest
+from safetensors.torch import load_file
+
+from shared.metrics import read_metrics
+from tests.conftest import RL, ROOT
+
+pytestmark = pytest.mark.engine
+
+REQUIRED = ["step", "teacher_kl", "loss/policy", "combined_advantage", "seq_len/mean", "time/step",
+            "time/inference", "time/teacher", "time/trainer"]
+
+
+def run_rl(*args, timeout=600):
+    return subprocess.run([RL, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_step_run(tiny_pair, tmp_path):
+    out = tmp_path / "run"
+    p = run_rl("@", "experiments/reverse_text/rl.toml", "--max_steps", "2", "--output_dir", str(out),
+               "--orchestrator.eval.num_prompts", "16", "--orchestrator.batch_size", "8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "teacher_kl" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        for key in REQUIRED:
+            assert key in r and r[key] is not None, key
+        assert r["time/step"] >= r["time/inference"] + r["time/teacher"] + r["time/trainer"] - 1e-6
+        assert r["seq_len/mean"] > 0
+    evals = [r for r in rows if "eval/reverse_text/avg" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    for step in (1, 2):
+        adapter = out / "broadcast" / f"step_{step}"
+        assert (adapter / "COMPLETE").exists()
+        weights = load_file(adapter / "adapter_model.safetensors")
+        assert any("lora_B" in k for k in weights)
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert "Traceback" not in p.stderr
+
+
+def test_failing_role_is_named(tiny_pair, tmp_path):
+    # A real failure, not a fake: the student engine cannot allocate a 4 TiB KV cache.
+    p = run_rl("@", "experiments/reverse_text/rl.toml", "--max_steps", "2", "--output_dir", str(tmp_path / "r"),
+               "--inference.kv_cache_gib", "4096", "--wandb.mode", "disabled", timeout=300)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: inference failed:"), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
