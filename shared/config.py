@@ -128,7 +128,7 @@ class WandbConfig(_Section):
 
 class Config(_Section):
     max_steps: _doc(int, "optimizer steps to run", ge=1) = 20
-    seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0) = 0
+    seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0, le=2**31 - 1) = 0
     output_dir: _doc(str, "where metrics, adapters, logs and the report go") = "outputs/run"
     dry_run: _doc(bool, "print the resolved config and placement plan, start nothing") = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -302,7 +302,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         got = _dig(raw, path)
         if msg.startswith("Invalid enum value"):
             choices = typing.get_args(_field_type(key.split(".")))
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {got!r}") from None
+            raise ConfigError(f"{key}: expected one of {', '.join(map(json.dumps, choices))}, got {json.dumps(got)}") from None
         msg = msg.replace("`", "")
         msg = msg[0].lower() + msg[1:]
         if got is not None and not isinstance(got, (dict, list)):
