@@ -35,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    from orchestrator.report import console_table
+
+    print(console_table(cfg.output_dir))
     print(
         f"done: {summary['steps']} steps in {summary['wall_seconds']:.0f}s; "
-        f"eval {summary['eval_start']:.3f} -> {summary['eval_end']:.3f}; output in {cfg.output_dir}"
+        f"eval {summary['eval_start']:.3f} -> {summary['eval_end']:.3f}; report: {summary['report']}"
     )
     return 0
 

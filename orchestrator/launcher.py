@@ -93,6 +93,9 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
         finally:
             if bar:
                 bar.close()
+        from orchestrator.report import write_report
+
+        summary["report"] = str(write_report(out, summary, to_toml(cfg)))
         return summary
     finally:
         ray.shutdown()

@@ -1,0 +1,97 @@
+"""End-of-run report: ``report.md`` (config, time per role, before/after table) and PNG plots."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from shared.metrics import read_metrics
+
+PLOTS = [
+    ("teacher_kl", "teacher KL (nats/token)", "teacher_kl.png"),
+    ("reward/mean", "task reward (mean)", "reward.png"),
+]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot(rows: list[dict], keys: list[str], title: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = False
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in keys:
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=key)
+            drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: str) -> Path:
+    out = Path(output_dir)
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "teacher_kl" in r]
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    images = []
+    for key, title, name in PLOTS:
+        if _plot(train, [key], title, out / name):
+            images.append(name)
+    if eval_keys and _plot(rows, eval_keys, "evaluation", out / "eval.png"):
+        images.append("eval.png")
+
+    kl = [r["teacher_kl"] for r in train]
+    k = max(1, min(3, len(kl) // 2))
+    lines = [f"# Run report: {out.name}", ""]
+    lines += ["## Result", "", "| metric | start | end |", "|---|---|---|"]
+    if kl:
+        lines.append(f"| teacher_kl (mean of first/last {k} steps) | {_mean(kl[:k]):.4f} | {_mean(kl[-k:]):.4f} |")
+    rew = [r["reward/mean"] for r in train if r.get("reward/mean") is not None]
+    if rew:
+        lines.append(f"| reward/mean (first/last {k} steps) | {_mean(rew[:k]):.3f} | {_mean(rew[-k:]):.3f} |")
+    for key in eval_keys:
+        xs, ys = _series(rows, key)
+        if ys:
+            lines.append(f"| {key} (step {xs[0]} → {xs[-1]}) | {ys[0]:.3f} | {ys[-1]:.3f} |")
+    lines += ["", "## Time", "", f"- wall time: {summary.get('wall_seconds', float('nan')):.1f} s "
+              f"for {len(train)} steps"]
+    for role, secs in summary.get("role_seconds", {}).items():
+        lines.append(f"- {role}: {secs:.1f} s busy")
+    startup = next((r for r in rows if any(k.startswith("time/startup_") for k in r)), {})
+    for key, v in startup.items():
+        if key.startswith("time/startup_"):
+            lines.append(f"- start-up of {key.removeprefix('time/startup_')}: {v:.1f} s")
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+    lines += ["", "## Config", "", "```toml", config_toml.strip(), "```", ""]
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def console_table(output_dir: str | Path) -> str:
+    """The report's result table, for the console."""
+    text = (Path(output_dir) / "report.md").read_text(encoding="utf-8")
+    block = text.split("## Result", 1)[1].split("##", 1)[0]
+    return block.strip()
