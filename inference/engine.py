@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.engines import make_llm
+from shared.engines import make_llm, sample
 from shared.runtime import redirect_output
-from shared.wire import Rollout, RolloutBatch, encode
+from shared.wire import RolloutBatch, encode
 
 ADAPTER_COMPLETE = "COMPLETE"
 
@@ -44,46 +44,7 @@ class InferenceEngine:
         self.lora = LoRARequest(f"step_{step}", step + 1, path)
         self.adapter_step = step
 
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        prompt_indices: list[int],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
-        seed: int,
-    ) -> bytes:
-        """``n`` completions per prompt, with the sampler's log-prob of every sampled token."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                logprobs=0,
-                seed=seed + i,
-            )
-            for i in prompt_indices
-        ]
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
-        rollouts = []
-        for idx, ids, out in zip(prompt_indices, prompt_ids, outputs):
-            for comp in out.outputs:
-                toks = list(comp.token_ids)
-                lps = [float(d[t].logprob) for t, d in zip(toks, comp.logprobs or [])]
-                rollouts.append(
-                    Rollout(
-                        prompt_index=idx,
-                        prompt_ids=list(ids),
-                        completion_ids=toks,
-                        logprobs=lps,
-                        finish_reason=str(comp.finish_reason or ""),
-                        text=comp.text,
-                    )
-                )
+    def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
+                 top_p: float, max_tokens: int, seed: int) -> bytes:
+        rollouts = sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p, max_tokens, seed, self.lora)
         return encode(RolloutBatch(rollouts=rollouts, adapter_step=self.adapter_step))

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from orchestrator import environments
-from orchestrator.data import Prompt
+from orchestrator.prompts import Renderer
 from shared.config import Config
 from shared.metrics import MetricsLogger
 from shared.placement import ActorPlan, plan
@@ -114,10 +114,10 @@ class Orchestrator:
         return {f"time/startup_{role}": max(_get(role, r)) for role, r in refs.items()}
 
     # ------------------------------------------------------------------------------------------
-    def _sample(self, prompts: list[Prompt], prompt_ids: list[list[int]], first_index: int, n: int,
-                temperature: float) -> list:
-        engines = self.actors["inference"]
-        idx = list(range(first_index, first_index + len(prompts)))
+    def _sample(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
+                role: str = "inference") -> list:
+        engines = self.actors[role]
+        idx = list(range(first_index, first_index + len(prompt_ids)))
         inf = self.cfg.inference
         refs = [
             e.generate.remote(ids, ix, n, temperature, inf.top_p, inf.max_tokens, self.cfg.seed * 1_000_003)
@@ -125,7 +125,7 @@ class Orchestrator:
             if ids
         ]
         rollouts = []
-        for data in _get("inference", refs):
+        for data in _get(role, refs):
             rollouts.extend(decode(data, RolloutBatch).rollouts)
         rollouts.sort(key=lambda r: r.prompt_index)
         return rollouts
@@ -145,12 +145,12 @@ class Orchestrator:
                 out[i] = lps
         return out
 
-    def _evaluate(self, env, step: int) -> dict[str, float]:
+    def _evaluate(self, env, role: str = "inference", teacher_view: bool = False) -> float:
+        """Mean score of one completion per held-out prompt (``eval.temperature``; 0 = greedy)."""
         prompts = env.eval_prompts(self.cfg.orchestrator.eval.num_prompts)
-        ids = [self.tok(p.text).input_ids for p in prompts]
-        rollouts = self._sample(prompts, ids, 0, 1, 0.0)
-        scores = [env.score(prompts[r.prompt_index], r.text) for r in rollouts]
-        return {"step": step, f"eval/{env.name}/avg": statistics.fmean(scores)}
+        ids = [self.renderer.ids(p, teacher=teacher_view) for p in prompts]
+        rollouts = self._sample(ids, 0, 1, self.cfg.orchestrator.eval.temperature, role=role)
+        return statistics.fmean(env.score(prompts[r.prompt_index], r.text) for r in rollouts)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -160,12 +160,21 @@ class Orchestrator:
         t_run = time.perf_counter()
         env = environments.make(cfg)
         self.tok = AutoTokenizer.from_pretrained(self.paths["student"])
+        self.renderer = Renderer(self.tok, cfg.model.chat_template, cfg.orchestrator.teacher_model)
         logger = MetricsLogger(str(self.out), msgspec.to_builtins(cfg.wandb), msgspec.to_builtins(cfg),
                                experiment=self.out.name)
         try:
             startup = self._start_roles()
             logger.log({"step": 0, **startup})
-            first_eval = self._evaluate(env, 0)
+            key = f"eval/{env.name}/avg"
+            first_eval = {"step": 0, key: self._evaluate(env)}
+            if cfg.orchestrator.eval_baseline:
+                teacher = self._evaluate(env, role="teacher", teacher_view=True)
+                first_eval.update({
+                    f"eval/{env.name}/baseline_student/avg": first_eval[key],
+                    f"eval/{env.name}/baseline_teacher/avg": teacher,
+                    f"eval/{env.name}/baseline_diff": teacher - first_eval[key],
+                })
             logger.log(first_eval)
             last_eval = first_eval
             for step in range(1, cfg.max_steps + 1):
@@ -173,9 +182,8 @@ class Orchestrator:
                 logger.log(row)
                 interval = cfg.orchestrator.eval.interval
                 if step == cfg.max_steps or (interval and step % interval == 0):
-                    last_eval = self._evaluate(env, step)
+                    last_eval = {"step": step, key: self._evaluate(env)}
                     logger.log(last_eval)
-            key = f"eval/{env.name}/avg"
             return {
                 "steps": cfg.max_steps,
                 "wall_seconds": time.perf_counter() - t_run,
@@ -191,15 +199,15 @@ class Orchestrator:
         cfg, oc, lc = self.cfg, self.cfg.orchestrator, self.cfg.trainer.loss
         t0 = time.perf_counter()
         prompts = env.next_prompts(oc.batch_size)
-        prompt_ids = [self.tok(p.text).input_ids for p in prompts]
-        rollouts = self._sample(prompts, prompt_ids, env.position - len(prompts), oc.group_size,
-                                cfg.inference.temperature)
-        # prompt_index is global (env.position based); map back to this step's prompts
-        base = env.position - len(prompts)
+        base = env.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
+        prompt_ids = [self.renderer.ids(p) for p in prompts]
+        teacher_ids = [self.renderer.ids(p, teacher=True) for p in prompts] if self.renderer.has_context else prompt_ids
+        rollouts = self._sample(prompt_ids, base, oc.group_size, cfg.inference.temperature)
         empty = sum(1 for r in rollouts if not r.completion_ids)
         rollouts = [r for r in rollouts if r.completion_ids]
         t1 = time.perf_counter()
-        teacher_lp = self._score([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
+        teacher_lp = self._score([teacher_ids[r.prompt_index - base] for r in rollouts],
+                                 [r.completion_ids for r in rollouts])
         t2 = time.perf_counter()
 
         samples, kls, advs, rewards, lens = [], [], [], [], []

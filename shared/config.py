@@ -47,6 +47,9 @@ class ModelConfig(_Section):
     )
     dtype: _doc(Literal["float32", "bfloat16"], "weights and compute dtype") = "float32"
     max_model_len: _doc(int, "longest prompt + completion, in tokens", ge=8) = 64
+    chat_template: _doc(Literal["auto", "on", "off"], "wrap prompts in the tokenizer's chat template (auto: if it has one)") = (
+        "auto"
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -108,6 +111,23 @@ class DatasetConfig(_Section):
 class EvalConfig(_Section):
     interval: _doc(int, "evaluate every N steps (and at the start and end); 0 = only start and end", ge=0) = 5
     num_prompts: _doc(int, "held-out prompts per evaluation", ge=1) = 64
+    temperature: _doc(float, "sampling temperature of evaluations (0 = greedy)", ge=0) = 0.0
+
+
+class ChatMessage(_Section):
+    role: _doc(Literal["system", "user", "assistant"], "chat role") = "user"
+    content: _doc(str, "message text") = ""
+
+
+class TeacherModelConfig(_Section):
+    context: _doc(str, "extra context only the teacher sees (context distillation); empty = none") = ""
+    context_mode: _doc(
+        Literal["user_prefix", "system", "fewshot"],
+        "where the context goes: prefix of the user turn, a system message, or few-shot turns",
+    ) = "user_prefix"
+    context_messages: _doc(list[ChatMessage], "few-shot turns placed before the prompt (context_mode = fewshot)") = (
+        field(default_factory=list)
+    )
 
 
 class OrchestratorConfig(_Section):
@@ -115,8 +135,10 @@ class OrchestratorConfig(_Section):
     batch_size: _doc(int, "prompts per step", ge=1) = 16
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
     max_async_level: _doc(int, "rollouts may be sampled with an adapter this many steps old", ge=0) = 0
+    eval_baseline: _doc(bool, "before training, evaluate the student and the teacher (with its context)") = False
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
 
 
 class WandbConfig(_Section):
@@ -356,6 +378,13 @@ def validate(cfg: Config) -> None:
             f"inference.max_tokens: {cfg.inference.max_tokens} leaves no room for a prompt in "
             f"model.max_model_len = {cfg.model.max_model_len}"
         )
+    tm = cfg.orchestrator.teacher_model
+    if tm.context_mode == "fewshot" and not tm.context_messages:
+        raise ConfigError("orchestrator.teacher_model.context_messages: context_mode = \"fewshot\" needs at least one message")
+    if tm.context_mode != "fewshot" and tm.context_messages:
+        raise ConfigError("orchestrator.teacher_model.context_messages: only used with context_mode = \"fewshot\"")
+    if tm.context_mode in ("system", "fewshot") and cfg.model.chat_template == "off":
+        raise ConfigError(f"orchestrator.teacher_model.context_mode: {tm.context_mode!r} needs model.chat_template on")
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
 

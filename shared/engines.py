@@ -45,3 +45,29 @@ def make_llm(
     if lora_rank:
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
     return LLM(**kwargs)
+
+
+def sample(llm: Any, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
+           top_p: float, max_tokens: int, seed: int, lora_request: Any = None) -> list:
+    """``n`` completions per prompt with the sampler's log-prob of every sampled token.
+
+    Each prompt gets its own seed (``seed + prompt index``), so a rerun samples the same rollouts."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from shared.wire import Rollout
+
+    params = [
+        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=seed + i)
+        for i in prompt_indices
+    ]
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    outputs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
+    rollouts = []
+    for idx, ids, out in zip(prompt_indices, prompt_ids, outputs):
+        for comp in out.outputs:
+            toks = list(comp.token_ids)
+            lps = [float(d[t].logprob) for t, d in zip(toks, comp.logprobs or [])]
+            rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=toks, logprobs=lps,
+                                    finish_reason=str(comp.finish_reason or ""), text=comp.text))
+    return rollouts

@@ -8,6 +8,7 @@ from pathlib import Path
 from shared.config import ConfigError
 
 TINY_ALIASES = {"tiny-reverse-teacher": 0, "tiny-reverse-student": 1}
+ALIASES = [*TINY_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
 
 
 def resolve(name: str, key: str) -> Path:
@@ -16,9 +17,16 @@ def resolve(name: str, key: str) -> Path:
         from shared.tiny_pair import build_pair
 
         return build_pair()[TINY_ALIASES[name]]
+    if name.startswith("smollm2-"):
+        from shared import smollm2
+
+        path = smollm2.resolve_alias(name)
+        if path is None:
+            raise ConfigError(f"{key}: unknown alias {name!r} (known: {', '.join(smollm2.ALIAS_NAMES)})")
+        return path
     path = Path(name).expanduser()
     if not path.exists():
-        raise ConfigError(f"{key}: model path {name!r} does not exist (nor is it an alias: {', '.join(TINY_ALIASES)})")
+        raise ConfigError(f"{key}: model path {name!r} does not exist (nor is it an alias: {', '.join(ALIASES)})")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key}: {name!r} is not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from shared.engines import make_llm
+from shared.engines import make_llm, sample
 from shared.runtime import redirect_output
-from shared.wire import ScoreRequest, ScoreResult, decode, encode
+from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 
 class TeacherEngine:
@@ -43,3 +43,9 @@ class TeacherEngine:
             entries = out.prompt_logprobs[len(p) :]
             result.append([float(e[t].logprob) if e is not None else float("nan") for t, e in zip(c, entries)])
         return encode(ScoreResult(logprobs=result))
+
+    def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
+                 top_p: float, max_tokens: int, seed: int) -> bytes:
+        """The teacher's own answers (baselines, judge replies, reference answers)."""
+        return encode(RolloutBatch(rollouts=sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p,
+                                                   max_tokens, seed)))

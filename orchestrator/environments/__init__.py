@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from orchestrator.environments.base import Environment
+from orchestrator.environments.questions import FrenchAnswers
 from orchestrator.environments.reverse_text import ReverseText
 from shared.config import Config, ConfigError
 
-REGISTRY: dict[str, type[Environment]] = {"reverse_text": ReverseText}
+REGISTRY: dict[str, type[Environment]] = {"reverse_text": ReverseText, "french": FrenchAnswers}
 
 
 def make(cfg: Config) -> Environment:
