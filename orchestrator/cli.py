@@ -7,7 +7,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from shared.config import ConfigError, load, to_toml
+    from shared.runtime import ray_env_defaults
 
+    ray_env_defaults()  # before anything imports ray
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())

@@ -58,12 +58,12 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if metrics_path.exists():
         metrics_path.unlink()  # a fresh run (resume keeps its own history)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from shared.runtime import first_line, ray_env_defaults
+
+    ray_env_defaults()
     import ray
 
     from orchestrator.orchestrator import Orchestrator, RoleFailure
-    from shared.runtime import first_line
 
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", configure_logging=True)

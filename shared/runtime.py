@@ -33,3 +33,11 @@ def first_line(exc: BaseException, limit: int = 400) -> str:
         if "Error" in ln or "Exception" in ln:
             return ln[:limit]
     return (lines[-1] if lines else type(cause).__name__)[:limit]
+
+
+def ray_env_defaults() -> None:
+    """Environment for the Ray runtime we start: no token-auth warning, and workers run this very
+    interpreter (Ray's `uv run` hook would otherwise re-resolve the project inside every worker)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"

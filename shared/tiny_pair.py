@@ -18,6 +18,8 @@ across processes with a file lock. Each finished directory holds a ``BUILD_OK`` 
 measured held-out accuracy, parameter count and timings (see ``read_build_info``).
 
 Command line: ``python -m shared.tiny_pair [--out DIR] [--seed N] [--force]``.
+
+Importing this module and finding a cached pair import nothing heavy (no torch or transformers).
 """
 
 from __future__ import annotations
@@ -38,13 +40,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import tokenizers
-import torch
-import transformers
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors
-from tqdm import tqdm
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # torch, tokenizers and transformers are imported where needed: a cache hit needs none
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # --------------------------------------------------------------------------------------------------
 # Task
@@ -120,6 +120,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     upper case is unknown). Encoding prepends ``<s>``; decoding concatenates tokens without separators,
     so ``decode(encode(text), skip_special_tokens=True) == text`` for text over the vocabulary.
     """
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = _vocabulary()
     tok = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -167,6 +171,8 @@ class ModelSpec:
 
     def config(self, vocab_size: int) -> LlamaConfig:
         """The transformers config for this size."""
+        from transformers import LlamaConfig
+
         return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=self.hidden_size,
@@ -213,17 +219,23 @@ class TrainSpec:
 TEACHER_MODEL = ModelSpec(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
 STUDENT_MODEL = ModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 # Same optimiser and schedule for both; the teacher trains until it has (nearly) solved the validation
-# set, the student stops at the first check (every 10 steps, ~0.1 s each) where it gets a quarter right.
+# set, the student stops at the first check (every 5 steps, ~0.1 s each) where it gets a fifth right.
 # Stopping on measured accuracy rather than after a fixed step count keeps the student inside its
-# intended accuracy band even if floating-point differences between machines shift its learning curve.
+# intended accuracy band even if floating-point differences between machines shift its (steep) learning
+# curve: around that point it gains ~1% accuracy per step.
 TEACHER_TRAIN = TrainSpec(
     lr=3e-3, batch_size=64, warmup_steps=100, schedule_steps=800, eval_every=50, stop_at_val_accuracy=0.99
 )
-STUDENT_TRAIN = dataclasses.replace(TEACHER_TRAIN, eval_every=10, stop_at_val_accuracy=0.25)
+STUDENT_TRAIN = dataclasses.replace(TEACHER_TRAIN, eval_every=5, stop_at_val_accuracy=0.2)
 TEACHER_MIN_ACCURACY = 0.95  # a finished teacher below this on held-out strings is a build error
+# One intra-op thread: with two, any other process doing the same on a 2-core machine (a test run next to
+# a vLLM engine, a colleague's job) makes OpenMP threads wait on each other, and steps slow from ~0.1 s
+# to ~5 s. A fixed count also keeps the float summation order, and so the weights, machine-independent.
+BUILD_THREADS = 1
 
 RECIPE = {
     "version": RECIPE_VERSION,
+    "threads": BUILD_THREADS,
     "task": {"alphabet": ALPHABET, "min_len": MIN_LEN, "max_len": MAX_LEN, "prompt": prompt_for("{s}")},
     "data": {"heldout_seed": HELDOUT_SEED, "heldout_excluded": HELDOUT_EXCLUDED, "validation_n": VALIDATION_N},
     "vocab": _vocabulary(),
@@ -249,6 +261,8 @@ def _training_batch(
 
     No attention mask is needed: padding only follows real tokens, and attention is causal.
     """
+    import torch
+
     rows: list[tuple[list[int], list[int]]] = []
     while len(rows) < batch_size:
         s = make_string(rng)
@@ -270,10 +284,12 @@ class EvalResult:
     format_rate: float  # completion is one or more ALPHABET letters followed by EOS
 
 
-@torch.no_grad()
 def evaluate(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, strings: Sequence[str]) -> EvalResult:
     """Greedy-decode the prompts of ``strings`` with transformers (up to EOS, at most MAX_LEN + 4 new
     tokens) and score exact matches and well-formed completions."""
+    import torch
+    from transformers import GenerationConfig
+
     letter_ids = set(tok.convert_tokens_to_ids(list(ALPHABET)))
     gen_config = GenerationConfig(
         do_sample=False, max_new_tokens=MAX_LEN + 4, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
@@ -286,9 +302,10 @@ def evaluate(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, strings: Seq
     exact = well_formed = 0
     for group in by_length.values():
         prompts = torch.tensor([tok(prompt_for(s)).input_ids for s in group])
-        out = model.generate(
-            input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=gen_config
-        )
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=gen_config
+            )
         for s, completion in zip(group, out[:, prompts.shape[1] :].tolist()):
             if EOS_ID not in completion:
                 continue
@@ -301,6 +318,8 @@ def evaluate(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, strings: Seq
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
+    """A trained model, the optimiser steps taken, its last validation scores and the time taken."""
+
     model: LlamaForCausalLM
     steps: int
     val: EvalResult
@@ -320,6 +339,10 @@ def train_model(
     first HELDOUT_EXCLUDED held-out strings and the validation strings, and never touches the global
     ``random`` state. The global torch RNG is forked, so the caller's state is left unchanged.
     """
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig, LlamaForCausalLM
+
     start = time.perf_counter()
     validation = _distinct_strings(VALIDATION_N, random.Random(f"tiny-reverse-validation-{seed}"))
     excluded = set(heldout_strings(HELDOUT_EXCLUDED)) | set(validation)
@@ -377,7 +400,8 @@ def default_root() -> Path:
 
 def pair_dir_names(seed: int = 0) -> tuple[str, str]:
     """Directory names of the teacher and student for ``seed`` under the current recipe."""
-    return tuple(f"tiny-reverse-{role}-v{RECIPE_VERSION}-{RECIPE_HASH}-s{seed}" for role in ("teacher", "student"))
+    stem = f"v{RECIPE_VERSION}-{RECIPE_HASH}-s{seed}"
+    return f"tiny-reverse-teacher-{stem}", f"tiny-reverse-student-{stem}"
 
 
 def read_build_info(model_dir: Path) -> dict:
@@ -407,6 +431,8 @@ def _locked(root: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Run with ``n`` torch intra-op threads, restoring the caller's setting afterwards."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -428,6 +454,9 @@ def _install(tmp_dir: Path, final_dir: Path) -> None:
 
 def _build_into(teacher_tmp: Path, student_tmp: Path, seed: int) -> None:
     """Train both models and write them, the tokenizer and the BUILD_OK records into the given dirs."""
+    import torch
+    import transformers
+
     start = time.perf_counter()
     tok = build_tokenizer()
     heldout = heldout_strings(HELDOUT_EVAL_N)
@@ -474,7 +503,7 @@ def build_pair(out_root: Path | None = None, seed: int = 0, force: bool = False)
     """Build (or find cached) the tiny teacher and student; return ``(teacher_dir, student_dir)``.
 
     Each directory is a ``save_pretrained`` model with the shared tokenizer and a ``BUILD_OK`` record.
-    A cached pair is returned immediately; otherwise the pair is built (about a minute on 2 CPU cores)
+    A cached pair is returned immediately; otherwise the pair is built (about 2 minutes on 2 CPU cores)
     under a file lock in ``out_root`` and moved into place atomically. ``force`` rebuilds regardless.
     """
     root = Path(out_root).expanduser() if out_root is not None else default_root()
@@ -489,7 +518,7 @@ def build_pair(out_root: Path | None = None, seed: int = 0, force: bool = False)
             shutil.rmtree(stale, ignore_errors=True)
         tmp_dirs = [Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=root)) for d in (teacher_dir, student_dir)]
         try:
-            with _torch_threads(2):
+            with _torch_threads(BUILD_THREADS):
                 _build_into(*tmp_dirs, seed=seed)
             _install(tmp_dirs[1], student_dir)
             _install(tmp_dirs[0], teacher_dir)

@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
 ROOT = Path(__file__).resolve().parents[1]
 RL = str(Path(sys.executable).parent / "rl")
 
