@@ -72,6 +72,15 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
         xs, ys = _series(rows, key)
         if ys:
             lines.append(f"| {key} (step {xs[0]} → {xs[-1]}) | {ys[0]:.3f} | {ys[-1]:.3f} |")
+    for key in eval_keys:
+        if key.endswith("/baseline_teacher/avg"):
+            env = key.split("/")[1]
+            start = next((r for r in rows if key in r), {})
+            xs, ys = _series(rows, f"eval/{env}/avg")
+            lines += ["", f"Before/after on held-out `{env}` prompts:", "",
+                      "| student (start) | teacher (with its context) | student (end) |", "|---|---|---|",
+                      f"| {start.get(f'eval/{env}/baseline_student/avg', float('nan')):.3f} | {start[key]:.3f} | "
+                      f"{ys[-1] if ys else float('nan'):.3f} |"]
     lines += ["", "## Time", "", f"- wall time: {summary.get('wall_seconds', float('nan')):.1f} s "
               f"for {len(train)} steps"]
     for role, secs in summary.get("role_seconds", {}).items():

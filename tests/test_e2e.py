@@ -52,3 +52,29 @@ def test_failing_role_is_named(tiny_pair, tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: inference failed:"), p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+def test_export_merged_and_adapter(tiny_pair, tmp_path):
+    """`rl export` of a finished run: the merged model equals base + adapter; the adapter is peft's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    p = run_rl("@", "experiments/reverse_text/rl.toml", "--max_steps", "1", "--output_dir", str(out),
+               "--orchestrator.eval.num_prompts", "4", "--orchestrator.batch_size", "4", "--wandb.mode", "disabled",
+               "--trainer.lr", "0.05")
+    assert p.returncode == 0, p.stderr[-3000:]
+    e1 = run_rl("export", str(out), str(tmp_path / "merged"))
+    e2 = run_rl("export", str(out), str(tmp_path / "adapter"), "--adapter-only")
+    assert e1.returncode == 0 and e2.returncode == 0, e1.stderr[-2000:] + e2.stderr[-2000:]
+    assert run_rl("export", str(out), str(tmp_path / "merged")).returncode == 2  # never overwrites
+    ids = torch.tensor([[1, 4, 5, 6, 30]])
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_pair[1]))
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(input_ids=ids).logits
+        merged_logits = merged(input_ids=ids).logits
+    assert torch.allclose(merged_logits, tuned, atol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the step changed the student
