@@ -116,7 +116,8 @@ class _Progress:
         if len(rows) > self.seen:
             last = rows[-1]
             self.bar.set_description("training")
-            self.bar.set_postfix(teacher_kl=f"{last['teacher_kl']:.3f}", step_s=f"{last['time/step']:.1f}")
+            kl = last.get("teacher_kl")
+            self.bar.set_postfix(teacher_kl="-" if kl is None else f"{kl:.3f}", step_s=f"{last['time/step']:.1f}")
             self.bar.update(len(rows) - self.seen)
             self.seen = len(rows)
 

@@ -24,7 +24,7 @@ from shared.metrics import MetricsLogger
 from shared.placement import ActorPlan, plan
 from shared.runtime import first_line, redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, StepResult, TrainBatch, TrainSample, decode, encode
-from trainer.loss import reverse_kl_advantages, sanitize_logprobs
+from trainer.loss import reverse_kl_advantages, sanitize_logprobs, subtract_baseline
 
 
 class RoleFailure(RuntimeError):
@@ -223,8 +223,15 @@ class Orchestrator:
             lens.append(len(r.completion_ids))
             samples.append(TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
                                        inference_logprobs=r.logprobs, advantages=adv.tolist()))
+        if lc.kl_baseline == "batch_mean":
+            advs = subtract_baseline(advs)
+            for sample, adv in zip(samples, advs):
+                sample.advantages = adv.tolist()
         total_tokens = sum(lens)
         ranks = self.actors["trainer"]
+        if len(samples) < len(ranks):  # every rank needs a sample for the collectives; nothing to learn from
+            return {"step": step, "skipped_step": 1.0, "rollouts/empty": float(empty), "teacher_kl": float("nan"),
+                    "time/step": time.perf_counter() - t0}
         shares = _split(samples, len(ranks))
         per_rank = max(len(s) for s in shares)
         micro = -(-per_rank // cfg.trainer.micro_batch_size)

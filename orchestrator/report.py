@@ -59,7 +59,7 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
     if eval_keys and _plot(rows, eval_keys, "evaluation", out / "eval.png"):
         images.append("eval.png")
 
-    kl = [r["teacher_kl"] for r in train]
+    kl = [r["teacher_kl"] for r in train if r.get("teacher_kl") is not None]
     k = max(1, min(3, len(kl) // 2))
     lines = [f"# Run report: {out.name}", ""]
     lines += ["## Result", "", "| metric | start | end |", "|---|---|---|"]

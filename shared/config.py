@@ -82,6 +82,10 @@ class TeacherConfig(_Section):
 
 class LossConfig(_Section):
     kl_coef: _doc(float, "reverse-KL advantage weight: A_t = -kl_coef * (logp_student - logp_teacher)", ge=0) = 1.0
+    kl_baseline: _doc(
+        Literal["none", "batch_mean"],
+        "subtract the batch's mean per-token KL advantage (variance reduction; the gradient stays unbiased)",
+    ) = "none"
     mask_ratio_low: _doc(float, "tokens whose trainer/inference ratio is below this are masked", gt=0, le=1) = 0.125
     mask_ratio_high: _doc(float, "tokens whose trainer/inference ratio is above this are masked", ge=1) = 8.0
     logprob_floor: _doc(float, "teacher log-probs below this (or -inf/NaN) are clipped to it and counted", lt=0) = (

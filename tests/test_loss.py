@@ -68,3 +68,13 @@ def test_guarded_teacher_logprob_gives_bounded_advantage():
     assert n == 1 and adv.item() == pytest.approx(-19.5)
     loss, _ = policy_loss(s.clone().requires_grad_(True), s, adv, torch.ones(1), 0.125, 8.0, 1.0)
     assert math.isfinite(loss.item())
+
+
+def test_batch_mean_baseline_by_hand():
+    from trainer.loss import subtract_baseline
+
+    a, b = torch.tensor([-1.0, -3.0]), torch.tensor([-5.0])
+    # mean over all three tokens = -3
+    out = subtract_baseline([a, b])
+    assert out[0].tolist() == [2.0, 0.0] and out[1].tolist() == [-2.0]
+    assert subtract_baseline([]) == []

@@ -29,6 +29,19 @@ def reverse_kl_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor, kl
     return -kl_coef * (student_logprobs - teacher_logprobs)
 
 
+def subtract_baseline(advantages: list[Tensor]) -> list[Tensor]:
+    """``A_t - mean(A)`` over every token of the batch.
+
+    A constant baseline b leaves the policy gradient unbiased (``E[grad log p] = 0`` for each token)
+    while removing the common offset: with reverse-KL advantages that are almost all negative, every
+    sampled token would otherwise be pushed down, and only the differences between tokens carry signal.
+    """
+    if not advantages:
+        return advantages
+    mean = torch.cat(advantages).mean()
+    return [a - mean for a in advantages]
+
+
 def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
     """``log softmax(logits)[token]`` for each position without storing the full log-softmax."""
     picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()
