@@ -88,7 +88,7 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
             if isinstance(cause, ConfigError):
                 raise cause from None
             raise RoleFailure("orchestrator", first_line(e)) from None
-        except ray.exceptions.RayActorError as e:
+        except Exception as e:  # actor death, or an error Ray could not carry back intact
             raise RoleFailure("orchestrator", first_line(e)) from None
         finally:
             if bar:

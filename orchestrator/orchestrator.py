@@ -31,9 +31,12 @@ class RoleFailure(RuntimeError):
     """A role's actor died or raised; ``role`` names it, the message is the cause's first line."""
 
     def __init__(self, role: str, cause: str):
-        super().__init__(f"{role} failed: {cause}")
+        super().__init__(role, cause)  # args stay (role, cause) so the error survives Ray's pickling
         self.role = role
         self.cause = cause
+
+    def __str__(self) -> str:
+        return f"{self.role} failed: {self.cause}"
 
 
 def _get(role: str, refs: Any) -> Any:

@@ -326,8 +326,14 @@ def test_reverse_text_experiment_loads():
     cfg = load(["@", str(REPO / "experiments" / "reverse_text" / "rl.toml")])
     assert cfg.output_dir == "outputs/reverse_text"
     assert cfg.model.max_model_len == 32 and cfg.inference.max_tokens == 12
-    assert cfg.trainer.lr == 3e-3
+    assert cfg.trainer.lr == 1e-3 and cfg.max_steps == 250
     assert cfg.orchestrator.eval.num_prompts == 100
+
+
+@pytest.mark.parametrize("name", ["reverse_text", "context_distill"])
+def test_every_experiment_loads(name):
+    cfg = load(["@", str(REPO / "experiments" / name / "rl.toml")])
+    assert cfg.output_dir == f"outputs/{name}"
 
 
 def test_reverse_text_experiment_dry_run(capsys):
