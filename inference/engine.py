@@ -6,10 +6,8 @@ import time
 from pathlib import Path
 
 from shared.engines import make_llm, sample
-from shared.runtime import redirect_output
+from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from shared.wire import RolloutBatch, encode
-
-ADAPTER_COMPLETE = "COMPLETE"
 
 
 class InferenceEngine:

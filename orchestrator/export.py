@@ -8,13 +8,14 @@ import shutil
 from pathlib import Path
 
 from shared.config import ConfigError, from_dict, load_toml
+from shared.runtime import ADAPTER_COMPLETE
 
 
 def latest_adapter(run_dir: Path) -> Path:
     steps = []
     for d in (run_dir / "broadcast").glob("step_*"):
         m = re.fullmatch(r"step_(\d+)", d.name)
-        if m and (d / "COMPLETE").exists():
+        if m and (d / ADAPTER_COMPLETE).exists():
             steps.append((int(m.group(1)), d))
     if not steps:
         raise ConfigError(f"{run_dir}: no complete adapter under broadcast/ (did the run finish a step?)")

@@ -6,6 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+# Written last into broadcast/step_N; a reader only trusts adapter directories that carry it.
+ADAPTER_COMPLETE = "COMPLETE"
+
 
 def redirect_output(log_path: str | None) -> None:
     """Send this process's stdout/stderr (including C-level writes from vLLM/torch) to ``log_path``

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from shared.runtime import redirect_output
+from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from shared.wire import StepResult, TrainBatch, decode, encode
 from trainer.loss import policy_loss, token_logprobs
-
-ADAPTER_COMPLETE = "COMPLETE"
 
 
 class TrainerRank:
