@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.engines import make_llm, sample
+from shared.engines import make_llm_from_spec, sample
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from shared.wire import RolloutBatch, encode
 
@@ -16,16 +16,7 @@ class InferenceEngine:
     def __init__(self, model_path: str, spec: dict, log_path: str):
         redirect_output(log_path)
         t0 = time.perf_counter()
-        self.llm = make_llm(
-            model_path,
-            dtype=spec["dtype"],
-            max_model_len=spec["max_model_len"],
-            seed=spec["seed"],
-            tp=spec.get("tp", 1),
-            enforce_eager=spec.get("enforce_eager", True),
-            gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
-            lora_rank=spec["lora_rank"],
-        )
+        self.llm = make_llm_from_spec(model_path, spec, lora_rank=spec["lora_rank"])
         self.start_seconds = time.perf_counter() - t0
         self.lora = None
         self.adapter_step = 0

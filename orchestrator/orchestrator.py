@@ -213,23 +213,23 @@ class Orchestrator:
                                  [r.completion_ids for r in rollouts])
         t2 = time.perf_counter()
 
-        samples, kls, advs, rewards, lens = [], [], [], [], []
+        kls, advs, rewards, lens = [], [], [], []
         clipped = 0
         for r, tlp in zip(rollouts, teacher_lp):
             t_lp, n_bad = sanitize_logprobs(torch.tensor(tlp, dtype=torch.float64), lc.logprob_floor)
             clipped += n_bad
             s_lp = torch.tensor(r.logprobs, dtype=torch.float64)
-            adv = reverse_kl_advantages(s_lp, t_lp, lc.kl_coef)
             kls.append(s_lp - t_lp)
-            advs.append(adv)
+            advs.append(reverse_kl_advantages(s_lp, t_lp, lc.kl_coef))
             rewards.append(env.score(prompts[r.prompt_index - base], r.text))
             lens.append(len(r.completion_ids))
-            samples.append(TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
-                                       inference_logprobs=r.logprobs, advantages=adv.tolist()))
         if lc.kl_baseline == "batch_mean":
             advs = subtract_baseline(advs)
-            for sample, adv in zip(samples, advs):
-                sample.advantages = adv.tolist()
+        samples = [
+            TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
+                        inference_logprobs=r.logprobs, advantages=adv.tolist())
+            for r, adv in zip(rollouts, advs)
+        ]
         total_tokens = sum(lens)
         ranks = self.actors["trainer"]
         if len(samples) < len(ranks):  # every rank needs a sample for the collectives; nothing to learn from

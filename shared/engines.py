@@ -47,6 +47,20 @@ def make_llm(
     return LLM(**kwargs)
 
 
+def make_llm_from_spec(model_path: str, spec: dict, lora_rank: int = 0) -> Any:
+    """``make_llm`` from the spec dict the orchestrator sends each engine actor."""
+    return make_llm(
+        model_path,
+        dtype=spec["dtype"],
+        max_model_len=spec["max_model_len"],
+        seed=spec["seed"],
+        tp=spec.get("tp", 1),
+        enforce_eager=spec.get("enforce_eager", True),
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
+        lora_rank=lora_rank,
+    )
+
+
 def sample(llm: Any, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
            top_p: float, max_tokens: int, seed: int, lora_request: Any = None) -> list:
     """``n`` completions per prompt with the sampler's log-prob of every sampled token.
