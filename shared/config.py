@@ -134,6 +134,91 @@ class TeacherModelConfig(_Section):
     )
 
 
+JUDGE_PLACEHOLDERS = ("question", "answer", "reference")  # {question} and {answer} are required
+
+
+class JudgeConfig(_Section):
+    rubric: _doc(
+        str,
+        "judge prompt with {question}, {answer} and optional {reference} placeholders ({{ }} for literal braces); "
+        "empty = the built-in rubric for mode",
+    ) = ""
+    system: _doc(str, "system message for the judge; empty = none") = ""
+    target_spec: _doc(str, "what a good answer is; given to the judge as {reference} when a prompt has no answer") = ""
+    mode: _doc(Literal["binary", "graded"], "binary: VERDICT: PASS/FAIL -> +1/-1; graded: SCORE: s/max -> [-1, 1]") = (
+        "binary"
+    )
+    scale_min: _doc(float, "graded mode: the lowest score on the judge's scale (maps to -1)") = 0.0
+    scale_max: _doc(float, "graded mode: the highest score on the judge's scale (maps to +1)") = 10.0
+    on_unparseable: _doc(
+        Literal["zero", "negative", "skip"],
+        "a judge reply without a verdict: reward 0, reward -1, or drop the sample (always counted)",
+    ) = "skip"
+    max_tokens: _doc(int, "longest judge reply, in tokens", ge=1) = 256
+    temperature: _doc(float, "judge sampling temperature (0 = greedy)", ge=0) = 0.0
+
+
+class ComparatorConfig(_Section):
+    kind: _doc(
+        Literal["exact", "bleu", "semantic"],
+        "student vs teacher answer: normalised exact match, sentence BLEU-4, or embedding cosine similarity",
+    ) = "exact"
+    reward_threshold: _doc(float, "a score >= this counts as correct", ge=-1, le=1) = 0.5
+    normalize_numbers: _doc(bool, "exact: compare numbers canonically (1,000 = 1000, 3.50 = 3.5)") = True
+    embedding_model: _doc(
+        str, "semantic: a local model directory or alias whose mean-pooled last hidden states embed answers"
+    ) = "smollm2-135m-instruct"
+    reward_correct: _doc(float, "reward of a correct student answer") = 1.0
+    reward_wrong: _doc(float, "reward of a wrong one (which also gets a corrective step on the teacher's answer)") = 0.0
+    question_source: _doc(
+        Literal["dataset", "generator", "teacher"],
+        "questions from orchestrator.dataset.path, from the environment, or written by the teacher",
+    ) = "generator"
+    num_questions: _doc(int, "question_source = teacher: questions asked for per teacher request", ge=1) = 8
+    question_prompt: _doc(str, "question_source = teacher: the request, with an {n} placeholder") = (
+        "Write {n} different short questions that each have one clear, factual answer of a few words. "
+        "Write one question per line, numbered 1., 2., 3., and nothing else."
+    )
+    question_max_tokens: _doc(int, "question_source = teacher: longest teacher reply, in tokens", ge=1) = 512
+    question_temperature: _doc(float, "question_source = teacher: sampling temperature", ge=0) = 1.0
+
+
+def check_template(key: str, text: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """A ConfigError naming ``key`` unless ``text`` uses only ``{name}`` placeholders from ``allowed``
+    (no positional ``{}``, attributes, conversions or format specs) and contains every ``required`` one."""
+    import string
+
+    hint = "; write a literal brace as {{ or }}"
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ConfigError(f"{key}: malformed placeholder ({e}){hint}") from None
+    names = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in allowed or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            shown = shown if re.fullmatch(r"[\w.!:<>^=+ -]*", shown) else json.dumps(shown)
+            known = ", ".join("{" + a + "}" for a in allowed)
+            raise ConfigError(f"{key}: unknown placeholder {{{shown}}} (allowed: {known}){hint}")
+        names.add(name)
+    for name in required:
+        if name not in names:
+            raise ConfigError(f"{key}: must contain the placeholder {{{name}}}")
+
+
+def _validate_judge_comparator(cfg: Config) -> None:
+    judge, comp = cfg.orchestrator.judge, cfg.orchestrator.comparator
+    if judge.rubric:
+        check_template("orchestrator.judge.rubric", judge.rubric, JUDGE_PLACEHOLDERS, ("question", "answer"))
+    if judge.scale_min >= judge.scale_max:
+        raise ConfigError("orchestrator.judge.scale_min: must be below orchestrator.judge.scale_max")
+    check_template("orchestrator.comparator.question_prompt", comp.question_prompt, ("n",), ("n",))
+    if cfg.orchestrator.workflow == "comparator" and comp.question_source == "dataset" and not cfg.orchestrator.dataset.path:
+        raise ConfigError("orchestrator.comparator.question_source: \"dataset\" needs orchestrator.dataset.path")
+
+
 class OrchestratorConfig(_Section):
     environment: _doc(str, "prompt source and scorer (reverse_text)") = "reverse_text"
     batch_size: _doc(int, "prompts per step", ge=1) = 16
@@ -143,6 +228,12 @@ class OrchestratorConfig(_Section):
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    workflow: _doc(
+        Literal["distill", "judge", "comparator"],
+        "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as references",
+    ) = "distill"
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    comparator: ComparatorConfig = field(default_factory=ComparatorConfig)
 
 
 class WandbConfig(_Section):
@@ -389,6 +480,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("orchestrator.teacher_model.context_messages: only used with context_mode = \"fewshot\"")
     if tm.context_mode in ("system", "fewshot") and cfg.model.chat_template == "off":
         raise ConfigError(f"orchestrator.teacher_model.context_mode: {tm.context_mode!r} needs model.chat_template on")
+    _validate_judge_comparator(cfg)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
 
