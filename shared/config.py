@@ -163,7 +163,10 @@ class ComparatorConfig(_Section):
         Literal["exact", "bleu", "semantic"],
         "student vs teacher answer: normalised exact match, sentence BLEU-4, or embedding cosine similarity",
     ) = "exact"
-    reward_threshold: _doc(float, "a score >= this counts as correct", ge=-1, le=1) = 0.5
+    reward_threshold: _doc(
+        Annotated[float, Meta(ge=-1, le=1)] | str,
+        "a score >= this counts as correct; \"auto\": exact 1, bleu 0.5, semantic 0.9 (COMPARATOR_THRESHOLDS)",
+    ) = "auto"
     normalize_numbers: _doc(bool, "exact: compare numbers canonically (1,000 = 1000, 3.50 = 3.5)") = True
     embedding_model: _doc(
         str, "semantic: a local model directory or alias whose mean-pooled last hidden states embed answers"
@@ -181,6 +184,10 @@ class ComparatorConfig(_Section):
     )
     question_max_tokens: _doc(int, "question_source = teacher: longest teacher reply, in tokens", ge=1) = 512
     question_temperature: _doc(float, "question_source = teacher: sampling temperature", ge=0) = 1.0
+
+
+# reward_threshold = "auto": SmolLM2 mean-pooled cosines of unrelated sentences are ~0.6, paraphrases ~0.95.
+COMPARATOR_THRESHOLDS = {"exact": 1.0, "bleu": 0.5, "semantic": 0.9}
 
 
 def check_template(key: str, text: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
@@ -215,6 +222,11 @@ def _validate_judge_comparator(cfg: Config) -> None:
     if judge.scale_min >= judge.scale_max:
         raise ConfigError("orchestrator.judge.scale_min: must be below orchestrator.judge.scale_max")
     check_template("orchestrator.comparator.question_prompt", comp.question_prompt, ("n",), ("n",))
+    if isinstance(comp.reward_threshold, str) and comp.reward_threshold != "auto":
+        raise ConfigError(
+            f"orchestrator.comparator.reward_threshold: expected a number in [-1, 1] or \"auto\", "
+            f"got {json.dumps(comp.reward_threshold)}"
+        )
     if cfg.orchestrator.workflow == "comparator" and comp.question_source == "dataset" and not cfg.orchestrator.dataset.path:
         raise ConfigError("orchestrator.comparator.question_source: \"dataset\" needs orchestrator.dataset.path")
 
