@@ -81,16 +81,48 @@ class TeacherConfig(_Section):
 
 
 class LossConfig(_Section):
-    kl_coef: _doc(float, "reverse-KL advantage weight: A_t = -kl_coef * (logp_student - logp_teacher)", ge=0) = 1.0
+    kl_coef: _doc(float, "reverse-KL weight: the default of teacher_tau and student_tau", ge=0) = 1.0
+    adv_tau: _doc(
+        float, "task-advantage weight: A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t)", ge=0
+    ) = 0.0
+    teacher_tau: _doc(Annotated[float, Meta(ge=0)] | None, "weight of the teacher log-prob in A_t; unset = kl_coef") = (
+        None
+    )
+    student_tau: _doc(Annotated[float, Meta(ge=0)] | None, "weight of the student log-prob in A_t; unset = kl_coef") = (
+        None
+    )
+    kl_level: _doc(
+        Literal["token", "sequence"], "KL term per token, or summed over the sequence and given to every token"
+    ) = "token"
+    kl_discount: _doc(float, "token level: token t gets sum_{k>=t} discount^(k-t) of the KL terms (0 = own only)",
+                      ge=0, le=1) = 0.0
+    reward_std_scale: _doc(bool, "divide A_task (reward minus its prompt group's mean) by the group's std") = False
     kl_baseline: _doc(
         Literal["none", "batch_mean"],
-        "subtract the batch's mean per-token KL advantage (variance reduction; the gradient stays unbiased)",
+        "subtract the batch's mean per-token advantage (variance reduction; the gradient stays unbiased)",
     ) = "none"
+    ref_kl_coef: _doc(float, "weight of a KL term to the frozen reference (the student without its LoRA); 0 = off",
+                      ge=0) = 0.0
+    ref_kl_estimator: _doc(
+        Literal["k1", "k3"], "reference-KL estimator: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1"
+    ) = "k3"
+    lockin_coef: _doc(float, "weight of a supervised NLL term on the completions of rewarded (r > 0) rollouts; 0 = off",
+                      ge=0) = 0.0
+    corrective_coef: _doc(float, "weight of a supervised NLL term on the teacher's answer to prompts with a failed "
+                                 "(r <= 0) rollout; 0 = off", ge=0) = 0.0
+    entropy_coef: _doc(float, "weight of an entropy bonus on the student's sampled positions; 0 = off", ge=0) = 0.0
     mask_ratio_low: _doc(float, "tokens whose trainer/inference ratio is below this are masked", gt=0, le=1) = 0.125
     mask_ratio_high: _doc(float, "tokens whose trainer/inference ratio is above this are masked", ge=1) = 8.0
     logprob_floor: _doc(float, "teacher log-probs below this (or -inf/NaN) are clipped to it and counted", lt=0) = (
         -20.0
     )
+
+    def __post_init__(self) -> None:
+        # Resolved once, so the written config.toml (TOML has no null) and the trainer see numbers.
+        if self.teacher_tau is None:
+            self.teacher_tau = self.kl_coef
+        if self.student_tau is None:
+            self.student_tau = self.kl_coef
 
 
 class TrainerConfig(_Section):
@@ -237,6 +269,9 @@ class OrchestratorConfig(_Section):
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
     max_async_level: _doc(int, "rollouts may be sampled with an adapter this many steps old", ge=0) = 0
     eval_baseline: _doc(bool, "before training, evaluate the student and the teacher (with its context)") = False
+    skip_verification: _doc(
+        bool, "compute no task reward (env.score is never called); needs trainer.loss.adv_tau = 0"
+    ) = False
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
@@ -480,6 +515,12 @@ def validate(cfg: Config) -> None:
     lc = cfg.trainer.loss
     if lc.mask_ratio_low >= lc.mask_ratio_high:
         raise ConfigError("trainer.loss.mask_ratio_low: must be below trainer.loss.mask_ratio_high")
+    if lc.kl_level == "sequence" and lc.kl_discount:
+        raise ConfigError('trainer.loss.kl_discount: only applies to trainer.loss.kl_level = "token"')
+    if cfg.orchestrator.skip_verification:
+        for key in ("adv_tau", "lockin_coef", "corrective_coef"):  # each needs the task reward
+            if getattr(lc, key):
+                raise ConfigError(f"trainer.loss.{key}: must be 0 when orchestrator.skip_verification is true")
     if cfg.inference.max_tokens >= cfg.model.max_model_len:
         raise ConfigError(
             f"inference.max_tokens: {cfg.inference.max_tokens} leaves no room for a prompt in "

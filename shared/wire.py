@@ -48,12 +48,20 @@ class ScoreResult(Struct, tag=True, kw_only=True):
 
 
 class TrainSample(Struct, kw_only=True):
-    """A prompt + completion; per-completion-token arrays align with ``input_ids[prompt_len:]``."""
+    """A prompt + completion; per-completion-token arrays align with ``input_ids[prompt_len:]``.
+
+    ``policy``: the completion was sampled by the student and enters the policy-gradient loss (and
+    the reference-KL and entropy terms); ``sft_weight``: weight of a supervised NLL term on its
+    completion tokens (a rewarded rollout's lock-in term).  A corrective sample carries the teacher's
+    answer with ``policy = False``, ``sft_weight = corrective_coef`` and empty per-token arrays.
+    """
 
     input_ids: list[int]
     prompt_len: int
     inference_logprobs: list[float]
     advantages: list[float]
+    sft_weight: float = 0.0
+    policy: bool = True
 
 
 class TrainBatch(Struct, tag=True, kw_only=True):
@@ -61,6 +69,13 @@ class TrainBatch(Struct, tag=True, kw_only=True):
     samples: list[TrainSample]
     total_tokens: int  # completion tokens across all ranks: the loss normaliser
     num_micro_batches: int = 1  # the same on every rank, so FSDP's collectives line up
+
+
+# StepResult metrics that are sums over a rank's micro-batches; the orchestrator adds the ranks' up.
+# ``loss/*`` are each term's contribution to the loss (already divided by the batch's policy tokens),
+# ``ref_kl_sum`` / ``entropy_sum`` / ``ratio_sum`` sums over policy tokens, ``tokens`` their count.
+SUMMED_METRICS = ("loss/policy", "loss/ref_kl", "loss/lockin", "loss/corrective", "loss/entropy", "ref_kl_sum",
+                  "entropy_sum", "masked_low", "masked_high", "ratio_sum", "tokens")
 
 
 class StepResult(Struct, tag=True, kw_only=True):

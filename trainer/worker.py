@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
-from shared.wire import StepResult, TrainBatch, decode, encode
-from trainer.loss import policy_loss, token_logprobs
+from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode
+from trainer.loss import entropy, masked_nll, policy_loss, reference_kl, token_logprobs
 
 
 class TrainerRank:
@@ -75,24 +75,28 @@ class TrainerRank:
 
     # ------------------------------------------------------------------------------------------
     def _micro_batch(self, samples):
-        """Right-padded tensors; per-token arrays placed at the positions that predict each token."""
+        """Right-padded tensors; per-token arrays placed at the positions that predict each token.
+
+        ``mask`` covers the completion tokens of policy samples; ``lockin`` / ``corrective`` hold the
+        supervised weight of each completion token of policy / non-policy (teacher-answer) samples.
+        """
         length = max(len(s.input_ids) for s in samples)
         n = len(samples)
         ids = torch.full((n, length), self.pad_id, dtype=torch.long)
         attn = torch.zeros((n, length), dtype=torch.long)
-        mask = torch.zeros((n, length - 1))
-        inf_lp = torch.zeros((n, length - 1))
-        adv = torch.zeros((n, length - 1))
+        mask, inf_lp, adv, lockin, corrective = (torch.zeros((n, length - 1)) for _ in range(5))
         for i, s in enumerate(samples):
             L = len(s.input_ids)
             ids[i, :L] = torch.tensor(s.input_ids)
             attn[i, :L] = 1
             a, b = s.prompt_len - 1, L - 1  # logits at a..b-1 predict tokens prompt_len..L-1
-            mask[i, a:b] = 1
-            inf_lp[i, a:b] = torch.tensor(s.inference_logprobs)
-            adv[i, a:b] = torch.tensor(s.advantages)
+            if s.policy:
+                mask[i, a:b] = 1
+                inf_lp[i, a:b] = torch.tensor(s.inference_logprobs)
+                adv[i, a:b] = torch.tensor(s.advantages)
+            (lockin if s.policy else corrective)[i, a:b] = s.sft_weight
         dev = self.device
-        return ids.to(dev), attn.to(dev), mask.to(dev), inf_lp.to(dev), adv.to(dev)
+        return [t.to(dev) for t in (ids, attn, mask, inf_lp, adv, lockin, corrective)]
 
     def train_step(self, batch_bytes: bytes) -> bytes:
         batch: TrainBatch = decode(batch_bytes, TrainBatch)
@@ -102,22 +106,41 @@ class TrainerRank:
         model.train()
         samples = batch.samples
         chunks = [samples[i :: batch.num_micro_batches] for i in range(batch.num_micro_batches)]
-        totals = {"loss/policy": 0.0, "masked_low": 0.0, "masked_high": 0.0, "ratio_sum": 0.0, "tokens": 0.0}
+        ref_coef, ent_coef = float(spec.get("ref_kl_coef", 0.0)), float(spec.get("entropy_coef", 0.0))
+        n_tokens = float(max(batch.total_tokens, 1))  # every term's normaliser: policy tokens across ranks
+        totals = dict.fromkeys(SUMMED_METRICS, 0.0)
         for k, chunk in enumerate(chunks):
             weight = 1.0
             if not chunk:  # keep collectives aligned across ranks: a zero-weight pass
                 chunk, weight = samples[:1], 0.0
-            ids, attn, mask, inf_lp, adv = self._micro_batch(chunk)
+            ids, attn, mask, inf_lp, adv, lockin, corrective = self._micro_batch(chunk)
+            mask, lockin, corrective = mask * weight, lockin * weight, corrective * weight
             model.set_requires_gradient_sync(k == len(chunks) - 1)
+            if ref_coef:  # the frozen reference: the same weights with the LoRA adapter switched off
+                with torch.no_grad(), model.disable_adapter():
+                    ref_lp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
             logp = token_logprobs(logits, ids[:, 1:])
             loss, stats = policy_loss(
-                logp, inf_lp, adv, mask * weight,
-                spec["mask_ratio_low"], spec["mask_ratio_high"], float(batch.total_tokens),
+                logp, inf_lp, adv, mask, spec["mask_ratio_low"], spec["mask_ratio_high"], n_tokens,
             )
-            # FSDP averages gradients over ranks; the loss is already normalised by the global count.
-            (loss * self.world).backward()
-            totals["loss/policy"] += float(loss.detach()) * weight
+            terms = {"loss/policy": loss}
+            if ref_coef:
+                kl = mask * reference_kl(logp, ref_lp, spec.get("ref_kl_estimator", "k3"))
+                terms["loss/ref_kl"] = ref_coef * kl.sum() / n_tokens
+                totals["ref_kl_sum"] += float(kl.detach().sum())
+            if bool(lockin.any()):
+                terms["loss/lockin"] = masked_nll(logp, lockin, n_tokens)
+            if bool(corrective.any()):
+                terms["loss/corrective"] = masked_nll(logp, corrective, n_tokens)
+            if ent_coef:
+                ent = mask * entropy(logits)
+                terms["loss/entropy"] = -ent_coef * ent.sum() / n_tokens  # a bonus: more entropy, lower loss
+                totals["entropy_sum"] += float(ent.detach().sum())
+            # FSDP averages gradients over ranks; every term is already normalised by the global count.
+            (sum(terms.values()) * self.world).backward()
+            for name, term in terms.items():
+                totals[name] += float(term.detach())
             totals["masked_low"] += stats["masked_low"]
             totals["masked_high"] += stats["masked_high"]
             totals["ratio_sum"] += stats["ratio_mean"] * stats["tokens"]
@@ -135,11 +158,7 @@ class TrainerRank:
         train_seconds = time.perf_counter() - t0
         adapter = self.save_adapter(batch.step)
         metrics = {
-            "loss/policy": totals["loss/policy"],
-            "masked_low": totals["masked_low"],
-            "masked_high": totals["masked_high"],
-            "ratio_sum": totals["ratio_sum"],
-            "tokens": totals["tokens"],
+            **totals,
             "grad_norm": grad_norm,
             "skipped_step": float(skipped),
             "time/trainer_compute": train_seconds,
