@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from msgspec import Struct
 
@@ -13,14 +15,20 @@ from shared.config import ConfigError
 class Prompt(Struct, kw_only=True):
     text: str
     answer: str | None = None
+    meta: dict[str, Any] | None = None  # what an environment needs to score it (e.g. a reasoning-gym entry)
 
 
 class DatasetError(ConfigError):
     """A dataset problem; the message names the file (and line)."""
 
 
-def load_jsonl(path: str, on_bad_row: str = "error") -> tuple[list[Prompt], int]:
-    """Rows of ``path`` and the number of bad rows skipped (always 0 with ``on_bad_row="error"``)."""
+def load_jsonl(
+    path: str, on_bad_row: str = "error", check: Callable[[Prompt], str | None] | None = None
+) -> tuple[list[Prompt], int]:
+    """Rows of ``path`` and the number of bad rows skipped (always 0 with ``on_bad_row="error"``).
+
+    ``check`` (an environment's own rule, e.g. "needs an answer") returns a problem for a row, or None.
+    """
     p = Path(path)
     try:
         # split on "\n" only: str.splitlines() also breaks at U+2028/U+0085, which JSON allows inside strings
@@ -48,12 +56,16 @@ def load_jsonl(path: str, on_bad_row: str = "error") -> tuple[list[Prompt], int]
                 problem = "'prompt' must be a non-empty string"
             elif "answer" in row and row["answer"] is not None and not isinstance(row["answer"], str):
                 problem = "'answer' must be a string"
-        if problem is not None:
+        prompt = None
+        if problem is None:
+            prompt = Prompt(text=row["prompt"], answer=row.get("answer"))
+            problem = check(prompt) if check is not None else None
+        if problem is not None or prompt is None:
             if on_bad_row == "error":
                 raise DatasetError(f"{path}:{lineno}: {problem} (set orchestrator.dataset.on_bad_row = \"skip\" to skip)")
             bad += 1
             continue
-        prompts.append(Prompt(text=row["prompt"], answer=row.get("answer")))
+        prompts.append(prompt)
     if not prompts:
         raise DatasetError(f"{path}: no usable prompts ({bad} bad rows)")
     return prompts, bad

@@ -263,8 +263,114 @@ def _validate_judge_comparator(cfg: Config) -> None:
         raise ConfigError("orchestrator.comparator.question_source: \"dataset\" needs orchestrator.dataset.path")
 
 
+ARITHMETIC_OPERATORS = ("+", "-", "*")
+FORMAT_RULES = ("uppercase", "lowercase", "period", "no_commas")  # see orchestrator/environments/format_check.py
+
+
+class ArithmeticConfig(_Section):
+    min_operand: _doc(int, "arithmetic: smallest operand", ge=-(10**9), le=10**9) = 0
+    max_operand: _doc(int, "arithmetic: largest operand", ge=-(10**9), le=10**9) = 99
+    operators: _doc(list[str], "arithmetic: operators to draw from (+, -, *); * binds tighter") = field(
+        default_factory=lambda: ["+", "-", "*"]
+    )
+    terms: _doc(int, "arithmetic: operands per expression", ge=2, le=6) = 2
+
+
+class FormatCheckConfig(_Section):
+    rules: _doc(
+        list[str], "format_check: rules to meet (uppercase, lowercase, period, no_commas); score = fraction met"
+    ) = field(default_factory=lambda: ["uppercase"])
+    instruct: _doc(bool, "format_check: append the rules' instruction to each prompt (off: only the teacher's context)") = (
+        False
+    )
+
+
+class ReasoningGymConfig(_Section):
+    dataset: _doc(str, "reasoning_gym: a reasoning-gym dataset (e.g. leg_counting, chain_sum, basic_arithmetic)") = (
+        "leg_counting"
+    )
+    options: _doc(dict[str, Any], "reasoning_gym: the dataset's config options, e.g. {min_terms = 2, max_terms = 3}") = (
+        field(default_factory=dict)
+    )
+    instruction: _doc(str, "reasoning_gym: text appended to each question; empty = none") = (
+        "Give only the final answer, between <answer> and </answer> tags."
+    )
+
+
+class EnvArgsConfig(_Section):
+    answers: _doc(list[str], "a fixed answer set: a completion counts as one of these (empty = free-form)") = field(
+        default_factory=list
+    )
+    answer_match: _doc(
+        Literal["exact", "nearest"],
+        "with answers: only an exact member scores (else 0), or the completion maps to the nearest answer",
+    ) = "exact"
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    format_check: FormatCheckConfig = field(default_factory=FormatCheckConfig)
+    reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
+
+
+def _check_choices(key: str, values: list[str], allowed: tuple[str, ...]) -> None:
+    if not values:
+        raise ConfigError(f"{key}: must not be empty (choose from {', '.join(allowed)})")
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"{key}: unknown value {json.dumps(v)} (choose from {', '.join(allowed)})")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}: duplicate value in {json.dumps(values)}")
+
+
+def _validate_env_args(cfg: Config) -> None:
+    oc, ea = cfg.orchestrator, cfg.orchestrator.env_args
+    ar = ea.arithmetic
+    if ar.min_operand > ar.max_operand:
+        raise ConfigError("orchestrator.env_args.arithmetic.min_operand: must not be above max_operand")
+    _check_choices("orchestrator.env_args.arithmetic.operators", ar.operators, ARITHMETIC_OPERATORS)
+    _check_choices("orchestrator.env_args.format_check.rules", ea.format_check.rules, FORMAT_RULES)
+    for a in ea.answers:
+        if not a.strip():
+            raise ConfigError("orchestrator.env_args.answers: an answer must not be empty")
+    if len({a.strip() for a in ea.answers}) != len(ea.answers):
+        raise ConfigError(f"orchestrator.env_args.answers: duplicate answer in {json.dumps(ea.answers)}")
+    if oc.environment == "exact_answer" and not oc.dataset.path:
+        raise ConfigError("orchestrator.environment: \"exact_answer\" needs orchestrator.dataset.path")
+    if oc.environment == "reasoning_gym":
+        _validate_reasoning_gym(ea.reasoning_gym)
+
+
+def reasoning_gym_datasets() -> dict[str, Any]:
+    """reasoning-gym's registry (name -> (dataset class, config class)); imported on first use (~5 s)."""
+    import warnings
+
+    with warnings.catch_warnings():  # a dependency of reasoning-gym has `is` with a literal (SyntaxWarning)
+        warnings.simplefilter("ignore")
+        from reasoning_gym.factory import DATASETS
+    return DATASETS
+
+
+def _validate_reasoning_gym(rg: ReasoningGymConfig) -> None:
+    datasets = reasoning_gym_datasets()
+    if rg.dataset not in datasets:
+        raise ConfigError(
+            f"orchestrator.env_args.reasoning_gym.dataset: unknown dataset {json.dumps(rg.dataset)} "
+            f"(e.g. {', '.join(n for n in ('leg_counting', 'chain_sum', 'basic_arithmetic') if n in datasets)}; "
+            f"{len(datasets)} in reasoning-gym)"
+        )
+    if "seed" in rg.options or "size" in rg.options:
+        raise ConfigError("orchestrator.env_args.reasoning_gym.options: seed and size are set by the run (seed)")
+    try:
+        config = datasets[rg.dataset][1](**rg.options, seed=0, size=1)
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as e:  # TypeError (unknown option), AssertionError/ValueError (bad value), ...
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"orchestrator.env_args.reasoning_gym.options: {detail}") from None
+
+
 class OrchestratorConfig(_Section):
-    environment: _doc(str, "prompt source and scorer (reverse_text)") = "reverse_text"
+    environment: _doc(
+        str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french"
+    ) = "reverse_text"
     batch_size: _doc(int, "prompts per step", ge=1) = 16
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
     max_async_level: _doc(int, "rollouts may be sampled with an adapter this many steps old", ge=0) = 0
@@ -281,6 +387,7 @@ class OrchestratorConfig(_Section):
     ) = "distill"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     comparator: ComparatorConfig = field(default_factory=ComparatorConfig)
+    env_args: EnvArgsConfig = field(default_factory=EnvArgsConfig)
 
 
 class WandbConfig(_Section):
@@ -534,6 +641,7 @@ def validate(cfg: Config) -> None:
     if tm.context_mode in ("system", "fewshot") and cfg.model.chat_template == "off":
         raise ConfigError(f"orchestrator.teacher_model.context_mode: {tm.context_mode!r} needs model.chat_template on")
     _validate_judge_comparator(cfg)
+    _validate_env_args(cfg)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
 

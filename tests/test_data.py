@@ -154,3 +154,34 @@ def test_arbitrary_content_raises_only_config_errors(tmp_path, text, on_bad_row)
     else:
         assert prompts and all(isinstance(p, Prompt) and p.text.strip() for p in prompts)
         assert bad >= 0 and (on_bad_row == "skip" or bad == 0)
+
+
+def test_prompt_meta_defaults_to_none():
+    assert Prompt(text="a").meta is None
+    assert Prompt(text="a", meta={"entry": {"answer": "1"}}).meta == {"entry": {"answer": "1"}}
+
+
+def test_check_rejects_rows_by_file_and_line_or_skips_them(tmp_path):
+    path = _write(tmp_path, "\n".join([GOOD, json.dumps({"prompt": "no answer"}), GOOD]))
+
+    def needs_answer(p: Prompt) -> str | None:
+        return None if p.answer is not None else "missing field 'answer'"
+
+    with pytest.raises(DatasetError, match=r":2: missing field 'answer' \(set orchestrator.dataset.on_bad_row"):
+        load_jsonl(path, check=needs_answer)
+    prompts, bad = load_jsonl(path, on_bad_row="skip", check=needs_answer)
+    assert bad == 1 and prompts == [Prompt(text="ok", answer="ko")] * 2
+    assert load_jsonl(path)[1] == 0  # without a check every row is fine
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200), on_bad_row=st.sampled_from(["error", "skip"]))
+def test_arbitrary_bytes_raise_only_dataset_errors(tmp_path, data, on_bad_row):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(data)
+    try:
+        prompts, bad = load_jsonl(str(path), on_bad_row=on_bad_row, check=lambda p: None if p.answer else "no answer")
+    except DatasetError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+    else:
+        assert prompts and all(p.answer for p in prompts)

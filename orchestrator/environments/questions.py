@@ -8,12 +8,11 @@ that "Answer in French." gives SmolLM2-135M-Instruct when it is in the teacher's
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 
 from orchestrator.data import Prompt
-from orchestrator.environments.base import Environment
+from orchestrator.environments.base import Environment, is_heldout
 
 TEMPLATES = [
     "What is {t}?",
@@ -39,13 +38,9 @@ EN = set("the and is of to a in that it for are with as on be this by you your c
          "they their from which".split())
 
 
-def _heldout(text: str) -> bool:
-    return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0  # ~20% held out
-
-
 ALL = [t.format(t=topic) for t in TEMPLATES for topic in TOPICS]
-TRAIN = [q for q in ALL if not _heldout(q)]
-HELDOUT = [q for q in ALL if _heldout(q)]
+TRAIN = [q for q in ALL if not is_heldout(q)]  # ~20% held out by a stable hash
+HELDOUT = [q for q in ALL if is_heldout(q)]
 
 
 def is_french(text: str) -> bool:
@@ -55,14 +50,26 @@ def is_french(text: str) -> bool:
     return fr >= 2 and fr > 2 * en
 
 
-class FrenchAnswers(Environment):
-    name = "french"
+class OpenQuestions(Environment):
+    """Training prompts drawn from ``TRAIN``; evaluation on the first ``n`` of ``HELDOUT``.
+
+    ``suffix`` (a subclass's instruction, if any) is appended to every question.
+    """
+
+    suffix = ""
+
+    def _prompt(self, question: str) -> Prompt:
+        return Prompt(text=f"{question} {self.suffix}" if self.suffix else question)
 
     def generate(self, rng: random.Random) -> Prompt:
-        return Prompt(text=rng.choice(TRAIN))
+        return self._prompt(rng.choice(TRAIN))
 
     def eval_prompts(self, n: int) -> list[Prompt]:
-        return [Prompt(text=q) for q in HELDOUT[:n]]
+        return [self._prompt(q) for q in HELDOUT[:n]]
 
-    def score(self, prompt: Prompt, completion: str) -> float:
+
+class FrenchAnswers(OpenQuestions):
+    name = "french"
+
+    def grade(self, prompt: Prompt, completion: str) -> float:
         return float(is_french(completion))
