@@ -8,11 +8,24 @@ from __future__ import annotations
 import sys
 
 
+def _error(message: object) -> None:
+    """One line on stderr, with any secret (an API key or token from the environment) redacted."""
+    from shared.redact import redact_text
+
+    print(f"error: {redact_text(' '.join(str(message).splitlines()))}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from shared.config import ConfigError, load, to_toml
+    from shared.config import ConfigError, load
+    from shared.fsutil import WriteError
+    from shared.metrics import TrainingStopped
+    from shared.redact import redacted_toml
     from shared.runtime import ray_env_defaults
 
+    from orchestrator.launcher import loopback_env_defaults
+
     ray_env_defaults()  # before anything imports ray
+    loopback_env_defaults()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -25,19 +38,27 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.dry_run:
             from shared.placement import describe, plan
 
-            print(to_toml(cfg))
+            print(redacted_toml(cfg))
             print(describe(plan(cfg)))
             return 0
-        from orchestrator.launcher import launch
+        from orchestrator.launcher import launch, preflight
+
+        paths = preflight(cfg)  # every check of the user's input, before Ray or torch is even imported
         from orchestrator.orchestrator import RoleFailure
 
         try:
-            summary = launch(cfg)
+            summary = launch(cfg, paths=paths)
         except RoleFailure as e:
-            print(f"error: {e}", file=sys.stderr)
+            _error(e)
+            return 1
+        except TrainingStopped as e:
+            _error(f"training stopped: {e}")
+            return 1
+        except WriteError as e:  # the disk filled up (or went away) during the run
+            _error(e)
             return 1
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -55,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: list[str]) -> int:
     from orchestrator.export import export_student
     from shared.config import ConfigError
+    from shared.fsutil import WriteError
 
     adapter_only = "--adapter-only" in args or "--adapter_only" in args
     paths = [a for a in args if not a.startswith("--")]
@@ -64,8 +86,11 @@ def _export(args: list[str]) -> int:
     try:
         out = export_student(paths[0], paths[1], merged=not adapter_only)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2
+    except WriteError as e:
+        _error(e)
+        return 1
     print(f"exported {'adapter' if adapter_only else 'merged model'} to {out}")
     return 0
 

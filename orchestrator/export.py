@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 from shared.config import ConfigError, from_dict, load_toml
+from shared.fsutil import MB, atomic_dir, free_bytes, tree_bytes
 from shared.runtime import ADAPTER_COMPLETE
 
 
@@ -24,7 +24,8 @@ def latest_adapter(run_dir: Path) -> Path:
 
 def export_student(run_dir: str | Path, path: str | Path, merged: bool = True) -> Path:
     """Write the final student to ``path``: merged base + LoRA (loads with transformers and vLLM),
-    or with ``merged=False`` the peft adapter directory alone. Written atomically."""
+    or with ``merged=False`` the peft adapter directory alone.  Written to a temporary sibling and
+    renamed, so a failure (a full disk) leaves nothing at ``path``; never overwrites."""
     from shared import models
 
     run_dir, path = Path(run_dir), Path(path)
@@ -34,19 +35,21 @@ def export_student(run_dir: str | Path, path: str | Path, merged: bool = True) -
     adapter = latest_adapter(run_dir)
     if path.exists():
         raise ConfigError(f"{path}: already exists; choose a new export path")
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if merged:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    base_dir = models.resolve(cfg.model.name, "model.name") if merged else None
+    need = tree_bytes(adapter) + (sum(tree_bytes(f) for f in base_dir.glob("*.safetensors")) if merged else 0)
+    free = free_bytes(path.parent)
+    if free < need + 10 * MB:
+        raise ConfigError(f"{path}: {free / MB:.0f} MB free there; the export needs about {need / MB:.0f} MB")
+    with atomic_dir(path) as tmp:
+        if merged:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base_dir = models.resolve(cfg.model.name, "model.name")
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        model.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(tmp))
-    else:
-        shutil.copytree(adapter, tmp)
-    os.replace(tmp, path)
+            base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
+            model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+            model.save_pretrained(str(tmp))
+            AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(tmp))
+        else:
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
     return path

@@ -5,30 +5,61 @@ All checks that can fail on a user's mistake run here, before Ray or any engine 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from shared.config import Config, ConfigError, to_toml
-from shared.metrics import read_metrics
+from shared.config import Config, ConfigError
+from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
+from shared.metrics import TrainingStopped, read_metrics
+from shared.redact import redacted_toml
+
+# Prompts rendered from a generating environment to find the longest (a dataset file is checked whole).
+LENGTH_SAMPLE = 256
+DISK_MARGIN = 100 * MB  # metrics, logs, plots, report, W&B
 
 
 def preflight(cfg: Config) -> dict[str, str]:
-    """Validate what the config points at; returns the resolved model directories."""
+    """Validate what the config points at, before Ray or any engine starts; every problem is a
+    one-line ConfigError.  Returns the resolved model directories (and, when dataset rows were skipped
+    for length, ``dataset``: the file of the rows kept)."""
+    from orchestrator import environments
     from shared import models
 
+    out = _check_output_dir(cfg)
+    _check_gpus(cfg)
+    env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
+    student = models.resolve(cfg.model.name, "model.name")
+    teacher = models.resolve(cfg.teacher.name, "teacher.name")
+    s_tok = models.load_tokenizer(student, "model.name")
+    t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
+    models.check_same_vocab(student, teacher, s_tok, t_tok)
+    paths = {"student": str(student), "teacher": str(teacher)}
+    kept = check_prompt_lengths(cfg, env, s_tok, student)
+    if kept is not None:
+        paths["dataset"] = str(_write_kept_rows(out, kept))
+    _check_free_space(cfg, out, models.adapter_bytes(student, cfg.model.lora.rank, cfg.model.lora.target_modules))
+    return paths
+
+
+def _check_output_dir(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        atomic_write_text(out / ".write_test", "ok")
+        (out / ".write_test").unlink()
     except OSError as e:
         raise ConfigError(f"output_dir: {out} is not writable ({e.strerror or e})") from None
+    return out
+
+
+def _check_gpus(cfg: Config) -> None:
     wanted = cfg.inference.gpu_ids + cfg.teacher.gpu_ids + cfg.trainer.gpu_ids
     if wanted:
         import torch
@@ -36,40 +67,166 @@ def preflight(cfg: Config) -> dict[str, str]:
         have = torch.cuda.device_count()
         if max(wanted) >= have:
             raise ConfigError(f"gpu ids {sorted(wanted)} requested but this machine has {have} CUDA device(s)")
-    if cfg.orchestrator.dataset.path:
-        from orchestrator.data import load_jsonl
-
-        load_jsonl(cfg.orchestrator.dataset.path, cfg.orchestrator.dataset.on_bad_row)
-    from orchestrator import environments
-
-    if cfg.orchestrator.environment not in environments.REGISTRY:
-        environments.make(cfg)  # raises the ConfigError naming the key
-    student = models.resolve(cfg.model.name, "model.name")
-    teacher = models.resolve(cfg.teacher.name, "teacher.name")
-    models.check_same_vocab(student, teacher)
-    return {"student": str(student), "teacher": str(teacher)}
 
 
-def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    paths = preflight(cfg)
+def _check_free_space(cfg: Config, out: Path, adapter: int) -> None:
+    """At least room for two adapters (the newest is written next to the previous one) and a margin."""
+    need, free = 2 * adapter + DISK_MARGIN, free_bytes(out)
+    if free < need:
+        raise ConfigError(
+            f"output_dir: {out} has {free / MB:.0f} MB free; a run needs at least {need / MB:.0f} MB "
+            f"(2 x the {adapter / MB:.1f} MB adapter + {DISK_MARGIN // MB} MB); free space or choose another output_dir"
+        )
+    every_step = cfg.max_steps * adapter + DISK_MARGIN
+    if free < every_step:
+        print(f"warning: output_dir: {out} has {free / MB:.0f} MB free, and keeping the adapter of every step takes "
+              f"about {every_step / MB:.0f} MB ({cfg.max_steps} x {adapter / MB:.1f} MB + margin); the run stops "
+              "when the disk is full", file=sys.stderr)
+
+
+def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Path) -> list | None:
+    """Render prompts as the orchestrator will (student and, with a context, teacher view) and check
+    that the longest fits ``model.max_model_len`` with ``inference.max_tokens`` of completion.
+
+    A missing chat template that the config needs is reported here too.  Returns ``None``, or for a
+    dataset file with ``on_bad_row = "skip"`` and rows too long, the rows that fit."""
+    from orchestrator.prompts import Renderer
+
+    try:
+        renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.orchestrator.teacher_model)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; student tokenizer: {student_dir}") from None
+    mml, mt = cfg.model.max_model_len, cfg.inference.max_tokens
+    budget = mml - mt
+
+    def length(prompt: Any) -> tuple[int, str]:
+        n = len(renderer.ids(prompt))
+        if renderer.has_context:
+            nt = len(renderer.ids(prompt, teacher=True))
+            if nt > n:
+                return nt, " (with the teacher's context)"
+        return n, ""
+
+    def too_small(n: int, view: str, what: str) -> str:
+        return (f"model.max_model_len: {mml} is too small for {what}: {n} prompt tokens{view} + "
+                f"inference.max_tokens {mt} = {n + mt}")
+
+    ds = cfg.orchestrator.dataset
+    dataset = getattr(env, "dataset", None)
+    kept, skipped = [], 0
+    if dataset is not None:
+        lines = _row_lines(ds.path, len(dataset))
+        for i, prompt in enumerate(dataset):
+            n, view = length(prompt)
+            if n <= budget:
+                kept.append(prompt)
+            elif ds.on_bad_row == "skip":
+                skipped += 1
+            else:
+                where = f"{ds.path}:{lines[i]}" if lines else f"{ds.path} (row {i + 1})"
+                raise ConfigError(
+                    f"{where}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, shorten the prompt, "
+                    "or set orchestrator.dataset.on_bad_row = \"skip\""
+                )
+        if not kept:
+            raise ConfigError(f"{ds.path}: every prompt is longer than model.max_model_len = {mml} minus "
+                              f"inference.max_tokens = {mt} allows")
+        sample = list(env.eval_prompts(cfg.orchestrator.eval.num_prompts))
+    else:
+        sample = list(env.next_prompts(LENGTH_SAMPLE)) + list(env.eval_prompts(cfg.orchestrator.eval.num_prompts))
+    if sample:
+        n, view = max(length(p) for p in sample)
+        if n > budget:
+            raise ConfigError(
+                f"{too_small(n, view, f'the longest of {len(sample)} prompts of {env.name!r}')}; "
+                f"raise model.max_model_len to at least {n + mt} or lower inference.max_tokens"
+            )
+    if not skipped:
+        return None
+    print(f"warning: {ds.path}: skipped {skipped} of {len(dataset)} prompts longer than model.max_model_len = {mml} "
+          f"minus inference.max_tokens = {mt} allows, and {env.bad_rows} malformed rows "
+          "(orchestrator.dataset.on_bad_row = \"skip\")", file=sys.stderr)
+    return kept
+
+
+def _row_lines(path: str, rows: int) -> list[int] | None:
+    """Line numbers of a dataset's rows (every non-blank line is a row when none was skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except (OSError, ValueError):
+        return None
+    numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
+    return numbers if len(numbers) == rows else None
+
+
+def _write_kept_rows(out: Path, kept: list) -> Path:
+    """The rows that fit, as a dataset file the orchestrator reads instead of the original."""
+    path = out / "dataset.kept.jsonl"
+    rows = ({"prompt": p.text, **({"answer": p.answer} if p.answer is not None else {})} for p in kept)
+    try:
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    except WriteError as e:
+        raise ConfigError(f"output_dir: {e}") from None
+    return path
+
+
+def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
+    """Arguments of ``ray.init``: a private local Ray with no dashboard; its servers bind loopback."""
+    return dict(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        logging_level="WARNING",
+        configure_logging=True,
+    )
+
+
+# Set before Ray is imported (unless the user set them); every actor inherits them.
+LOOPBACK_ENV = {
+    # Ray's "no cluster" mode (the variable's name dates from when that meant Windows/macOS): the node's
+    # address is 127.0.0.1, so GCS, raylet and workers listen on loopback instead of on every interface.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GLOO_SOCKET_IFNAME": "lo",  # the trainer's gloo collectives (CPU)
+    "NCCL_SOCKET_IFNAME": "lo",  # NCCL's bootstrap (GPU)
+    "VLLM_HOST_IP": "127.0.0.1",  # vLLM's own process group
+}
+
+
+def loopback_env_defaults() -> None:
+    """Keep every socket of the run on loopback: call before anything imports ``ray``."""
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end; ``paths`` is :func:`preflight`'s result when the caller already ran it."""
+    paths = paths if paths is not None else preflight(cfg)
     out = Path(cfg.output_dir)
-    (out / "config.toml").write_text(to_toml(cfg))
+    try:
+        atomic_write_text(out / "config.toml", redacted_toml(cfg))
+    except WriteError as e:
+        raise ConfigError(f"output_dir: {e}") from None
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         metrics_path.unlink()  # a fresh run (resume keeps its own history)
+    run_cfg = cfg
+    if "dataset" in paths:  # the orchestrator reads the rows that fit
+        ds = msgspec.structs.replace(cfg.orchestrator.dataset, path=paths["dataset"])
+        run_cfg = msgspec.structs.replace(cfg, orchestrator=msgspec.structs.replace(cfg.orchestrator, dataset=ds))
 
     from shared.runtime import first_line, ray_env_defaults
 
     ray_env_defaults()
+    loopback_env_defaults()  # effective here only if nothing imported ray yet; `rl` sets it at its start
     import ray
 
     from orchestrator.orchestrator import Orchestrator, RoleFailure
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING", configure_logging=True)
+    ray.init(**ray_init_kwargs(cfg))
     try:
         orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=1).remote(
-            msgspec.json.encode(cfg), paths
+            msgspec.json.encode(run_cfg), paths
         )
         ref = orch.run.remote()
         bar = _Progress(cfg.max_steps, metrics_path) if progress else None
@@ -83,9 +240,7 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
             summary = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, RoleFailure):
-                raise cause from None
-            if isinstance(cause, ConfigError):
+            if isinstance(cause, (RoleFailure, ConfigError, TrainingStopped)):
                 raise cause from None
             raise RoleFailure("orchestrator", first_line(e)) from None
         except Exception as e:  # actor death, or an error Ray could not carry back intact
@@ -95,7 +250,7 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 bar.close()
         from orchestrator.report import write_report
 
-        summary["report"] = str(write_report(out, summary, to_toml(cfg)))
+        summary["report"] = str(write_report(out, summary, redacted_toml(cfg)))
         return summary
     finally:
         ray.shutdown()

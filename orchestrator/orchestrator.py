@@ -180,9 +180,13 @@ class Orchestrator:
                 })
             logger.log(first_eval)
             last_eval = first_eval
+            from shared.metrics import BadSteps
+
+            bad_steps = BadSteps(cfg.trainer.max_bad_steps)
             for step in range(1, cfg.max_steps + 1):
                 row = self._train_step(env, step)
                 logger.log(row)
+                bad_steps.update(row)  # TrainingStopped after trainer.max_bad_steps skipped steps in a row
                 interval = cfg.orchestrator.eval.interval
                 if step == cfg.max_steps or (interval and step % interval == 0):
                     last_eval = {"step": step, key: self._evaluate(env)}

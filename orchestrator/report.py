@@ -1,12 +1,18 @@
-"""End-of-run report: ``report.md`` (config, time per role, before/after table) and PNG plots."""
+"""End-of-run report: ``report.md`` (config, time per role, before/after table) and PNG plots.
+
+Every file is written atomically (``shared.fsutil``) and the report's text has secrets redacted.
+"""
 
 from __future__ import annotations
 
+import io
 import statistics
 from pathlib import Path
 from typing import Any
 
+from shared.fsutil import atomic_write_bytes, atomic_write_text
 from shared.metrics import read_metrics
+from shared.redact import redact_text
 
 PLOTS = [
     ("teacher_kl", "teacher KL (nats/token)", "teacher_kl.png"),
@@ -27,19 +33,23 @@ def _plot(rows: list[dict], keys: list[str], title: str, path: Path) -> bool:
 
     drawn = False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in keys:
-        xs, ys = _series(rows, key)
-        if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, label=key)
-            drawn = True
-    if drawn:
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-    plt.close(fig)
+    try:
+        for key in keys:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=key)
+                drawn = True
+        if drawn:
+            ax.set_xlabel("step")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            png = io.BytesIO()
+            fig.savefig(png, format="png")
+            atomic_write_bytes(path, png.getvalue())
+    finally:
+        plt.close(fig)
     return drawn
 
 
@@ -92,11 +102,7 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
     if images:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     lines += ["", "## Config", "", "```toml", config_toml.strip(), "```", ""]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out / "report.md", redact_text("\n".join(lines)))
 
 
 def console_table(output_dir: str | Path) -> str:
