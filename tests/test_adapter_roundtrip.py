@@ -34,7 +34,8 @@ def _reference_logprobs(model, prompt_ids, completion_ids):
     return lp[len(prompt_ids) - 1 :]
 
 
-def test_adapter_round_trip(tiny_pair, tmp_path):
+@pytest.mark.parametrize("lora_mode", ["adapter", "merge"])
+def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,7 +54,7 @@ def test_adapter_round_trip(tiny_pair, tmp_path):
         ]
         result = decode(ray.get(trainer.train_step.remote(encode(TrainBatch(step=1, samples=samples,
                                                                               total_tokens=7)))), StepResult)
-        spec = dict(dtype="float32", max_model_len=32, seed=0, lora_rank=8)
+        spec = dict(dtype="float32", max_model_len=32, seed=0, lora_rank=8, lora_mode=lora_mode)
         engine = ray.remote(InferenceEngine).options(num_cpus=0, runtime_env={"env_vars": engine_env(1)}).remote(
             str(student), spec, None
         )
@@ -61,6 +62,9 @@ def test_adapter_round_trip(tiny_pair, tmp_path):
         prompts = [tok(s + "=").input_ids for s in ["abcdef", "hgfe", "aabbcc", "dcbah"]]
         ray.get(engine.load_adapter.remote(result.adapter_path, 1))
         batch = decode(ray.get(engine.generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 10, 7)), RolloutBatch)
+        # loading the same adapter again serves the same model (merging never accumulates)
+        ray.get(engine.load_adapter.remote(result.adapter_path, 2))
+        again = decode(ray.get(engine.generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 10, 7)), RolloutBatch)
     finally:
         ray.shutdown()
 
@@ -75,5 +79,8 @@ def test_adapter_round_trip(tiny_pair, tmp_path):
         worst_base = max(worst_base, float((vllm_lp - _reference_logprobs(base, r.prompt_ids,
                                                                           r.completion_ids)).abs().max()))
     assert worst_tuned < 0.05, worst_tuned
+    assert [r.completion_ids for r in again.rollouts] == [r.completion_ids for r in batch.rollouts]
+    flat = [x for r in batch.rollouts for x in r.logprobs]
+    assert [x for r in again.rollouts for x in r.logprobs] == pytest.approx(flat, abs=1e-4)
     # the adapter really changed the model, so the comparison above could have failed
     assert worst_base > 0.05, worst_base
