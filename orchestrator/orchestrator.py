@@ -24,7 +24,8 @@ from shared.metrics import MetricsLogger
 from shared.placement import ActorPlan, plan
 from shared.runtime import first_line, redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, StepResult, TrainBatch, TrainSample, decode, encode
-from trainer.loss import reverse_kl_advantages, sanitize_logprobs, subtract_baseline
+from shared.wire import SUMMED_METRICS
+from trainer.loss import combined_advantages, group_advantages, sanitize_logprobs, subtract_baseline
 
 
 class RoleFailure(RuntimeError):
@@ -101,6 +102,8 @@ class Orchestrator:
                     lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                     lora_targets=list(m.lora.target_modules),
                     mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
+                    ref_kl_coef=t.loss.ref_kl_coef, ref_kl_estimator=t.loss.ref_kl_estimator,
+                    entropy_coef=t.loss.entropy_coef,
                 )
                 world = sum(1 for b in actors if b.role == "trainer")
                 actor = ray.remote(TrainerRank).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
@@ -217,24 +220,42 @@ class Orchestrator:
                                  [r.completion_ids for r in rollouts])
         t2 = time.perf_counter()
 
-        kls, advs, rewards, lens = [], [], [], []
+        # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);
+        # rollouts of one prompt share prompt_index, the group of the task baseline.
+        groups = [r.prompt_index for r in rollouts]
+        rewards = [] if oc.skip_verification else [env.score(prompts[i - base], r.text)
+                                                   for i, r in zip(groups, rollouts)]
+        a_task = group_advantages(rewards, groups, lc.reward_std_scale) if lc.adv_tau else [0.0] * len(rollouts)
+        kls, advs, lens = [], [], []
         clipped = 0
-        for r, tlp in zip(rollouts, teacher_lp):
+        for r, tlp, a in zip(rollouts, teacher_lp, a_task):
             t_lp, n_bad = sanitize_logprobs(torch.tensor(tlp, dtype=torch.float64), lc.logprob_floor)
             clipped += n_bad
             s_lp = torch.tensor(r.logprobs, dtype=torch.float64)
             kls.append(s_lp - t_lp)
-            advs.append(reverse_kl_advantages(s_lp, t_lp, lc.kl_coef))
-            rewards.append(env.score(prompts[r.prompt_index - base], r.text))
+            advs.append(combined_advantages(s_lp, t_lp, a, lc.adv_tau, lc.teacher_tau, lc.student_tau, lc.kl_level,
+                                            lc.kl_discount))
             lens.append(len(r.completion_ids))
         if lc.kl_baseline == "batch_mean":
             advs = subtract_baseline(advs)
+        lockin = [lc.lockin_coef if rw > 0 else 0.0 for rw in rewards] or [0.0] * len(rollouts)
         samples = [
             TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
-                        inference_logprobs=r.logprobs, advantages=adv.tolist())
-            for r, adv in zip(rollouts, advs)
+                        inference_logprobs=r.logprobs, advantages=adv.tolist(), sft_weight=w)
+            for r, adv, w in zip(rollouts, advs, lockin)
         ]
-        total_tokens = sum(lens)
+        t_corrective = time.perf_counter()
+        failed = sorted({i for i, rw in zip(groups, rewards) if rw <= 0}) if lc.corrective_coef else []
+        if failed:  # supervised targets: the teacher's greedy answer (with its context) to each failed prompt
+            for ans in self._sample([teacher_ids[i - base] for i in failed], 0, 1, 0.0, role="teacher"):
+                p_ids = prompt_ids[failed[ans.prompt_index] - base]
+                if ans.completion_ids:
+                    samples.append(TrainSample(input_ids=p_ids + ans.completion_ids, prompt_len=len(p_ids),
+                                               inference_logprobs=[], advantages=[], sft_weight=lc.corrective_coef,
+                                               policy=False))
+        t_corrective = time.perf_counter() - t_corrective
+        t2 += t_corrective  # teacher time, not trainer time
+        total_tokens = sum(lens)  # policy tokens: the normaliser of every loss term
         ranks = self.actors["trainer"]
         if len(samples) < len(ranks):  # every rank needs a sample for the collectives; nothing to learn from
             return {"step": step, "skipped_step": 1.0, "rollouts/empty": float(empty), "teacher_kl": float("nan"),
@@ -253,8 +274,18 @@ class Orchestrator:
         _get("inference", [e.load_adapter.remote(adapter, step) for e in self.actors["inference"]])
         t4 = time.perf_counter()
 
-        tm = {k: sum(r.metrics[k] for r in results) for k in ("loss/policy", "masked_low", "masked_high",
-                                                                "ratio_sum", "tokens")}
+        tm = {k: sum(r.metrics.get(k, 0.0) for r in results) for k in SUMMED_METRICS}
+        n_policy = max(tm["tokens"], 1)
+        extra = {"reward/mean": statistics.fmean(rewards)} if rewards else {}  # absent with skip_verification
+        if lc.ref_kl_coef:
+            extra.update({"loss/ref_kl": tm["loss/ref_kl"], "ref_kl/mean": tm["ref_kl_sum"] / n_policy})
+        if lc.lockin_coef:
+            extra.update({"loss/lockin": tm["loss/lockin"], "lockin/samples": float(sum(1 for w in lockin if w))})
+        if lc.corrective_coef:
+            extra.update({"loss/corrective": tm["loss/corrective"], "time/teacher_corrective": t_corrective,
+                          "corrective/samples": float(sum(1 for x in samples if not x.policy))})
+        if lc.entropy_coef:
+            extra.update({"loss/entropy": tm["loss/entropy"], "entropy/mean": tm["entropy_sum"] / n_policy})
         all_kl = torch.cat(kls) if kls else torch.zeros(1)
         all_adv = torch.cat(advs) if advs else torch.zeros(1)
         self.role_seconds["inference"] += t1 - t0
@@ -266,12 +297,14 @@ class Orchestrator:
             "teacher_kl/seq": float(statistics.fmean(float(k.sum()) for k in kls)) if kls else 0.0,
             "combined_advantage": float(all_adv.mean()),
             "loss/policy": tm["loss/policy"],
-            "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
+            **extra,
             "seq_len/mean": statistics.fmean(lens) if lens else 0.0,
             "grad_norm": results[0].metrics["grad_norm"],
             "skipped_step": results[0].metrics["skipped_step"],
             "masked/low_frac": tm["masked_low"] / max(tm["tokens"], 1),
             "masked/high_frac": tm["masked_high"] / max(tm["tokens"], 1),
+            "masked/low": tm["masked_low"],
+            "masked/high": tm["masked_high"],
             "ratio/mean": tm["ratio_sum"] / max(tm["tokens"], 1),
             "teacher/logprob_clipped": float(clipped),
             "rollouts/empty": float(empty),

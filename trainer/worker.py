@@ -1,7 +1,9 @@
 """One trainer rank: the student (transformers + peft LoRA) sharded with FSDP2 over gloo (CPU) or NCCL.
 
 The orchestrator sends each rank its share of a :class:`TrainBatch` (msgpack bytes); all ranks run the
-same number of micro-batches so the collectives line up.  After the optimizer step the LoRA weights
+same number of micro-batches so the collectives line up.  The loss is the policy term plus the optional
+terms the spec switches on (reference KL, lock-in / corrective NLL, entropy bonus; ``trainer/loss.py``),
+each divided by the batch's policy tokens.  After the optimizer step the LoRA weights
 are gathered (``full_tensor``) and rank 0 writes a peft adapter to ``broadcast/step_N`` atomically.
 """
 
