@@ -67,6 +67,10 @@ class InferenceConfig(_Section):
     kv_cache_gib: _doc(int, "KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE), GiB", ge=1) = 1
     gpu_memory_utilization: _doc(float, "fraction of GPU memory vLLM may use", gt=0, le=1) = 0.85
     enforce_eager: _doc(bool, "skip graph capture / compilation (faster start)") = True
+    lora_mode: _doc(
+        Literal["adapter", "merge"],
+        "serve each new adapter as a vLLM LoRA (adapter) or merged into the engine's weights (merge: no LoRA kernels)",
+    ) = "adapter"
 
 
 class TeacherConfig(_Section):
