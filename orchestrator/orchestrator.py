@@ -100,6 +100,8 @@ class Orchestrator:
                 t, m = cfg.trainer, cfg.model
                 spec = dict(
                     seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                    lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+                    total_steps=cfg.max_steps,
                     lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                     lora_targets=list(m.lora.target_modules),
                     mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
@@ -301,6 +303,7 @@ class Orchestrator:
             **extra,
             "seq_len/mean": statistics.fmean(lens) if lens else 0.0,
             "grad_norm": results[0].metrics["grad_norm"],
+            "train/lr": results[0].metrics.get("lr", 0.0),
             "skipped_step": results[0].metrics["skipped_step"],
             "masked/low_frac": tm["masked_low"] / max(tm["tokens"], 1),
             "masked/high_frac": tm["masked_high"] / max(tm["tokens"], 1),

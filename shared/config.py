@@ -135,6 +135,9 @@ class TrainerConfig(_Section):
     )
     cpu_ranks: _doc(int, "FSDP2 ranks (gloo) when the trainer runs on the CPU", ge=1, le=64) = 1
     lr: _doc(float, "AdamW learning rate", gt=0) = 2e-3
+    lr_schedule: _doc(Literal["constant", "cosine"], "learning-rate schedule over max_steps (after warm-up)") = "constant"
+    warmup_steps: _doc(int, "linear learning-rate warm-up, in optimizer steps", ge=0) = 0
+    min_lr_ratio: _doc(float, "cosine schedule: final learning rate as a fraction of trainer.lr", ge=0, le=1) = 0.0
     weight_decay: _doc(float, "AdamW weight decay", ge=0) = 0.0
     max_grad_norm: _doc(float, "gradient-norm clip; 0 = off", ge=0) = 1.0
     micro_batch_size: _doc(int, "sequences per forward/backward on each rank", ge=1) = 64

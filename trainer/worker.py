@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode
 from trainer.loss import entropy, masked_nll, policy_loss, reference_kl, token_logprobs
+from trainer.schedule import lr_multiplier
 
 
 class TrainerRank:
@@ -72,6 +74,9 @@ class TrainerRank:
         self.device = torch.device(device_type)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_multiplier, kind=spec.get("lr_schedule", "constant"), total=spec.get("total_steps", 1),
+            warmup=spec.get("warmup_steps", 0), min_ratio=spec.get("min_lr_ratio", 0.0)))
         self.pad_id = 0
         return time.perf_counter() - t0
 
@@ -157,11 +162,14 @@ class TrainerRank:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()  # a skipped step still advances the schedule: it follows the step number
         train_seconds = time.perf_counter() - t0
         adapter = self.save_adapter(batch.step)
         metrics = {
             **totals,
             "grad_norm": grad_norm,
+            "lr": lr,
             "skipped_step": float(skipped),
             "time/trainer_compute": train_seconds,
             "time/adapter_save": time.perf_counter() - t0 - train_seconds,
