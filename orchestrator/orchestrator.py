@@ -17,7 +17,7 @@ import msgspec
 import ray
 import torch
 
-from orchestrator import environments
+from orchestrator import continual, environments, workflows
 from orchestrator.prompts import Renderer
 from shared.config import Config
 from shared.metrics import MetricsLogger
@@ -124,12 +124,13 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------
     def _sample(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
-                role: str = "inference") -> list:
+                role: str = "inference", max_tokens: int | None = None) -> list:
         engines = self.actors[role]
         idx = list(range(first_index, first_index + len(prompt_ids)))
         inf = self.cfg.inference
+        max_tokens = max_tokens or inf.max_tokens
         refs = [
-            e.generate.remote(ids, ix, n, temperature, inf.top_p, inf.max_tokens, self.cfg.seed * 1_000_003)
+            e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens, self.cfg.seed * 1_000_003)
             for e, ids, ix in zip(engines, _split(prompt_ids, len(engines)), _split(idx, len(engines)))
             if ids
         ]
@@ -161,6 +162,67 @@ class Orchestrator:
         rollouts = self._sample(ids, 0, 1, self.cfg.orchestrator.eval.temperature, role=role)
         return statistics.fmean(env.score(prompts[r.prompt_index], r.text) for r in rollouts)
 
+    def _teacher_generate(self, ids: list[list[int]], max_tokens: int, temperature: float) -> list:
+        """The teacher's answers (one per prompt, in order): judge replies, reference answers."""
+        self._teacher_calls += 1
+        return self._sample(ids, self._teacher_calls * 1_000_000, 1, temperature, role="teacher", max_tokens=max_tokens)
+
+    def _setup_workflow(self, env) -> None:
+        """Prompt source (the environment, mixed with core replay), reward source, core suite (workflows.py,
+        continual.py)."""
+        from transformers import AutoTokenizer
+
+        cfg, oc = self.cfg, self.cfg.orchestrator
+        self._teacher_calls = 0
+        self.t_tok = AutoTokenizer.from_pretrained(self.paths["teacher"]) if oc.workflow != "distill" else None
+        self.prompts, self.suite = env, None
+        if oc.workflow == "comparator" and oc.comparator.question_source != "generator":
+            from orchestrator.question_sources import make_question_source
+
+            self.prompts = make_question_source(cfg, self._question_generate)
+        if continual.enabled(cfg):
+            cores = continual.make_core_envs(cfg)
+            self.suite = continual.CoreSuite(cfg, cores, self.out)
+            if oc.continual.replay_ratio:
+                self.prompts = continual.ReplayMix(self.prompts, cores, oc.continual.replay_ratio)
+        mix = self.prompts if isinstance(self.prompts, continual.ReplayMix) else None
+        score = mix.score if mix else (lambda i, p, text: env.score(p, text))
+        if oc.workflow == "judge":
+            chat = cfg.model.chat_template != "off"
+            self.reward = workflows.JudgeReward(cfg, lambda m: workflows.render_messages(self.t_tok, m, chat),
+                                                self._teacher_generate, check=score)
+        elif oc.workflow == "comparator":
+            from orchestrator.transfer import parameter_ratio
+
+            self.reward = workflows.ComparatorReward(cfg, lambda p: self.renderer.ids(p, teacher=True),
+                                                     self._teacher_generate,
+                                                     parameter_ratio(self.paths["student"], self.paths["teacher"]))
+        else:
+            self.reward = workflows.RewardSource(score)
+
+    def _question_generate(self, messages: list[dict[str, str]]) -> str:
+        """question_source = teacher: one teacher reply to the question request."""
+        cc = self.cfg.orchestrator.comparator
+        ids = workflows.render_messages(self.t_tok, messages, self.cfg.model.chat_template != "off")
+        room = max(1, self.cfg.model.max_model_len - len(ids))
+        return self._teacher_generate([ids], min(cc.question_max_tokens, room), cc.question_temperature)[0].text
+
+    def _eval_row(self, env, step: int, gate: bool = True) -> tuple[dict[str, float], bool]:
+        """The evaluation row: the trained environment and, with [orchestrator.continual], the core suite and
+        its gate (``passed`` is False when a core metric regressed beyond max_regression)."""
+        row = {"step": step, f"eval/{env.name}/avg": self._evaluate(env)}
+        if self.suite is None:
+            return row, True
+        core, passed = self.suite.evaluate(self._evaluate, step, gate)
+        return {**row, **core}, passed
+
+    def _restore(self, step: int) -> dict[str, float]:
+        """The gate failed at ``step``: the engines serve the last passing adapter again, which becomes the final one."""
+        path = self.suite.restore(step)
+        _get("inference", [e.load_adapter.remote(str(path), self.suite.last_pass_step)
+                           for e in self.actors["inference"]])
+        return {"continual/restored_step": float(self.suite.last_pass_step)}
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
@@ -170,13 +232,16 @@ class Orchestrator:
         env = environments.make(cfg)
         self.tok = AutoTokenizer.from_pretrained(self.paths["student"])
         self.renderer = Renderer(self.tok, cfg.model.chat_template, cfg.orchestrator.teacher_model)
+        self._setup_workflow(env)
         logger = MetricsLogger(str(self.out), msgspec.to_builtins(cfg.wandb), msgspec.to_builtins(cfg),
                                experiment=self.out.name)
         try:
             startup = self._start_roles()
             logger.log({"step": 0, **startup})
             key = f"eval/{env.name}/avg"
-            first_eval = {"step": 0, key: self._evaluate(env)}
+            if self.suite is not None:  # broadcast/step_0: the untouched student, the gate's first fallback
+                _get("trainer", [r.save_adapter.remote(0) for r in self.actors["trainer"]])
+            first_eval, _ = self._eval_row(env, 0)
             if cfg.orchestrator.eval_baseline:
                 teacher = self._evaluate(env, role="teacher", teacher_view=True)
                 first_eval.update({
@@ -195,15 +260,22 @@ class Orchestrator:
                 bad_steps.update(row)  # TrainingStopped after trainer.max_bad_steps skipped steps in a row
                 interval = cfg.orchestrator.eval.interval
                 if step == cfg.max_steps or (interval and step % interval == 0):
-                    last_eval = {"step": step, key: self._evaluate(env)}
+                    last_eval, passed = self._eval_row(env, step)
                     logger.log(last_eval)
+                    if not passed:  # a core metric regressed beyond max_regression: restore and stop
+                        last_eval = {**self._eval_row(env, step, gate=False)[0], **self._restore(step)}
+                        logger.log(last_eval)
+                        break
+            if self.suite is not None and not self.suite.regressions:
+                self.suite.write_final(self.out / "broadcast" / f"step_{step}", gate_failed=False)
             return {
-                "steps": cfg.max_steps,
+                "steps": step,
                 "wall_seconds": time.perf_counter() - t_run,
                 "eval_start": first_eval[key],
                 "eval_end": last_eval[key],
                 "role_seconds": dict(self.role_seconds),
                 "bad_rows": env.bad_rows,
+                **({"continual": self.suite.summary()} if self.suite is not None else {}),
             }
         finally:
             logger.close()
@@ -211,8 +283,8 @@ class Orchestrator:
     def _train_step(self, env, step: int) -> dict[str, float]:
         cfg, oc, lc = self.cfg, self.cfg.orchestrator, self.cfg.trainer.loss
         t0 = time.perf_counter()
-        prompts = env.next_prompts(oc.batch_size)
-        base = env.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
+        prompts = self.prompts.next_prompts(oc.batch_size)  # the environment, or a replay mix / question source
+        base = self.prompts.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
         prompt_ids = [self.renderer.ids(p) for p in prompts]
         teacher_ids = [self.renderer.ids(p, teacher=True) for p in prompts] if self.renderer.has_context else prompt_ids
         rollouts = self._sample(prompt_ids, base, oc.group_size, cfg.inference.temperature)
@@ -225,9 +297,14 @@ class Orchestrator:
 
         # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);
         # rollouts of one prompt share prompt_index, the group of the task baseline.
+        t_reward = time.perf_counter()  # the workflow's reward source (workflows.py): env score, judge, comparator
+        rewards, reward_metrics = ([], {}) if oc.skip_verification else self.reward.rewards(prompts, rollouts, base)
+        keep = [i for i, rw in enumerate(rewards) if rw is not None]  # None: dropped (e.g. an unparseable verdict)
+        if len(keep) < len(rewards):
+            rollouts, teacher_lp, rewards = ([x[i] for i in keep] for x in (rollouts, teacher_lp, rewards))
         groups = [r.prompt_index for r in rollouts]
-        rewards = [] if oc.skip_verification else [env.score(prompts[i - base], r.text)
-                                                   for i, r in zip(groups, rollouts)]
+        t_reward = time.perf_counter() - t_reward
+        t2 += t_reward  # judge and reference answers are teacher time
         a_task = group_advantages(rewards, groups, lc.reward_std_scale) if lc.adv_tau else [0.0] * len(rollouts)
         kls, advs, lens = [], [], []
         clipped = 0
@@ -248,10 +325,15 @@ class Orchestrator:
             for r, adv, w in zip(rollouts, advs, lockin)
         ]
         t_corrective = time.perf_counter()
-        failed = sorted({i for i, rw in zip(groups, rewards) if rw <= 0}) if lc.corrective_coef else []
+        failed = self.reward.failed_prompts(groups, rewards) if lc.corrective_coef else []
         if failed:  # supervised targets: the teacher's greedy answer (with its context) to each failed prompt
-            for ans in self._sample([teacher_ids[i - base] for i in failed], 0, 1, 0.0, role="teacher"):
-                p_ids = prompt_ids[failed[ans.prompt_index] - base]
+            answers = dict(self.reward.references())  # the comparator's references are those answers already
+            missing = [i for i in failed if i not in answers]
+            if missing:
+                for ans in self._sample([teacher_ids[i - base] for i in missing], 0, 1, 0.0, role="teacher"):
+                    answers[missing[ans.prompt_index]] = ans
+            for i in failed:
+                ans, p_ids = answers[i], prompt_ids[i - base]
                 if ans.completion_ids:
                     samples.append(TrainSample(input_ids=p_ids + ans.completion_ids, prompt_len=len(p_ids),
                                                inference_logprobs=[], advantages=[], sft_weight=lc.corrective_coef,
@@ -262,7 +344,7 @@ class Orchestrator:
         ranks = self.actors["trainer"]
         if len(samples) < len(ranks):  # every rank needs a sample for the collectives; nothing to learn from
             return {"step": step, "skipped_step": 1.0, "rollouts/empty": float(empty), "teacher_kl": float("nan"),
-                    "time/step": time.perf_counter() - t0}
+                    **reward_metrics, "time/step": time.perf_counter() - t0}
         shares = _split(samples, len(ranks))
         per_rank = max(len(s) for s in shares)
         micro = -(-per_rank // cfg.trainer.micro_batch_size)
@@ -280,6 +362,9 @@ class Orchestrator:
         tm = {k: sum(r.metrics.get(k, 0.0) for r in results) for k in SUMMED_METRICS}
         n_policy = max(tm["tokens"], 1)
         extra = {"reward/mean": statistics.fmean(rewards)} if rewards else {}  # absent with skip_verification
+        extra.update(reward_metrics)  # judge/*, comparator/*
+        if isinstance(self.prompts, continual.ReplayMix):
+            extra["continual/replay_prompts"] = float(self.prompts.replayed)
         if lc.ref_kl_coef:
             extra.update({"loss/ref_kl": tm["loss/ref_kl"], "ref_kl/mean": tm["ref_kl_sum"] / n_policy})
         if lc.lockin_coef:
@@ -318,6 +403,7 @@ class Orchestrator:
             "time/teacher": t2 - t1,
             "time/trainer": t3 - t2,
             "time/weight_update": t4 - t3,
+            "time/reward": t_reward,
         }
 
 

@@ -91,6 +91,18 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
                       "| student (start) | teacher (with its context) | student (end) |", "|---|---|---|",
                       f"| {start.get(f'eval/{env}/baseline_student/avg', float('nan')):.3f} | {start[key]:.3f} | "
                       f"{ys[-1] if ys else float('nan'):.3f} |"]
+    cores = sorted({k.split("/")[2] for k in eval_keys if k.startswith("eval/core/") and k.endswith("/avg")})
+    if cores:  # continual learning: how much of each core behaviour was kept ([orchestrator.continual])
+        lines += ["", "Core behaviours (continual learning; delta < 0 is forgetting):", "",
+                  "| core | start | end | delta_from_start |", "|---|---|---|---|"]
+        for name in cores:
+            _, ys = _series(rows, f"eval/core/{name}/avg")
+            _, ds = _series(rows, f"eval/core/{name}/delta_from_start")
+            lines.append(f"| {name} | {ys[0]:.3f} | {ys[-1]:.3f} | {ds[-1]:+.3f} |")
+        cont = summary.get("continual", {})
+        if cont.get("gate_failed"):
+            lines.append(f"\nThe gate failed ({', '.join(f'{k} {v:+.3f}' for k, v in cont['regressions'].items())}); "
+                         f"the final adapter is the restored step {cont['final_step']}.")
     lines += ["", "## Time", "", f"- wall time: {summary.get('wall_seconds', float('nan')):.1f} s "
               f"for {len(train)} steps"]
     for role, secs in summary.get("role_seconds", {}).items():

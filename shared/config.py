@@ -270,6 +270,17 @@ def _validate_judge_comparator(cfg: Config) -> None:
         )
     if cfg.orchestrator.workflow == "comparator" and comp.question_source == "dataset" and not cfg.orchestrator.dataset.path:
         raise ConfigError("orchestrator.comparator.question_source: \"dataset\" needs orchestrator.dataset.path")
+    if cfg.orchestrator.workflow != "distill" and cfg.orchestrator.skip_verification:
+        raise ConfigError(f"orchestrator.skip_verification: must be false with orchestrator.workflow = "
+                          f"{json.dumps(cfg.orchestrator.workflow)} (its reward is the point)")
+    cont = cfg.orchestrator.continual
+    if not cont.core_environments and cont.replay_ratio:
+        raise ConfigError("orchestrator.continual.replay_ratio: needs orchestrator.continual.core_environments")
+    if len(set(cont.core_environments)) != len(cont.core_environments):
+        raise ConfigError(f"orchestrator.continual.core_environments: duplicate name in {json.dumps(cont.core_environments)}")
+    if cfg.orchestrator.environment in cont.core_environments:
+        raise ConfigError("orchestrator.continual.core_environments: must not contain orchestrator.environment "
+                          f"({json.dumps(cfg.orchestrator.environment)} is the new skill being trained)")
 
 
 ARITHMETIC_OPERATORS = ("+", "-", "*")
@@ -376,9 +387,22 @@ def _validate_reasoning_gym(rg: ReasoningGymConfig) -> None:
         raise ConfigError(f"orchestrator.env_args.reasoning_gym.options: {detail}") from None
 
 
+class ContinualConfig(_Section):
+    core_environments: _doc(
+        list[str], "continual learning: environments whose behaviour must be kept (each evaluated as eval/core/<name>); "
+                   "empty = off"
+    ) = field(default_factory=list)
+    replay_ratio: _doc(float, "continual: fraction of each batch's prompts drawn from the core environments (replay)",
+                       ge=0, lt=1) = 0.0
+    gate: _doc(bool, "continual: stop the run and restore the last passing adapter when a core metric regresses") = True
+    max_regression: _doc(float, "continual: the gate fails when eval/core/<name>/avg drops more than this below its "
+                                "start value", ge=0) = 0.1
+
+
 class OrchestratorConfig(_Section):
     environment: _doc(
-        str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french"
+        str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french, "
+             "reverse_text_long, reverse_text_short"
     ) = "reverse_text"
     batch_size: _doc(int, "prompts per step", ge=1) = 16
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
@@ -392,11 +416,13 @@ class OrchestratorConfig(_Section):
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
     workflow: _doc(
         Literal["distill", "judge", "comparator"],
-        "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as references",
+        "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as references "
+        "(each composes with [orchestrator.continual])",
     ) = "distill"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     comparator: ComparatorConfig = field(default_factory=ComparatorConfig)
     env_args: EnvArgsConfig = field(default_factory=EnvArgsConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
 
 class WandbConfig(_Section):

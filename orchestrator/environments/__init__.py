@@ -11,6 +11,9 @@ name               prompts                                              score (i
 ``french``         open questions                                       the answer is in French
 =================  ===================================================  ===========================================
 
+``reverse_text_long`` and ``reverse_text_short`` are ``reverse_text`` restricted to 7-8 and 3-5 letters
+(a new skill and a core behaviour for continual learning; ``continual_tasks.py``).
+
 Every environment is deterministic from ``cfg.seed`` and evaluates on held-out prompts that training
 never draws.  ``orchestrator.env_args.answers`` constrains any of them to a fixed answer set (see
 ``answers.py``).  A new environment subclasses :class:`Environment` (or
@@ -24,6 +27,7 @@ import random
 from orchestrator.environments.answers import choose_by_loglik, match_answer
 from orchestrator.environments.arithmetic import Arithmetic
 from orchestrator.environments.base import Environment, GeneratedEnvironment
+from orchestrator.environments.continual_tasks import TASKS as CONTINUAL_TASKS
 from orchestrator.environments.exact_answer import ExactAnswer
 from orchestrator.environments.format_check import FormatCheck
 from orchestrator.environments.questions import FrenchAnswers
@@ -38,6 +42,7 @@ REGISTRY: dict[str, type[Environment]] = {
     "reasoning_gym": ReasoningGym,
     "exact_answer": ExactAnswer,
     "french": FrenchAnswers,
+    **CONTINUAL_TASKS,  # reverse_text_long, reverse_text_short
 }
 
 __all__ = ["REGISTRY", "Environment", "GeneratedEnvironment", "choose_by_loglik", "make", "match_answer"]

@@ -1,0 +1,234 @@
+"""Issue 3's workflows: reward sources and continual-learning pieces (engine-free), then each workflow's
+experiment for 2 steps through the real `rl` command (marked `engine`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import continual, workflows
+from orchestrator.data import Prompt
+from shared.config import ConfigError, load
+from shared.metrics import read_metrics
+from shared.wire import Rollout
+
+# ------------------------------------------------------------------------------------------------
+# Engine-free
+
+
+def _rollout(i: int, text: str, ids: list[int] | None = None) -> Rollout:
+    return Rollout(prompt_index=i, prompt_ids=[1], completion_ids=ids if ids is not None else [5] * len(text),
+                   logprobs=[-1.0] * len(text), text=text)
+
+
+class FakeTeacher:
+    """``generate(ids, max_tokens, temperature)``: canned replies in order; records each call."""
+
+    def __init__(self, replies):
+        self.replies, self.calls = list(replies), []
+
+    def __call__(self, ids, max_tokens, temperature):
+        self.calls.append((ids, max_tokens, temperature))
+        out = [self.replies.pop(0) for _ in ids]
+        return [_rollout(k, t) for k, t in enumerate(out)]
+
+
+def test_judge_reward_counts_unparseable_and_drops_with_skip():
+    cfg = load(["--orchestrator.workflow", "judge", "--model.max_model_len", "64", "--inference.max_tokens", "8"])
+    prompts = [Prompt(text="ab=", answer="ba"), Prompt(text="cd=", answer="dc")]
+    rollouts = [_rollout(10, "ba"), _rollout(10, "ab"), _rollout(11, "dc")]
+    teacher = FakeTeacher(["fine.\nVERDICT: PASS", "VERDICT: FAIL", "no idea"])
+    source = workflows.JudgeReward(cfg, lambda m: [1] * 10, teacher, check=lambda i, p, t: float(t == p.answer))
+    rewards, m = source.rewards(prompts, rollouts, base=10)
+    assert rewards == [1.0, -1.0, None]  # on_unparseable = "skip" (the default)
+    assert m["judge/unparseable"] == 1 and m["judge/dropped"] == 1 and m["judge/too_long"] == 0
+    assert m["judge/reward_mean"] == 0.0 and m["judge/agreement"] == 1.0
+    assert teacher.calls[0][1] == min(cfg.orchestrator.judge.max_tokens, 64 - 10)
+
+
+def test_judge_reward_too_long_prompt_is_unparseable_not_a_crash():
+    cfg = load(["--orchestrator.workflow", "judge", "--orchestrator.judge.on_unparseable", "zero",
+                "--model.max_model_len", "32", "--inference.max_tokens", "8"])
+    teacher = FakeTeacher([])
+    source = workflows.JudgeReward(cfg, lambda m: [1] * 40, teacher)
+    rewards, m = source.rewards([Prompt(text="ab=")], [_rollout(0, "ba")], base=0)
+    assert rewards == [0.0] and m["judge/too_long"] == 1 and m["judge/unparseable"] == 1 and not teacher.calls
+
+
+def test_render_messages_plain_text_without_a_chat_template():
+    class Tok:
+        chat_template = None
+
+        def __call__(self, text, **kw):
+            class R:
+                input_ids = list(text.encode())
+            return R()
+
+    ids = workflows.render_messages(Tok(), [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], True)
+    assert bytes(ids) == b"s\n\nu"
+
+
+def test_comparator_reward_uses_teacher_references_and_marks_wrong_prompts():
+    cfg = load(["--orchestrator.workflow", "comparator"])
+    prompts = [Prompt(text="ab="), Prompt(text="cd=")]
+    rollouts = [_rollout(4, "ba"), _rollout(4, "xx"), _rollout(5, "dc"), _rollout(5, "dc")]
+    teacher = FakeTeacher(["ba", "dc"])
+    source = workflows.ComparatorReward(cfg, lambda p: [len(p.text)], teacher, param_ratio=0.5)
+    rewards, m = source.rewards(prompts, rollouts, base=4)
+    assert rewards == [1.0, 0.0, 1.0, 1.0]
+    assert len(teacher.calls) == 1 and teacher.calls[0][2] == 0.0  # one greedy reference per prompt
+    assert source.failed_prompts([4, 4, 5, 5], rewards) == [4]
+    assert set(source.references()) == {4, 5} and source.references()[4].text == "ba"
+    assert m["comparator/accuracy"] == 0.75 and m["comparator/cumulative_reward"] == 3.0
+    assert m["comparator/param_ratio"] == 0.5 and m["comparator/transfer_rate_per_1k"] == 0.0
+
+
+def test_env_reward_failed_prompts():
+    source = workflows.RewardSource(lambda i, p, t: float(t == p.answer))
+    rewards, m = source.rewards([Prompt(text="ab=", answer="ba")], [_rollout(3, "ba"), _rollout(3, "b")], base=3)
+    assert rewards == [1.0, 0.0] and m == {} and source.failed_prompts([3, 3], rewards) == [3]
+
+
+def test_continual_config_errors():
+    with pytest.raises(ConfigError, match=r"^orchestrator\.continual\.replay_ratio: needs"):
+        load(["--orchestrator.continual.replay_ratio", "0.2"])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.continual\.replay_ratio"):
+        load(["--orchestrator.continual.core_environments", "reverse_text_short", "--orchestrator.continual.replay_ratio", "1"])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.continual\.max_regression"):
+        load(["--orchestrator.continual.max_regression", "-0.1"])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.continual\.core_environments: must not contain"):
+        load(["--orchestrator.continual.core_environments", "reverse_text"])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.skip_verification: must be false"):
+        load(["--orchestrator.workflow", "judge", "--orchestrator.skip_verification"])
+    cfg = load(["--orchestrator.continual.core_environments", "nope"])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.continual\.core_environments: unknown environment 'nope'"):
+        continual.make_core_envs(cfg)
+
+
+def test_replay_mix_draws_the_ratio_from_the_cores_and_scores_by_source():
+    cfg = load(["--orchestrator.environment", "reverse_text_long",
+                "--orchestrator.continual.core_environments", "reverse_text_short",
+                "--orchestrator.continual.replay_ratio", "0.25"])
+    from orchestrator import environments
+
+    mix = continual.ReplayMix(environments.make(cfg), continual.make_core_envs(cfg), 0.25)
+    prompts = mix.next_prompts(8)
+    lengths = [len(p.answer) for p in prompts]
+    assert all(n >= 7 for n in lengths[:6]) and all(n <= 5 for n in lengths[6:]) and mix.replayed == 2
+    assert mix.position == 8
+    assert mix.score(7, prompts[7], prompts[7].answer) == 1.0
+
+
+def test_core_suite_gate_and_restore(tmp_path):
+    cfg = load(["--orchestrator.environment", "reverse_text_long",
+                "--orchestrator.continual.core_environments", "reverse_text_short",
+                "--orchestrator.continual.max_regression", "0.1"])
+    suite = continual.CoreSuite(cfg, continual.make_core_envs(cfg), tmp_path)
+    for step in (0, 1, 2, 3):
+        d = tmp_path / "broadcast" / f"step_{step}"
+        d.mkdir(parents=True)
+        (d / "COMPLETE").write_text(str(step))
+    scores = iter([0.5, 0.45, 0.3])
+    row, ok = suite.evaluate(lambda env: next(scores), 0)
+    assert ok and row["eval/core/reverse_text_short/delta_from_start"] == 0.0
+    row, ok = suite.evaluate(lambda env: next(scores), 2)
+    assert ok and row["eval/core/reverse_text_short/delta_from_start"] == pytest.approx(-0.05)
+    row, ok = suite.evaluate(lambda env: next(scores), 3)
+    assert not ok and row["continual/gate_failed"] == 1.0
+    path = suite.restore(3)
+    assert path.name == "step_2" and (tmp_path / "broadcast" / "rejected_step_3").is_dir()
+    final = json.loads((tmp_path / "final_adapter.json").read_text())
+    assert final["step"] == 2 and final["gate_failed"] and final["failed_step"] == 3
+    from orchestrator.export import latest_adapter
+
+    assert latest_adapter(tmp_path).name == "step_2"  # `rl export` takes the restored adapter
+
+
+# ------------------------------------------------------------------------------------------------
+# Each workflow's experiment for 2 steps (real Ray actors and vLLM engines on the CPU)
+
+SMALL = ["--max_steps", "2", "--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "16",
+         "--wandb.mode", "disabled"]
+COMMON = ["teacher_kl", "combined_advantage", "loss/policy", "masked/low", "masked/high", "time/step"]
+
+
+def _run(config: str, out, *extra: str, steps: tuple[int, ...] = (1, 2), timeout: int = 600):
+    from tests.test_e2e import run_rl
+
+    p = run_rl("@", config, "--output_dir", str(out), *SMALL, *extra, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "teacher_kl" in r]
+    assert tuple(r["step"] for r in train) == steps
+    for r in train:
+        for key in COMMON:
+            assert r.get(key) is not None, key
+    return rows, train
+
+
+@pytest.mark.engine
+def test_distill_workflow_two_steps(tiny_pair, tmp_path):
+    """On-policy distillation with skip_verification: no task reward at all."""
+    _, train = _run("experiments/reverse_text/rl.toml", tmp_path / "d", "--orchestrator.skip_verification")
+    assert all("reward/mean" not in r for r in train)
+
+
+@pytest.mark.engine
+def test_hybrid_workflow_two_steps(tiny_pair, tmp_path):
+    _, train = _run("experiments/hybrid/rl.toml", tmp_path / "h")
+    assert all(0.0 <= r["reward/mean"] <= 1.0 for r in train)
+
+
+@pytest.mark.engine
+def test_comparator_workflow_two_steps(tiny_pair, tmp_path):
+    rows, train = _run("experiments/comparator/rl.toml", tmp_path / "c")
+    for r in train:
+        assert 0.0 <= r["comparator/accuracy"] <= 1.0
+        assert r["reward/mean"] == pytest.approx(r["comparator/accuracy"])  # reward 1 / 0
+        assert 0 < r["comparator/param_ratio"] < 1  # the tiny student is smaller than its teacher
+        assert r["corrective/samples"] == r["comparator/wrong_prompts"]  # one teacher answer per wrong prompt
+        assert "loss/corrective" in r and "comparator/transfer_rate_per_1k" in r
+    assert train[1]["comparator/cumulative_reward"] >= train[0]["comparator/cumulative_reward"]
+
+
+@pytest.mark.engine
+def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
+    """The tiny teacher cannot follow a rubric: the pipeline runs and counts every unparseable reply."""
+    _, train = _run("experiments/judge/tiny.toml", tmp_path / "j")
+    for r in train:
+        assert 1 <= r["judge/unparseable"] <= 8 * 4  # measured: all 32 replies of each step
+        assert r["judge/dropped"] == 0  # on_unparseable = "zero": counted, rewarded 0, kept
+        assert "reward/mean" in r and "judge/reward_mean" in r and r["loss/lockin"] is not None
+    assert train[1]["judge/unparseable_total"] == train[0]["judge/unparseable"] + train[1]["judge/unparseable"]
+
+
+@pytest.mark.engine
+def test_continual_workflow_two_steps(tiny_pair, tmp_path):
+    rows, train = _run("experiments/continual/rl.toml", tmp_path / "cl")
+    evals = [r for r in rows if "eval/core/reverse_text_short/avg" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval/core/reverse_text_short/delta_from_start"] == 0.0
+    assert all("eval/reverse_text_long/avg" in r for r in evals)
+    assert all(r["continual/replay_prompts"] == 2 for r in train) and all("loss/ref_kl" in r for r in train)
+    final = json.loads((tmp_path / "cl" / "final_adapter.json").read_text())
+    assert final["step"] == 2 and not final["gate_failed"]
+
+
+@pytest.mark.engine
+def test_continual_gate_restores_the_last_passing_adapter(tiny_pair, tmp_path):
+    """A learning rate that wrecks the student: the core metric regresses at step 1, the engines go back
+    to step_0 (the untouched student), whose evaluation then equals the start's."""
+    out = tmp_path / "gate"
+    rows, _ = _run("experiments/continual/rl.toml", out, "--trainer.lr", "0.5", "--orchestrator.eval.interval", "1",
+                   "--orchestrator.continual.max_regression", "0.0", steps=(1,))
+    start = next(r for r in rows if r.get("step") == 0 and "eval/core/reverse_text_short/avg" in r)
+    failed = next(r for r in rows if r.get("continual/gate_failed") == 1.0)
+    restored = next(r for r in rows if "continual/restored_step" in r)
+    assert failed["eval/core/reverse_text_short/delta_from_start"] < 0
+    assert restored["continual/restored_step"] == 0
+    assert restored["eval/core/reverse_text_short/avg"] == start["eval/core/reverse_text_short/avg"]
+    final = json.loads((out / "final_adapter.json").read_text())
+    assert final["gate_failed"] and final["step"] == 0
+    assert not (out / "broadcast" / f"step_{failed['step']}").exists()
