@@ -263,7 +263,8 @@ class Orchestrator:
                     last_eval, passed = self._eval_row(env, step)
                     logger.log(last_eval)
                     if not passed:  # a core metric regressed beyond max_regression: restore and stop
-                        last_eval = {**self._eval_row(env, step, gate=False)[0], **self._restore(step)}
+                        restored = self._restore(step)  # first: the evaluation below is of the restored adapter
+                        last_eval = {**self._eval_row(env, step, gate=False)[0], **restored}
                         logger.log(last_eval)
                         break
             if self.suite is not None and not self.suite.regressions:
