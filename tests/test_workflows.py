@@ -232,3 +232,22 @@ def test_continual_gate_restores_the_last_passing_adapter(tiny_pair, tmp_path):
     final = json.loads((out / "final_adapter.json").read_text())
     assert final["gate_failed"] and final["step"] == 0
     assert not (out / "broadcast" / f"step_{failed['step']}").exists()
+
+
+@pytest.mark.engine
+def test_judge_workflow_two_steps_smollm2(tmp_path):
+    """The real judge: SmolLM2-135M-Instruct reads the rubric through its chat template; every reply is
+    either a parsed verdict (+1/-1) or counted as unparseable and dropped (on_unparseable = "skip")."""
+    from tests.test_e2e import run_rl
+
+    out = tmp_path / "js"
+    p = run_rl("@", "experiments/judge/rl.toml", "--output_dir", str(out), "--max_steps", "2",
+               "--orchestrator.eval.num_prompts", "4", "--wandb.mode", "disabled", timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "teacher_kl" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["judge/dropped"] == r["judge/unparseable"] and r["judge/too_long"] == 0
+        assert r["judge/unparseable"] <= 8  # batch_size 4 x group_size 2
+        if r["judge/unparseable"] < 8:  # some verdicts parsed: they are the step's rewards
+            assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"]) and -1 <= r["reward/mean"] <= 1
