@@ -326,7 +326,7 @@ def test_reverse_text_experiment_loads():
     cfg = load(["@", str(REPO / "experiments" / "reverse_text" / "rl.toml")])
     assert cfg.output_dir == "outputs/reverse_text"
     assert cfg.model.max_model_len == 32 and cfg.inference.max_tokens == 12
-    assert cfg.trainer.lr == 1e-3 and cfg.max_steps == 250
+    assert cfg.trainer.lr == 2e-3 and cfg.trainer.lr_schedule == "cosine" and cfg.max_steps == 250
     assert cfg.orchestrator.eval.num_prompts == 100
 
 
