@@ -72,6 +72,11 @@ class Orchestrator:
 
         actors = plan(cfg)
         port = _free_port()
+        # Trainer ranks meet through a file store, not a TCP store: torch's TCPStore listens on every
+        # interface whatever address it is given. (Ranks on several nodes need a shared filesystem.)
+        rendezvous = out / ".rendezvous" / f"trainer-{port}"
+        rendezvous.parent.mkdir(parents=True, exist_ok=True)
+        rendezvous.unlink(missing_ok=True)
 
         def opts(a: ActorPlan, extra_env: dict[str, str]) -> dict:
             return dict(
@@ -111,7 +116,7 @@ class Orchestrator:
                 world = sum(1 for b in actors if b.role == "trainer")
                 actor = ray.remote(TrainerRank).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
                 self.actors.setdefault("trainer", []).append(
-                    actor.remote(a.index, world, a.backend, f"tcp://127.0.0.1:{port}", self.paths["student"], spec,
+                    actor.remote(a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"], spec,
                                  str(out), log)
                 )
         # Start everything at once; report each role's start-up time.
