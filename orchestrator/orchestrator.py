@@ -286,6 +286,22 @@ class Orchestrator:
         finally:
             logger.close()
 
+    def _corrective_samples(self, groups: list[int], rewards: list[float], teacher_ids: list[list[int]],
+                            prompt_ids: list[list[int]], base: int) -> list[TrainSample]:
+        """Supervised targets for failed prompts: the teacher's greedy answer (with its context) to each,
+        reusing the comparator's references where it already has them."""
+        failed = self.reward.failed_prompts(groups, rewards)
+        answers = dict(self.reward.references())
+        missing = [i for i in failed if i not in answers]
+        if missing:
+            for ans in self._sample([teacher_ids[i - base] for i in missing], 0, 1, 0.0, role="teacher"):
+                answers[missing[ans.prompt_index]] = ans
+        weight = self.cfg.trainer.loss.corrective_coef
+        return [TrainSample(input_ids=prompt_ids[i - base] + answers[i].completion_ids,
+                            prompt_len=len(prompt_ids[i - base]), inference_logprobs=[], advantages=[],
+                            sft_weight=weight, policy=False)
+                for i in failed if answers[i].completion_ids]
+
     def _train_step(self, env, step: int) -> dict[str, float]:
         cfg, oc, lc = self.cfg, self.cfg.orchestrator, self.cfg.trainer.loss
         t0 = time.perf_counter()
@@ -331,19 +347,8 @@ class Orchestrator:
             for r, adv, w in zip(rollouts, advs, lockin)
         ]
         t_corrective = time.perf_counter()
-        failed = self.reward.failed_prompts(groups, rewards) if lc.corrective_coef else []
-        if failed:  # supervised targets: the teacher's greedy answer (with its context) to each failed prompt
-            answers = dict(self.reward.references())  # the comparator's references are those answers already
-            missing = [i for i in failed if i not in answers]
-            if missing:
-                for ans in self._sample([teacher_ids[i - base] for i in missing], 0, 1, 0.0, role="teacher"):
-                    answers[missing[ans.prompt_index]] = ans
-            for i in failed:
-                ans, p_ids = answers[i], prompt_ids[i - base]
-                if ans.completion_ids:
-                    samples.append(TrainSample(input_ids=p_ids + ans.completion_ids, prompt_len=len(p_ids),
-                                               inference_logprobs=[], advantages=[], sft_weight=lc.corrective_coef,
-                                               policy=False))
+        if lc.corrective_coef:
+            samples += self._corrective_samples(groups, rewards, teacher_ids, prompt_ids, base)
         t_corrective = time.perf_counter() - t_corrective
         t2 += t_corrective  # teacher time, not trainer time
         total_tokens = sum(lens)  # policy tokens: the normaliser of every loss term
