@@ -15,6 +15,12 @@ def _error(message: object) -> None:
     print(f"error: {redact_text(' '.join(str(message).splitlines()))}", file=sys.stderr)
 
 
+def _role_failure() -> type:
+    from orchestrator.orchestrator import RoleFailure
+
+    return RoleFailure
+
+
 def main(argv: list[str] | None = None) -> int:
     from shared.config import ConfigError, load
     from shared.fsutil import WriteError
@@ -41,14 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             print(redacted_toml(cfg))
             print(describe(plan(cfg)))
             return 0
-        from orchestrator.launcher import launch, preflight
+        from orchestrator.api import run
 
-        paths = preflight(cfg)  # every check of the user's input, before Ray or torch is even imported
-        from orchestrator.orchestrator import RoleFailure
-
-        try:
-            summary = launch(cfg, paths=paths)
-        except RoleFailure as e:
+        try:  # run() checks all of the user's input (preflight) before Ray or torch is even imported
+            summary = run(cfg, progress=True).summary
+        except ConfigError:
+            raise
+        except _role_failure() as e:  # evaluated only once something failed, so ray is imported only then
             _error(e)
             return 1
         except TrainingStopped as e:
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: list[str]) -> int:
-    from orchestrator.export import export_student
+    from orchestrator.api import export_student
     from shared.config import ConfigError
     from shared.fsutil import WriteError
 

@@ -39,6 +39,10 @@ def preflight(cfg: Config) -> dict[str, str]:
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
     paths = {"student": str(student), "teacher": str(teacher)}
+    if cfg.teacher.endpoint:  # an external teacher: reachable, model served, tokenizer and log-probs as the run needs
+        from teacher.endpoint import probe
+
+        paths.update(probe(cfg, t_tok))
     kept = check_prompt_lengths(cfg, env, s_tok, student)
     if kept is not None:
         paths["dataset"] = str(_write_kept_rows(out, kept))

@@ -61,6 +61,9 @@ class Orchestrator:
         self.paths = model_paths
         self.actors: dict[str, list] = {}
         self.role_seconds: dict[str, float] = {"inference": 0.0, "teacher": 0.0, "trainer": 0.0}
+        # An external teacher is asked for log-probs only when the advantage uses them (teacher/endpoint.py).
+        self.scores = not (self.cfg.teacher.endpoint and self.cfg.trainer.loss.teacher_tau == 0)
+        self.score_failed = 0
 
     # ------------------------------------------------------------------------------------------
     def _start_roles(self) -> dict[str, float]:
@@ -96,6 +99,13 @@ class Orchestrator:
                             gpu_memory_utilization=cfg.inference.gpu_memory_utilization)
                 actor = ray.remote(InferenceEngine).options(**opts(a, engine_env(cfg.inference.kv_cache_gib)))
                 self.actors.setdefault("inference", []).append(actor.remote(self.paths["student"], spec, log))
+            elif a.role == "teacher" and cfg.teacher.endpoint:  # an external teacher (teacher/endpoint.py)
+                from teacher.endpoint import EndpointTeacher
+
+                actor = ray.remote(EndpointTeacher).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
+                self.actors.setdefault("teacher", []).append(actor.remote(
+                    msgspec.json.encode(cfg), self.paths["endpoint_model"], self.paths["endpoint_prompts"],
+                    self.paths["teacher"], log))
             elif a.role == "teacher":
                 spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp,
                             gpu_memory_utilization=cfg.teacher.gpu_memory_utilization)
@@ -145,7 +155,8 @@ class Orchestrator:
         rollouts.sort(key=lambda r: r.prompt_index)
         return rollouts
 
-    def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+    def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float] | None]:
+        """Teacher log-probs of each completion; None where an external teacher failed to score it."""
         engines = self.actors["teacher"]
         order = list(range(len(prompt_ids)))
         parts = _split(order, len(engines))
@@ -154,10 +165,13 @@ class Orchestrator:
                                                completion_ids=[completion_ids[i] for i in part])))
             for e, part in zip(engines, parts) if part
         ]
-        out: list[list[float]] = [[] for _ in order]
+        out: list[list[float] | None] = [[] for _ in order]
         for part, data in zip([p for p in parts if p], _get("teacher", refs)):
-            for i, lps in zip(part, decode(data, ScoreResult).logprobs):
+            result = decode(data, ScoreResult)
+            for i, lps in zip(part, result.logprobs):
                 out[i] = lps
+            for k in result.failed:
+                out[part[k]] = None
         return out
 
     def _evaluate(self, env, role: str = "inference", teacher_view: bool = False) -> float:
@@ -212,6 +226,16 @@ class Orchestrator:
         room = max(1, self.cfg.model.max_model_len - len(ids))
         return self._teacher_generate([ids], min(cc.question_max_tokens, room), cc.question_temperature)[0].text
 
+    def _endpoint_metrics(self) -> dict[str, float]:
+        """An external teacher's request counts (cumulative) and this step's rollouts dropped for want of scores."""
+        if not self.cfg.teacher.endpoint:
+            return {}
+        row = _get("teacher", self.actors["teacher"][0].stats.remote())
+        row["teacher/score_failed"] = float(self.score_failed)
+        if not self.scores:
+            row.update({"teacher_kl": float("nan"), "teacher_kl/seq": float("nan")})
+        return row
+
     def _eval_row(self, env, step: int, gate: bool = True) -> tuple[dict[str, float], bool]:
         """The evaluation row: the trained environment and, with [orchestrator.continual], the core suite and
         its gate (``passed`` is False when a core metric regressed beyond max_regression)."""
@@ -261,6 +285,7 @@ class Orchestrator:
             bad_steps = BadSteps(cfg.trainer.max_bad_steps)
             for step in range(1, cfg.max_steps + 1):
                 row = self._train_step(env, step)
+                row.update(self._endpoint_metrics())
                 logger.log(row)
                 bad_steps.update(row)  # TrainingStopped after trainer.max_bad_steps skipped steps in a row
                 interval = cfg.orchestrator.eval.interval
@@ -313,8 +338,15 @@ class Orchestrator:
         empty = sum(1 for r in rollouts if not r.completion_ids)
         rollouts = [r for r in rollouts if r.completion_ids]
         t1 = time.perf_counter()
-        teacher_lp = self._score([teacher_ids[r.prompt_index - base] for r in rollouts],
-                                 [r.completion_ids for r in rollouts])
+        if self.scores:
+            teacher_lp = self._score([teacher_ids[r.prompt_index - base] for r in rollouts],
+                                     [r.completion_ids for r in rollouts])
+        else:  # an endpoint with teacher_tau = 0 is never asked for log-probs; teacher_kl is logged as NaN
+            teacher_lp = [list(r.logprobs) for r in rollouts]
+        self.score_failed = sum(1 for lp in teacher_lp if lp is None)
+        if self.score_failed:  # the endpoint could not score them: dropped (and counted), never trained on
+            scored = [i for i, lp in enumerate(teacher_lp) if lp is not None]
+            rollouts, teacher_lp = [rollouts[i] for i in scored], [teacher_lp[i] for i in scored]
         t2 = time.perf_counter()
 
         # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);

@@ -38,7 +38,7 @@ from orchestrator.data import Prompt
 from orchestrator.judge import apply_unparseable, judge_messages, parse_verdict
 from orchestrator.transfer import TransferTracker
 from shared.config import Config
-from shared.wire import Rollout
+from shared.wire import TEACHER_FAILED, Rollout
 
 Generate = Callable[[list[list[int]], int, float], list[Rollout]]
 Rewards = tuple[list[float | None], dict[str, float]]
@@ -98,15 +98,18 @@ class JudgeReward(RewardSource):
         room = self.max_model_len - self.MIN_REPLY_TOKENS
         fits = [i for i, x in enumerate(ids) if len(x) <= room]
         replies = [""] * len(rollouts)
+        failed = set()  # an external judge gave no reply (after retries): the rollout is dropped and counted
         if fits:
             max_tokens = min(jc.max_tokens, self.max_model_len - max(len(ids[i]) for i in fits))
             for i, reply in zip(fits, self.generate([ids[i] for i in fits], max_tokens, jc.temperature)):
                 replies[i] = reply.text
+                if reply.finish_reason == TEACHER_FAILED:
+                    failed.add(i)
         verdicts = [parse_verdict(x, jc.mode, jc.scale_min, jc.scale_max) for x in replies]
         rewards: list[float | None] = []
         unparseable = 0
-        for v in verdicts:
-            reward, bad = apply_unparseable(v, jc.on_unparseable)
+        for i, v in enumerate(verdicts):
+            reward, bad = (None, 0) if i in failed else apply_unparseable(v, jc.on_unparseable)
             rewards.append(reward)
             unparseable += bad
         self.unparseable_total += unparseable
@@ -117,6 +120,7 @@ class JudgeReward(RewardSource):
             "judge/unparseable_frac": unparseable / n,
             "judge/unparseable_total": float(self.unparseable_total),
             "judge/too_long": float(len(rollouts) - len(fits)),
+            "judge/teacher_failed": float(len(failed)),
             "judge/dropped": float(sum(1 for rw in rewards if rw is None)),
             "judge/reward_mean": statistics.fmean(parsed) if parsed else float("nan"),  # over parsed verdicts
             "judge/reply_len": statistics.fmean(len(x) for x in replies) if replies else 0.0,
@@ -149,12 +153,19 @@ class ComparatorReward(RewardSource):
         self.refs = dict(zip(wanted, refs))  # this step's prompts only
         results = compare_batch(self.cc, [r.text for r in rollouts], [self.refs[r.prompt_index].text for r in rollouts])
         correct = [ok for _, ok in results]
-        rewards = [outcome_reward(self.cc, ok) for ok in correct]
-        self.wrong = sorted({r.prompt_index for r, ok in zip(rollouts, correct) if not ok})
-        metrics = self.tracker.update(correct, rewards)
+        rewards: list[float | None] = [outcome_reward(self.cc, ok) for ok in correct]
+        # An external teacher gave no reference (after retries): those rollouts are dropped and counted.
+        failed = {i for i, ref in self.refs.items() if ref.finish_reason == TEACHER_FAILED}
+        if failed:
+            rewards = [None if r.prompt_index in failed else rw for r, rw in zip(rollouts, rewards)]
+            correct = [ok for r, ok in zip(rollouts, correct) if r.prompt_index not in failed]
+        kept = [r for r in rollouts if r.prompt_index not in failed]
+        self.wrong = sorted({r.prompt_index for r, ok in zip(kept, correct) if not ok})
+        metrics = self.tracker.update(correct, [rw for rw in rewards if rw is not None])
         metrics["comparator/score_mean"] = statistics.fmean(s for s, _ in results) if results else float("nan")
         metrics["comparator/wrong_prompts"] = float(len(self.wrong))
         metrics["comparator/reference_empty"] = float(sum(1 for x in refs if not x.completion_ids))
+        metrics["comparator/teacher_failed"] = float(len(failed))
         return list(rewards), metrics
 
     def failed_prompts(self, groups: Sequence[int], rewards: Sequence[float]) -> list[int]:

@@ -82,6 +82,52 @@ class TeacherConfig(_Section):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_cache_gib: _doc(int, "KV cache per teacher engine on CPU, GiB", ge=1) = 1
     gpu_memory_utilization: _doc(float, "fraction of GPU memory the teacher may use", gt=0, le=1) = 0.85
+    # An external OpenAI-compatible teacher/judge instead of the in-cluster engine (teacher/endpoint.py).
+    endpoint: _doc(str, "OpenAI-compatible base URL of an external teacher/judge (http://127.0.0.1:8000/v1); "
+                        "empty = the in-cluster vLLM engine. teacher.name then only names the local tokenizer") = ""
+    model: _doc(str, "endpoint: the served model's name; empty = the only model it lists") = ""
+    api_key_env: _doc(str, "endpoint: environment variable (*_API_KEY, *_TOKEN, *_SECRET) holding its API key, sent "
+                           "only to the endpoint; empty = none") = ""
+    timeout_s: _doc(float, "endpoint: seconds per HTTP request", gt=0) = 60.0
+    max_concurrency: _doc(int, "endpoint: requests in flight at once", ge=1, le=256) = 8
+    retries: _doc(int, "endpoint: retries of a request after a timeout, connection error, HTTP 429 or 5xx", ge=0,
+                  le=20) = 3
+    retry_backoff_s: _doc(float, "endpoint: delay before the first retry, doubled for each further one", ge=0) = 0.5
+    max_failure_rate: _doc(float, "endpoint: stop the run once more than this fraction of teacher requests failed "
+                                  "after retries (their rollouts are dropped and counted until then)", ge=0, le=1) = 0.05
+
+
+ENDPOINT_ONLY = ("model", "api_key_env")  # teacher keys that mean nothing without teacher.endpoint
+
+
+def _validate_endpoint(cfg: Config) -> None:
+    from urllib.parse import urlsplit
+
+    from shared.redact import SECRET_ENV
+
+    tc = cfg.teacher
+    if not tc.endpoint:
+        for key in ENDPOINT_ONLY:
+            if getattr(tc, key):
+                raise ConfigError(f"teacher.{key}: only used with teacher.endpoint")
+        return
+    url = urlsplit(tc.endpoint)
+    try:
+        bad_port = url.port is not None and not 0 < url.port < 65536
+    except ValueError:  # not a number, or out of range
+        bad_port = True
+    if url.username or url.password:
+        raise ConfigError("teacher.endpoint: must not contain credentials (they would be written to config.toml); "
+                          "put the API key in the variable named by teacher.api_key_env")
+    if url.scheme not in ("http", "https") or not url.hostname or bad_port or url.query or url.fragment:
+        raise ConfigError(f"teacher.endpoint: expected an http:// or https:// base URL such as "
+                          f"http://127.0.0.1:8000/v1, got {json.dumps(tc.endpoint)}")
+    if tc.gpu_ids or tc.parallel.dp > 1 or tc.parallel.tp > 1:
+        raise ConfigError("teacher.gpu_ids: an external teacher (teacher.endpoint) runs outside the cluster; leave "
+                          "teacher.gpu_ids and teacher.parallel unset")
+    if tc.api_key_env and not (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tc.api_key_env) and SECRET_ENV.match(tc.api_key_env)):
+        raise ConfigError(f"teacher.api_key_env: {json.dumps(tc.api_key_env)} must be an environment variable name "
+                          "ending in _API_KEY, _TOKEN or _SECRET (such values are redacted from every output)")
 
 
 class LossConfig(_Section):
@@ -676,6 +722,7 @@ def validate(cfg: Config) -> None:
     if tm.context_mode in ("system", "fewshot") and cfg.model.chat_template == "off":
         raise ConfigError(f"orchestrator.teacher_model.context_mode: {tm.context_mode!r} needs model.chat_template on")
     _validate_judge_comparator(cfg)
+    _validate_endpoint(cfg)
     _validate_env_args(cfg)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")

@@ -29,6 +29,10 @@ class Rollout(Struct, tag=True, kw_only=True):
     text: str = ""
 
 
+# ``Rollout.finish_reason`` of a teacher answer that an external endpoint failed to give (after retries).
+TEACHER_FAILED = "teacher_error"
+
+
 class RolloutBatch(Struct, tag=True, kw_only=True):
     rollouts: list[Rollout]
     adapter_step: int = 0
@@ -42,9 +46,11 @@ class ScoreRequest(Struct, tag=True, kw_only=True):
 
 
 class ScoreResult(Struct, tag=True, kw_only=True):
-    """Teacher log-prob of every completion token (same lengths as the request's completions)."""
+    """Teacher log-prob of every completion token (same lengths as the request's completions); ``failed``:
+    indices of completions the teacher could not score (an external endpoint; their lists are empty)."""
 
     logprobs: list[list[float]]
+    failed: list[int] = msgspec.field(default_factory=list)
 
 
 class TrainSample(Struct, kw_only=True):

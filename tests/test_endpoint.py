@@ -1,0 +1,319 @@
+"""External teacher endpoints (teacher/endpoint.py).
+
+Engine-free: config checks, the start-up probe and fault injection (retries, drop counting, the
+failure-rate bound, the API key) against a small local HTTP server that speaks the parts of vLLM's
+OpenAI API we use.  Marked ``engine``: a real ``vllm serve`` of the tiny teacher on 127.0.0.1, scored
+against transformers, and 2-step distillation and judge runs through the real ``rl`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from shared.config import ConfigError, load
+from shared.wire import TEACHER_FAILED, RolloutBatch, ScoreRequest, ScoreResult, decode, encode
+from teacher.endpoint import PROBE_TEXT, EndpointError, EndpointTeacher, probe
+from tests.conftest import RL, ROOT
+
+KEY_VAR = "OPD_TEST_TEACHER_API_KEY"
+KEY = "sk-test-0123456789abcdef"
+BAD = 99  # a prompt containing this token id always gets HTTP 500 from the fake server
+
+
+def fake_logprob(token: int, position: int) -> float:
+    return -0.1 * (token % 7 + 1) - 0.01 * position
+
+
+class FakeServer(ThreadingHTTPServer):
+    """``/v1/models``, ``/tokenize`` (vllm=True only) and ``/v1/completions`` with token-id prompts and
+    ``prompt_logprobs``.  ``faults``: a list consumed one per completions request, each None (answer),
+    an HTTP status, or a float (seconds to stall before answering)."""
+
+    daemon_threads = True
+
+    def __init__(self, tokenizer, vllm: bool = True, models=("tiny-teacher",), shift: int = 0):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.tok, self.vllm, self.models, self.shift = tokenizer, vllm, list(models), shift
+        self.faults: list = []
+        self.requests: list[tuple[str, dict, dict]] = []  # (path, headers, body)
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def completions(self, path: str) -> list[dict]:
+        return [b for p, _, b in self.requests if p == path]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        srv: FakeServer = self.server
+        srv.requests.append((self.path, dict(self.headers), {}))
+        if self.path == "/v1/models":
+            return self._reply(200, {"data": [{"id": m, "owned_by": "vllm", "max_model_len": 64} for m in srv.models]})
+        self._reply(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        srv: FakeServer = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.requests.append((self.path, dict(self.headers), body))
+        if self.path == "/tokenize" and srv.vllm:
+            ids = srv.tok(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)).input_ids
+            return self._reply(200, {"tokens": [t + srv.shift for t in ids], "count": len(ids), "max_model_len": 64})
+        if self.path != "/v1/completions":
+            return self._reply(404, {"error": {"message": "not found"}})
+        with srv.lock:
+            fault = srv.faults.pop(0) if srv.faults else None
+        if isinstance(fault, float):
+            time.sleep(fault)
+        elif isinstance(fault, int):
+            return self._reply(fault, {"error": {"message": f"injected {fault}"}})
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and BAD in prompt:
+            return self._reply(500, {"error": {"message": "injected 500 for a bad prompt"}})
+        if body.get("prompt_logprobs") is not None:
+            if not srv.vllm:
+                return self._reply(400, {"error": {"message": "unknown field prompt_logprobs"}})
+            entries = [None] + [{str(t): {"logprob": fake_logprob(t, i), "rank": 1}} for i, t in enumerate(prompt)][1:]
+            return self._reply(200, {"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]})
+        n = body.get("n", 1)
+        text = "dcba" if isinstance(prompt, list) else f"<{prompt}>"
+        ids = srv.tok(text, add_special_tokens=False).input_ids
+        choices = [{"index": k, "text": text, "finish_reason": "stop", **({"token_ids": ids} if srv.vllm else {})}
+                   for k in range(n)]
+        self._reply(200, {"choices": choices})
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_pair):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_pair[0]))
+
+
+@pytest.fixture
+def server(tok):
+    srv = FakeServer(tok)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _cfg(url: str, *extra: str):
+    return load(["--teacher.endpoint", url, "--teacher.retry_backoff_s", "0.01", "--teacher.timeout_s", "2", *extra])
+
+
+def _teacher(cfg, tiny_pair, prompts: str = "ids") -> EndpointTeacher:
+    return EndpointTeacher(msgspec.json.encode(cfg), "tiny-teacher", prompts, str(tiny_pair[0]))
+
+
+def _score(teacher: EndpointTeacher, prompts, completions) -> ScoreResult:
+    return decode(teacher.score(encode(ScoreRequest(prompt_ids=prompts, completion_ids=completions))), ScoreResult)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--teacher.endpoint", "ftp://127.0.0.1/v1"], r"^teacher\.endpoint: expected an http:// or https:// base URL"),
+    (["--teacher.endpoint", "http://127.0.0.1:99999/v1"], r"^teacher\.endpoint: expected"),
+    (["--teacher.endpoint", "http://user:pw@127.0.0.1:8000/v1"], r"^teacher\.endpoint: must not contain credentials"),
+    (["--teacher.model", "m"], r"^teacher\.model: only used with teacher\.endpoint"),
+    (["--teacher.api_key_env", "OPENAI_API_KEY"], r"^teacher\.api_key_env: only used with teacher\.endpoint"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher.api_key_env", "MYKEY"], r"^teacher\.api_key_env: \"MYKEY\" must be"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher_gpu_ids", "0"], r"^teacher\.gpu_ids: an external teacher"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher.max_failure_rate", "1.5"], r"^teacher\.max_failure_rate: expected"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher.max_concurrency", "0"], r"^teacher\.max_concurrency: expected"),
+])
+def test_endpoint_config_errors_name_the_key(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        load(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Start-up probe
+
+
+def test_probe_accepts_a_vllm_server_for_scoring(server, tok):
+    info = probe(_cfg(server.url), tok)
+    assert info == {"endpoint_model": "tiny-teacher", "endpoint_prompts": "ids"}
+    scored = server.completions("/v1/completions")[-1]
+    assert scored["prompt"] == tok(PROBE_TEXT, add_special_tokens=False).input_ids
+    assert scored["prompt_logprobs"] == 0 and scored["max_tokens"] == 0 and scored["echo"] is True
+
+
+def test_probe_fails_in_seconds_on_an_unreachable_endpoint(tok):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"^teacher\.endpoint: cannot use http://127\.0\.0\.1:{port}/v1 \(GET /v1/models: "
+                                          "ConnectionRefusedError"):
+        probe(_cfg(f"http://127.0.0.1:{port}/v1"), tok)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_probe_names_the_missing_model_and_what_is_served(tok):
+    srv = FakeServer(tok, models=("a", "b"))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match=r"^teacher\.model: \"x\" is not served by .* \(it serves: a, b\)$"):
+            probe(_cfg(srv.url, "--teacher.model", "x"), tok)
+        with pytest.raises(ConfigError, match=r"^teacher\.model: .* serves 2 models \(a, b\); name one$"):
+            probe(_cfg(srv.url), tok)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_probe_refuses_scoring_on_a_server_without_logprobs_but_allows_a_judge(tok):
+    srv = FakeServer(tok, vllm=False)  # no /tokenize, no prompt_logprobs: an Ollama-like server
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError) as e:
+            probe(_cfg(srv.url), tok)
+        msg = str(e.value)
+        assert msg.startswith('teacher.endpoint: orchestrator.workflow = "distill" with trainer.loss.teacher_tau = 1 '
+                              "needs per-token teacher log-probs")
+        assert "no /tokenize route" in msg and "\n" not in msg
+        judge = _cfg(srv.url, "--orchestrator.workflow", "judge", "--trainer.loss.kl_coef", "0")
+        assert probe(judge, tok) == {"endpoint_model": "tiny-teacher", "endpoint_prompts": "text"}
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_probe_refuses_scoring_when_the_server_tokenizes_differently(tok):
+    srv = FakeServer(tok, shift=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match=r"^teacher\.endpoint: .*lacks them: .*the server tokenizes"):
+            probe(_cfg(srv.url), tok)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_probe_needs_the_named_key_variable_and_reports_a_refused_key(server, tok, monkeypatch):
+    monkeypatch.delenv(KEY_VAR, raising=False)
+    cfg = _cfg(server.url, "--teacher.api_key_env", KEY_VAR)
+    with pytest.raises(ConfigError, match=rf"^teacher\.api_key_env: environment variable {KEY_VAR} is not set"):
+        probe(cfg, tok)
+    monkeypatch.setenv(KEY_VAR, KEY)
+    probe(cfg, tok)
+    assert all(h.get("Authorization") == f"Bearer {KEY}" for _, h, _ in server.requests)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fault injection: retries, drops, the failure-rate bound
+
+
+def test_score_values_and_retries_of_transient_errors(server, tiny_pair):
+    teacher = _teacher(_cfg(server.url, "--teacher.retries", "3"), tiny_pair)
+    server.faults = [503, 0.0, 502]  # two of the first three requests fail once each; the retries succeed
+    res = _score(teacher, [[1, 4], [1, 5, 6]], [[7, 8, 9], [10]])
+    assert res.failed == []
+    assert res.logprobs[0] == pytest.approx([fake_logprob(t, i) for i, t in ((2, 7), (3, 8), (4, 9))])
+    assert res.logprobs[1] == pytest.approx([fake_logprob(10, 3)])
+    assert teacher.stats() == {"teacher/endpoint_requests": 2.0, "teacher/endpoint_failed": 0.0,
+                               "teacher/endpoint_retries": 2.0, "teacher/endpoint_failure_rate": 0.0}
+
+
+def test_a_stalled_request_times_out_and_is_retried(server, tiny_pair):
+    teacher = _teacher(_cfg(server.url, "--teacher.timeout_s", "0.3", "--teacher.retries", "1"), tiny_pair)
+    server.faults = [1.0]  # the first request stalls past the timeout
+    t0 = time.perf_counter()
+    res = _score(teacher, [[1]], [[5, 6]])
+    assert res.failed == [] and len(res.logprobs[0]) == 2
+    assert teacher.retries == 1 and 0.3 <= time.perf_counter() - t0 < 1.0
+
+
+def test_unscorable_completions_are_reported_and_counted_and_4xx_is_not_retried(server, tiny_pair):
+    teacher = _teacher(_cfg(server.url, "--teacher.retries", "2", "--teacher.max_failure_rate", "1"), tiny_pair)
+    res = _score(teacher, [[1], [1], [1]], [[5], [BAD, 6], [7]])
+    assert res.failed == [1] and res.logprobs[1] == [] and len(res.logprobs[2]) == 1
+    assert len([b for b in server.completions("/v1/completions") if BAD in b["prompt"]]) == 3  # 1 + 2 retries
+    assert teacher.failed == 1 and teacher.retries == 2
+    server.faults = [400]  # a client error is final: no retry
+    assert _score(teacher, [[1]], [[5]]).failed == [0]
+    assert teacher.retries == 2 and teacher.stats()["teacher/endpoint_failed"] == 2.0
+
+
+def test_the_failure_rate_bound_stops_the_run(server, tiny_pair):
+    prompts, comps = [[1]] * 20, [[5]] * 15 + [[BAD]] * 5  # 25% fail
+    ok = _teacher(_cfg(server.url, "--teacher.retries", "0", "--teacher.max_failure_rate", "0.3"), tiny_pair)
+    assert len(_score(ok, prompts, comps).failed) == 5
+    strict = _teacher(_cfg(server.url, "--teacher.retries", "0", "--teacher.max_failure_rate", "0.2"), tiny_pair)
+    with pytest.raises(EndpointError) as e:
+        _score(strict, prompts, comps)
+    msg = str(e.value)
+    assert "5 of 20 requests failed after 0 retries (25% > teacher.max_failure_rate = 0.2)" in msg
+    assert "HTTP 500 injected 500 for a bad prompt" in msg and "\n" not in msg
+
+
+def test_generate_marks_failed_prompts_and_decodes_text_prompts(server, tiny_pair, tok):
+    teacher = _teacher(_cfg(server.url, "--teacher.retries", "0", "--teacher.max_failure_rate", "1"), tiny_pair)
+    batch = decode(teacher.generate([[1, 4, 5], [1, BAD]], [7, 8], 2, 1.0, 1.0, 8, 100), RolloutBatch)
+    assert [(r.prompt_index, r.text, r.finish_reason) for r in batch.rollouts] == [
+        (7, "dcba", "stop"), (7, "dcba", "stop"), (8, "", TEACHER_FAILED), (8, "", TEACHER_FAILED)]
+    sent = server.completions("/v1/completions")[0]
+    assert sent["prompt"] == [1, 4, 5] and sent["n"] == 2 and sent["seed"] == 107 and sent["max_tokens"] == 8
+    texts = _teacher(_cfg(server.url), tiny_pair, prompts="text")  # a server that does not take token ids
+    ids = tok("ab=", add_special_tokens=False).input_ids
+    out = decode(texts.generate([ids], [0], 1, 0.0, 1.0, 8, 0), RolloutBatch).rollouts[0]
+    assert server.completions("/v1/completions")[-1]["prompt"] == "ab="
+    assert out.text == "<ab=>" and out.completion_ids == tok("<ab=>", add_special_tokens=False).input_ids
+
+
+def test_the_api_key_goes_only_into_the_authorization_header(server, tiny_pair, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, KEY)
+    cfg = _cfg(server.url, "--teacher.api_key_env", KEY_VAR, "--teacher.retries", "0", "--teacher.max_failure_rate", "0")
+    teacher = _teacher(cfg, tiny_pair)
+    with pytest.raises(EndpointError) as e:
+        _score(teacher, [[1]] * 16, [[BAD]] * 16)
+    assert KEY not in str(e.value) and KEY not in repr(teacher.client)
+    for _, headers, body in server.requests:
+        assert headers["Authorization"] == f"Bearer {KEY}" and KEY not in json.dumps(body)
+    from shared.redact import redacted_toml
+
+    assert KEY not in redacted_toml(cfg) and KEY_VAR in redacted_toml(cfg)
+
+
+def test_rl_refuses_an_unreachable_endpoint_in_seconds(tiny_pair, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    p = subprocess.run([RL, "@", "experiments/reverse_text/rl.toml", "--output_dir", str(tmp_path / "r"),
+                        "--teacher.endpoint", f"http://127.0.0.1:{port}/v1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: teacher.endpoint: cannot use http://127.0.0.1:{port}/v1")
+    assert time.perf_counter() - t0 < 60  # interpreter + transformers import; the probe itself takes milliseconds
