@@ -80,7 +80,7 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
         lines.append(f"| reward/mean (first/last {k} steps) | {_mean(rew[:k]):.3f} | {_mean(rew[-k:]):.3f} |")
     for key in eval_keys:
         xs, ys = _series(rows, key)
-        if ys:
+        if len(ys) > 1:  # a value logged once (the step-0 baselines) has no start and end: see the table below
             lines.append(f"| {key} (step {xs[0]} → {xs[-1]}) | {ys[0]:.3f} | {ys[-1]:.3f} |")
     for key in eval_keys:
         if key.endswith("/baseline_teacher/avg"):

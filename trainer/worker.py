@@ -84,26 +84,33 @@ class TrainerRank:
     def _micro_batch(self, samples):
         """Right-padded tensors; per-token arrays placed at the positions that predict each token.
 
+        Only positions ``first..length-2`` predict a completion token (``first`` = the earliest
+        ``prompt_len - 1`` in the micro-batch), so the per-token arrays start there and the model is
+        asked for logits from there on (``logits_to_keep``): no lm_head or log-softmax work over the
+        prompt (the chat template alone is ~30 tokens on SmolLM2, a 49k-word vocabulary).
         ``mask`` covers the completion tokens of policy samples; ``lockin`` / ``corrective`` hold the
         supervised weight of each completion token of policy / non-policy (teacher-answer) samples.
+        Returns the tensors and ``keep`` (the ``logits_to_keep`` argument).
         """
         length = max(len(s.input_ids) for s in samples)
+        first = min(s.prompt_len for s in samples) - 1
         n = len(samples)
         ids = torch.full((n, length), self.pad_id, dtype=torch.long)
         attn = torch.zeros((n, length), dtype=torch.long)
-        mask, inf_lp, adv, lockin, corrective = (torch.zeros((n, length - 1)) for _ in range(5))
+        mask, inf_lp, adv, lockin, corrective = (torch.zeros((n, length - 1 - first)) for _ in range(5))
         for i, s in enumerate(samples):
             L = len(s.input_ids)
             ids[i, :L] = torch.tensor(s.input_ids)
             attn[i, :L] = 1
-            a, b = s.prompt_len - 1, L - 1  # logits at a..b-1 predict tokens prompt_len..L-1
+            a, b = s.prompt_len - 1 - first, L - 1 - first  # logits at a..b-1 predict prompt_len..L-1
             if s.policy:
                 mask[i, a:b] = 1
                 inf_lp[i, a:b] = torch.tensor(s.inference_logprobs)
                 adv[i, a:b] = torch.tensor(s.advantages)
             (lockin if s.policy else corrective)[i, a:b] = s.sft_weight
         dev = self.device
-        return [t.to(dev) for t in (ids, attn, mask, inf_lp, adv, lockin, corrective)]
+        tensors = [t.to(dev) for t in (ids, attn, mask, inf_lp, adv, lockin, corrective)]
+        return tensors, length - first
 
     def train_step(self, batch_bytes: bytes) -> bytes:
         batch: TrainBatch = decode(batch_bytes, TrainBatch)
@@ -120,14 +127,16 @@ class TrainerRank:
             weight = 1.0
             if not chunk:  # keep collectives aligned across ranks: a zero-weight pass
                 chunk, weight = samples[:1], 0.0
-            ids, attn, mask, inf_lp, adv, lockin, corrective = self._micro_batch(chunk)
+            (ids, attn, mask, inf_lp, adv, lockin, corrective), keep = self._micro_batch(chunk)
             mask, lockin, corrective = mask * weight, lockin * weight, corrective * weight
+            targets = ids[:, ids.shape[1] - keep + 1:]  # the tokens that logits[:, :-1] predict
             model.set_requires_gradient_sync(k == len(chunks) - 1)
             if ref_coef:  # the frozen reference: the same weights with the LoRA adapter switched off
                 with torch.no_grad(), model.disable_adapter():
-                    ref_lp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-            logp = token_logprobs(logits, ids[:, 1:])
+                    ref_logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+                    ref_lp = token_logprobs(ref_logits[:, :-1], targets)
+            logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
+            logp = token_logprobs(logits, targets)
             loss, stats = policy_loss(
                 logp, inf_lp, adv, mask, spec["mask_ratio_low"], spec["mask_ratio_high"], n_tokens,
             )
