@@ -34,6 +34,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -225,7 +226,9 @@ def _refuse_scoring(cfg: Config, lacks: str) -> None:
 
 def _score_body(model: str, ids: list[int]) -> dict:
     # echo + max_tokens 0: nothing is generated, so prompt + completion may fill max_model_len exactly.
-    return {"model": model, "prompt": ids, "max_tokens": 0, "echo": True, "prompt_logprobs": 0, "temperature": 0.0}
+    # return_token_ids: the echoed prompt is not detokenized.
+    return {"model": model, "prompt": ids, "max_tokens": 0, "echo": True, "prompt_logprobs": 0, "temperature": 0.0,
+            "return_token_ids": True}
 
 
 def _token_logprob(entry: Any, token: int) -> float:
@@ -257,7 +260,8 @@ class EndpointTeacher:
         self.pool = ThreadPoolExecutor(max_workers=self.tc.max_concurrency, thread_name_prefix="teacher-endpoint")
         self.tokenizer_path = tokenizer_path
         self._tok = None
-        self.requests = self.failed = self.retries = 0
+        self.requests = self.failed = self.retries = 0  # requests and failures are counted on the calling thread
+        self.lock = threading.Lock()  # retries are counted on the pool's threads
         self.last_error = ""
 
     @property
@@ -277,25 +281,33 @@ class EndpointTeacher:
                 "teacher/endpoint_retries": float(self.retries),
                 "teacher/endpoint_failure_rate": self.failed / max(self.requests, 1)}
 
-    def _call(self, body: dict) -> dict | None:
-        """POST /completions with retries; None when every attempt failed."""
+    def _call(self, body: dict, parse: Any) -> Any:
+        """POST /completions with retries and ``parse`` the reply; None when every attempt failed or the reply
+        did not have the expected shape (a malformed reply is not retried)."""
         tc = self.tc
         for attempt in range(tc.retries + 1):
             try:
-                return self.client.post("/completions", body)
+                reply = self.client.post("/completions", body)
             except HttpError as e:
                 self.last_error = str(e)
                 if not e.transient or attempt == tc.retries:
                     return None
-                self.retries += 1
+                with self.lock:
+                    self.retries += 1
                 time.sleep(min(tc.retry_backoff_s * 2**attempt, MAX_BACKOFF_S))
+                continue
+            try:
+                return parse(reply)
+            except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
+                self.last_error = f"POST {self.client.prefix}/completions: unexpected reply ({type(e).__name__}: {e})"
+                return None
         return None
 
-    def _map(self, fn: Any, items: list) -> list:
-        """``fn`` over ``items`` with up to max_concurrency in flight; a failed item (None) is counted, and
-        past the failure-rate bound the call raises."""
-        results = list(self.pool.map(fn, items))
-        self.requests += len(items)
+    def _map(self, jobs: list[tuple[dict, Any]]) -> list:
+        """Every ``(body, parse)`` job's parsed reply (None: failed), up to max_concurrency requests in flight;
+        failures are counted, and past the failure-rate bound the call raises :class:`EndpointError`."""
+        results = list(self.pool.map(lambda job: self._call(*job), jobs))
+        self.requests += len(jobs)
         self.failed += sum(1 for r in results if r is None)
         rate = self.failed / max(self.requests, 1)
         if self.requests >= RATE_MIN_REQUESTS and rate > self.tc.max_failure_rate:
@@ -309,50 +321,51 @@ class EndpointTeacher:
     def score(self, request: bytes) -> bytes:
         req = decode(request, ScoreRequest)
 
-        def one(pair: tuple[list[int], list[int]]) -> list[float] | None:
-            p, c = pair
-            reply = self._call(_score_body(self.model, p + c))
-            try:
-                entries = reply["choices"][0]["prompt_logprobs"][len(p):]  # type: ignore[index]
-            except (TypeError, KeyError, IndexError):
-                return None
-            if len(entries) != len(c):
-                self.last_error = f"prompt_logprobs of {len(entries)} completion tokens, expected {len(c)}"
-                return None
-            return [_token_logprob(e, t) for e, t in zip(entries, c)]
+        def parser(n_prompt: int, completion: list[int]) -> Any:
+            def parse(reply: dict) -> list[float]:
+                entries = reply["choices"][0]["prompt_logprobs"][n_prompt:]
+                if len(entries) != len(completion):
+                    raise ValueError(f"prompt_logprobs for {len(entries)} completion tokens, expected {len(completion)}")
+                return [_token_logprob(e, t) for e, t in zip(entries, completion)]
+            return parse
 
-        results = self._map(one, list(zip(req.prompt_ids, req.completion_ids)))
+        results = self._map([(_score_body(self.model, p + c), parser(len(p), c))
+                             for p, c in zip(req.prompt_ids, req.completion_ids)])
         failed = [i for i, r in enumerate(results) if r is None]
         return encode(ScoreResult(logprobs=[r or [] for r in results], failed=failed))
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
                  top_p: float, max_tokens: int, seed: int) -> bytes:
         """``n`` answers per prompt (seeded per prompt like the engine's); a prompt whose request failed gets
-        ``n`` empty rollouts with ``finish_reason = TEACHER_FAILED``."""
+        ``n`` empty rollouts with ``finish_reason = TEACHER_FAILED``.  The tokenizer is used on this thread only
+        (a fast tokenizer shared between threads can fail with "Already borrowed")."""
 
-        def one(job: tuple[int, list[int]]) -> dict | None:
-            idx, ids = job
-            prompt: Any = ids if self.prompts == "ids" else self.tok.decode(ids, skip_special_tokens=False)
-            if self.prompts == "text" and self.tok.bos_token and prompt.startswith(self.tok.bos_token):
-                prompt = prompt[len(self.tok.bos_token):]  # the server adds its own
-            return self._call({"model": self.model, "prompt": prompt, "n": n, "temperature": temperature,
-                               "top_p": top_p, "max_tokens": max_tokens, "seed": seed + idx,
-                               "return_token_ids": True})
+        def parse(reply: dict) -> list[dict]:
+            choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+            if len(choices) != n:
+                raise ValueError(f"{len(choices)} choices, expected {n}")
+            return [{"text": str(c.get("text") or ""), "token_ids": c.get("token_ids"),
+                     "finish_reason": str(c.get("finish_reason") or "")} for c in choices]
 
-        replies = self._map(one, list(zip(prompt_indices, prompt_ids)))
+        jobs = []
+        for idx, ids in zip(prompt_indices, prompt_ids):
+            prompt: Any = ids
+            if self.prompts == "text":  # a server that takes no token ids gets the text (without our BOS)
+                prompt = self.tok.decode(ids, skip_special_tokens=False)
+                if self.tok.bos_token and prompt.startswith(self.tok.bos_token):
+                    prompt = prompt[len(self.tok.bos_token):]
+            jobs.append(({"model": self.model, "prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
+                          "max_tokens": max_tokens, "seed": seed + idx, "return_token_ids": True}, parse))
         rollouts = []
-        for idx, ids, reply in zip(prompt_indices, prompt_ids, replies):
-            choices = sorted(reply.get("choices", []), key=lambda c: c.get("index", 0)) if reply else []
-            for k in range(n):
-                c = choices[k] if k < len(choices) else None
+        for idx, ids, choices in zip(prompt_indices, prompt_ids, self._map(jobs)):
+            for c in choices or [None] * n:
                 if c is None:
                     rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=[], logprobs=[],
                                             finish_reason=TEACHER_FAILED))
                     continue
-                text = c.get("text") or ""
-                toks = c.get("token_ids")
-                if not isinstance(toks, list) or self.prompts == "text":
-                    toks = self.tok(text, add_special_tokens=False).input_ids
-                rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=list(toks),
-                                        logprobs=[], finish_reason=str(c.get("finish_reason") or ""), text=text))
+                toks = c["token_ids"]
+                if self.prompts == "text" or not isinstance(toks, list):
+                    toks = self.tok(c["text"], add_special_tokens=False).input_ids
+                rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=[int(t) for t in toks],
+                                        logprobs=[], finish_reason=c["finish_reason"], text=c["text"]))
         return encode(RolloutBatch(rollouts=rollouts))

@@ -39,7 +39,7 @@ def fake_logprob(token: int, position: int) -> float:
 class FakeServer(ThreadingHTTPServer):
     """``/v1/models``, ``/tokenize`` (vllm=True only) and ``/v1/completions`` with token-id prompts and
     ``prompt_logprobs``.  ``faults``: a list consumed one per completions request, each None (answer),
-    an HTTP status, or a float (seconds to stall before answering)."""
+    an HTTP status, a float (seconds to stall before answering) or a str (a reply without log-probs)."""
 
     daemon_threads = True
 
@@ -90,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
             fault = srv.faults.pop(0) if srv.faults else None
         if isinstance(fault, float):
             time.sleep(fault)
+        elif isinstance(fault, str):  # a 200 reply of the wrong shape
+            return self._reply(200, {"choices": [{"index": 0, "text": fault}]})
         elif isinstance(fault, int):
             return self._reply(fault, {"error": {"message": f"injected {fault}"}})
         prompt = body["prompt"]
@@ -263,6 +265,9 @@ def test_unscorable_completions_are_reported_and_counted_and_4xx_is_not_retried(
     server.faults = [400]  # a client error is final: no retry
     assert _score(teacher, [[1]], [[5]]).failed == [0]
     assert teacher.retries == 2 and teacher.stats()["teacher/endpoint_failed"] == 2.0
+    server.faults = ["no log-probs here"]  # a malformed reply fails the item, and is not retried
+    assert _score(teacher, [[1]], [[5]]).failed == [0]
+    assert teacher.retries == 2 and teacher.failed == 3 and "unexpected reply (KeyError" in teacher.last_error
 
 
 def test_the_failure_rate_bound_stops_the_run(server, tiny_pair):
@@ -282,8 +287,8 @@ def test_generate_marks_failed_prompts_and_decodes_text_prompts(server, tiny_pai
     batch = decode(teacher.generate([[1, 4, 5], [1, BAD]], [7, 8], 2, 1.0, 1.0, 8, 100), RolloutBatch)
     assert [(r.prompt_index, r.text, r.finish_reason) for r in batch.rollouts] == [
         (7, "dcba", "stop"), (7, "dcba", "stop"), (8, "", TEACHER_FAILED), (8, "", TEACHER_FAILED)]
-    sent = server.completions("/v1/completions")[0]
-    assert sent["prompt"] == [1, 4, 5] and sent["n"] == 2 and sent["seed"] == 107 and sent["max_tokens"] == 8
+    sent = next(b for b in server.completions("/v1/completions") if b["prompt"] == [1, 4, 5])  # sent concurrently
+    assert sent["n"] == 2 and sent["seed"] == 107 and sent["max_tokens"] == 8
     texts = _teacher(_cfg(server.url), tiny_pair, prompts="text")  # a server that does not take token ids
     ids = tok("ab=", add_special_tokens=False).input_ids
     out = decode(texts.generate([ids], [0], 1, 0.0, 1.0, 8, 0), RolloutBatch).rollouts[0]
@@ -317,3 +322,203 @@ def test_rl_refuses_an_unreachable_endpoint_in_seconds(tiny_pair, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: teacher.endpoint: cannot use http://127.0.0.1:{port}/v1")
     assert time.perf_counter() - t0 < 60  # interpreter + transformers import; the probe itself takes milliseconds
+
+
+# ------------------------------------------------------------------------------------------------
+# A real `vllm serve` of the tiny teacher on 127.0.0.1 (the teacher without LoRA: vLLM's CPU path crashes on
+# prompt_logprobs with LoRA enabled)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_serve(tiny_pair, tmp_path_factory):
+    """The base URL of `vllm serve` on the tiny teacher (served as "tiny-teacher", 32-token context)."""
+    import urllib.request
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_pair[0]),
+           "--served-model-name", "tiny-teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "32", "--enforce-eager", "--seed", "0"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"vllm serve not up after 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class FaultProxy(ThreadingHTTPServer):
+    """Forwards to ``upstream``; every ``every``-th POST to /v1/completions gets HTTP 503 instead."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, every: int):
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream, self.every, self.count, self.injected = upstream, every, 0, 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _forward(self, method: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        srv: FaultProxy = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+        if method == "POST" and self.path == "/v1/completions":
+            with srv.lock:
+                srv.count += 1
+                fail = srv.count % srv.every == 0
+                srv.injected += fail
+            if fail:
+                data = b'{"error": {"message": "injected 503"}}'
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+        up = urlsplit(srv.upstream)
+        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+        conn.request(method, self.path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        self.send_response(resp.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._forward("GET")
+
+    def do_POST(self):
+        self._forward("POST")
+
+
+SMALL = ["--max_steps", "2", "--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "16",
+         "--wandb.mode", "disabled"]
+
+
+def _rl(config: str, out: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RL, "@", config, "--output_dir", str(out), *SMALL, "--teacher.endpoint", url, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _train_rows(out: Path) -> list[dict]:
+    from shared.metrics import read_metrics
+
+    return [r for r in read_metrics(out / "metrics.jsonl") if "teacher_kl" in r]
+
+
+@pytest.mark.engine
+def test_vllm_serve_scores_exactly_like_the_teacher_in_transformers(vllm_serve, tiny_pair, tok):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(vllm_serve, "--teacher.timeout_s", "30")
+    assert probe(cfg, tok) == {"endpoint_model": "tiny-teacher", "endpoint_prompts": "ids"}
+    teacher = _teacher(cfg, tiny_pair)
+    prompts = [tok("abcde=", add_special_tokens=True).input_ids, tok("xyz=", add_special_tokens=True).input_ids]
+    comps = [tok("edcba", add_special_tokens=False).input_ids, tok("zyq", add_special_tokens=False).input_ids]
+    res = _score(teacher, prompts, comps)
+    assert res.failed == []
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_pair[0]), dtype=torch.float32)
+    for p, c, got in zip(prompts, comps, res.logprobs):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].double(), -1)  # (T, V)
+        want = [float(logp[len(p) - 1 + k, t]) for k, t in enumerate(c)]
+        assert got == pytest.approx(want, abs=2e-3)
+    answer = decode(teacher.generate([prompts[0]], [0], 1, 0.0, 1.0, 8, 0), RolloutBatch).rollouts[0]
+    assert answer.text.startswith("edcba") and answer.completion_ids[:len(comps[0])] == comps[0]  # greedy reversal
+
+
+@pytest.mark.engine
+def test_distill_two_steps_through_vllm_serve(vllm_serve, tmp_path):
+    out = tmp_path / "d"
+    p = _rl("experiments/reverse_text/rl.toml", out, vllm_serve)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    train = _train_rows(out)
+    assert [r["step"] for r in train] == [1, 2]
+    scored = 0
+    for r in train:
+        scored += 8 * 4 - r["rollouts/empty"]  # one scoring request per non-empty rollout
+        assert r["teacher/endpoint_requests"] == scored
+        assert r["teacher/score_failed"] == 0 and r["teacher/endpoint_failed"] == 0
+        assert 0.5 < r["teacher_kl"] < 10 and r["teacher/logprob_clipped"] == 0  # README: 4.08 over steps 1-3
+    assert (out / "broadcast" / "step_2" / "COMPLETE").exists()
+    assert "endpoint = " in (out / "config.toml").read_text()
+
+
+@pytest.mark.engine
+def test_judge_two_steps_through_vllm_serve(vllm_serve, tmp_path):
+    out = tmp_path / "j"
+    p = _rl("experiments/judge/tiny.toml", out, vllm_serve)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = _train_rows(out)
+    assert [r["step"] for r in train] == [1, 2]
+    requests = 0
+    for r in train:
+        n = 8 * 4 - r["rollouts/empty"]
+        requests += n + (n - r["judge/too_long"])  # a score per rollout + a judge reply per judge prompt that fits
+        assert r["teacher/endpoint_requests"] == requests
+        assert r["judge/teacher_failed"] == 0 and r["judge/unparseable"] >= 1  # the tiny teacher cannot judge
+        assert "reward/mean" in r and 0.5 < r["teacher_kl"] < 10
+
+
+@pytest.mark.engine
+def test_failures_mid_run_are_dropped_and_counted_then_stop_the_run(vllm_serve, tmp_path):
+    proxy = FaultProxy(vllm_serve, every=5)  # 20% of completions requests fail, after the probe's
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "drop"
+        p = _rl("experiments/reverse_text/rl.toml", out, proxy.url, "--teacher.retries", "0",
+                "--teacher.max_failure_rate", "0.5")
+        assert p.returncode == 0, p.stderr[-3000:]
+        train = _train_rows(out)
+        failed = sum(r["teacher/score_failed"] for r in train)
+        assert failed >= 8 and train[-1]["teacher/endpoint_failed"] == failed  # every failure dropped a rollout
+        assert train[-1]["teacher/endpoint_retries"] == 0
+        p = _rl("experiments/reverse_text/rl.toml", tmp_path / "stop", proxy.url, "--teacher.retries", "0",
+                "--teacher.max_failure_rate", "0.1")
+        assert p.returncode == 1
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: teacher failed: EndpointError: teacher.endpoint http://127.0.0.1:"), p.stderr[-2000:]
+        assert "> teacher.max_failure_rate = 0.1); last error: POST /v1/completions: HTTP 503 injected 503" in last
+        assert "Traceback" not in p.stderr
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
