@@ -18,6 +18,7 @@ class ActorPlan(Struct, kw_only=True):
     env: dict[str, str]
     tp: int = 1
     backend: str = ""  # trainer process-group backend
+    endpoint: str = ""  # teacher: the external server it forwards to (teacher.endpoint)
 
     @property
     def name(self) -> str:
@@ -40,7 +41,10 @@ def _engines(role: str, ids: list[int], dp: int, tp: int) -> list[ActorPlan]:
 def plan(cfg: Config) -> list[ActorPlan]:
     actors = [ActorPlan(role="orchestrator", index=0, devices=[], env=_env([]))]
     actors += _engines("inference", cfg.inference.gpu_ids, cfg.inference.parallel.dp, cfg.inference.parallel.tp)
-    actors += _engines("teacher", cfg.teacher.gpu_ids, cfg.teacher.parallel.dp, cfg.teacher.parallel.tp)
+    if cfg.teacher.endpoint:  # one CPU actor that sends the teacher's requests to the external server
+        actors.append(ActorPlan(role="teacher", index=0, devices=[], env=_env([]), endpoint=cfg.teacher.endpoint))
+    else:
+        actors += _engines("teacher", cfg.teacher.gpu_ids, cfg.teacher.parallel.dp, cfg.teacher.parallel.tp)
     if cfg.trainer.gpu_ids:
         actors += [
             ActorPlan(role="trainer", index=r, devices=[g], env=_env([g]), backend="nccl")
@@ -60,5 +64,6 @@ def describe(actors: list[ActorPlan]) -> str:
         where = f"GPU {','.join(map(str, a.devices))}" if a.devices else "CPU"
         extra = f" tp={a.tp}" if a.tp > 1 else ""
         extra += f" backend={a.backend}" if a.backend else ""
+        extra += f" -> {a.endpoint}" if a.endpoint else ""
         lines.append(f"#   {a.name:<14} {where}{extra}  CUDA_VISIBLE_DEVICES={a.env['CUDA_VISIBLE_DEVICES']!r}")
     return "\n".join(lines)

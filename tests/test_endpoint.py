@@ -158,6 +158,14 @@ def test_endpoint_config_errors_name_the_key(argv, match):
         load(argv)
 
 
+def test_the_plan_has_one_cpu_teacher_actor_forwarding_to_the_endpoint():
+    from shared.placement import describe, plan
+
+    actors = [a for a in plan(load(["--teacher.endpoint", "http://127.0.0.1:8000/v1"])) if a.role == "teacher"]
+    assert len(actors) == 1 and actors[0].devices == [] and actors[0].endpoint == "http://127.0.0.1:8000/v1"
+    assert "teacher-0      CPU -> http://127.0.0.1:8000/v1" in describe(actors)
+
+
 # ------------------------------------------------------------------------------------------------
 # Start-up probe
 
