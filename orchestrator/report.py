@@ -34,9 +34,16 @@ def _plot(rows: list[dict], keys: list[str], title: str, path: Path) -> bool:
     drawn = False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     try:
+        last = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=0)
         for key in keys:
             xs, ys = _series(rows, key)
-            if xs:
+            if "/baseline_" in key:  # logged once before training: a reference line across the run
+                if key.endswith("/avg") and ys:
+                    style = "--" if "baseline_teacher" in key else ":"
+                    ax.hlines(ys[0], 0, max(last, 1), linestyles=style, colors="C3" if style == "--" else "C2",
+                              label=key)
+                    drawn = True
+            elif xs:
                 ax.plot(xs, ys, marker="o", markersize=3, label=key)
                 drawn = True
         if drawn:
