@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from shared.config import Config, ConfigError
@@ -155,7 +155,8 @@ def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
         if e.status in (401, 403):
             raise ConfigError(f"teacher.api_key_env: {tc.endpoint} refused the request (HTTP {e.status}); check the key"
                               + (f" in {tc.api_key_env}" if tc.api_key_env else " (none is set)")) from None
-        raise ConfigError(f"teacher.endpoint: cannot use {tc.endpoint} ({e})") from None
+        hint = "; an OpenAI base URL usually ends in /v1" if e.status == 404 and not client.prefix.endswith("/v1") else ""
+        raise ConfigError(f"teacher.endpoint: cannot use {tc.endpoint} ({e}){hint}") from None
     cards = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(cards, list):
         raise ConfigError(f"teacher.endpoint: {tc.endpoint}/models did not list models (not an OpenAI-compatible API?)")
@@ -215,7 +216,7 @@ def _check_prompt_logprobs(cfg: Config, client: Client, model: str, tokenizer: A
         _refuse_scoring(cfg, "/completions returned no per-token prompt_logprobs for token ids")
 
 
-def _refuse_scoring(cfg: Config, lacks: str) -> None:
+def _refuse_scoring(cfg: Config, lacks: str) -> NoReturn:
     mode = f"orchestrator.workflow = {json.dumps(cfg.orchestrator.workflow)}"
     raise ConfigError(
         f"teacher.endpoint: {mode} with trainer.loss.teacher_tau = {cfg.trainer.loss.teacher_tau:g} needs per-token "
