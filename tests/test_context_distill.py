@@ -25,6 +25,7 @@ def test_context_distill_two_steps(tmp_path):
     # less likely under the teacher than under itself on average (measured ~0.3 nats/token).
     assert all(r["teacher_kl"] > 0 for r in train)
     report = (out / "report.md").read_text()
-    assert "eval/french/baseline_teacher/avg" in report and "teacher_kl" in report
+    assert "| student (start) | teacher (with its context) | student (end) |" in report and "teacher_kl" in report
+    assert "baseline_teacher" not in report.split("Before/after")[0]  # logged once: not a start/end row
     assert (out / "teacher_kl.png").stat().st_size > 1000
     assert "| student (start) | teacher (with its context) | student (end) |" in p.stdout
