@@ -2,7 +2,13 @@
 
 ``metrics.jsonl`` is append-only; a crash can leave a torn last line, which :func:`read_metrics`
 skips (and a new logger first ends with a newline, so the next row starts on its own line).
-W&B gets the run config with every secret redacted (``shared.redact``).
+
+W&B: one run per launch, grouped by the experiment's name, with the resolved config (every secret
+redacted, ``shared.redact``). Its metric names are namespaced (:func:`wandb_key`: ``train/``, ``eval/``,
+``time/``, ``teacher/`` ...) so the workspace groups them into sections; metrics.jsonl keeps the flat keys
+that the report, the progress bar and the benchmarks read. ``util/<role>`` (the fraction of the step each
+role was busy) is derived for W&B. ``shared/wandb_panels.json`` is the dashboard; :func:`read_wandb_offline`
+reads an offline run back without W&B's servers.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,35 @@ def _ends_torn(path: Path) -> bool:
         return False
 
 
+# W&B sections: a metric keeps its name when it already starts with one of these; any other is a
+# training metric and goes under train/ (teacher_kl is the teacher's view of the student: teacher/kl).
+WANDB_SECTIONS = ("train", "eval", "time", "teacher", "judge", "comparator", "continual", "util")
+WANDB_RENAMES = {"teacher_kl": "teacher/kl", "teacher_kl/seq": "teacher/kl_seq"}
+UTIL_ROLES = ("inference", "teacher", "trainer")
+
+
+def wandb_key(key: str) -> str:
+    """The W&B name of a metrics.jsonl key: ``teacher_kl`` -> ``teacher/kl``, ``loss/policy`` ->
+    ``train/loss/policy``, ``eval/x/avg`` and ``time/step`` unchanged."""
+    if key in WANDB_RENAMES:
+        return WANDB_RENAMES[key]
+    head, sep, _ = key.partition("/")
+    return key if sep and head in WANDB_SECTIONS else f"train/{key}"
+
+
+def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row as W&B gets it: namespaced names, no ``step`` (W&B's own), no nulls, and
+    ``util/<role>`` = ``time/<role> / time/step`` for the roles the row times."""
+    out = {wandb_key(k): v for k, v in row.items() if k != "step" and v is not None}
+    step_s = row.get("time/step")
+    if isinstance(step_s, (int, float)) and step_s > 0:
+        for role in UTIL_ROLES:
+            busy = row.get(f"time/{role}")
+            if isinstance(busy, (int, float)) and f"util/{role}" not in out:
+                out[f"util/{role}"] = busy / step_s
+    return out
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, wandb_cfg: dict, run_config: dict, experiment: str):
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -53,6 +90,7 @@ class MetricsLogger:
                 project=wandb_cfg["project"],
                 name=wandb_cfg["name"] or Path(output_dir).name,
                 group=wandb_cfg["group"] or experiment,
+                job_type=(run_config.get("orchestrator") or {}).get("workflow") or "distill",
                 config=redact_config(run_config),
                 dir=str(Path(output_dir)),
                 mode=mode,
@@ -65,13 +103,17 @@ class MetricsLogger:
         self.file.flush()
         if self.run is not None:
             step = row.get("step")
-            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+            self.run.log(wandb_row(row), step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.run is not None:
+            run_dir = Path(self.run.dir).parent  # <output_dir>/wandb/<mode>-run-<time>-<id>
+            offline = self.run.settings.mode == "offline"
             self.run.finish()
             self.run = None
+            if offline:  # the run file is complete when the run ends (finish() may return before)
+                wait_wandb_written(run_dir)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -90,6 +132,78 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if isinstance(row, dict):
                 rows.append(row)
     return rows
+
+
+def _wandb_records(path: Path) -> list[Any]:
+    """The records of a W&B run file (W&B's record log: a 7-byte file header, then 32 KiB blocks of
+    records, each piece with a 7-byte header; every record a ``wandb_internal_pb2.Record``)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    block, pos, chunk, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break  # the writer is still at it
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # 1: a whole record; 2/3/4: first/middle/last piece of one
+            continue
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+        chunk = b""
+    return records
+
+
+def _run_file(run_dir: str | Path) -> Path:
+    files = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no run-*.wandb file")
+    return files[0]
+
+
+def wait_wandb_written(run_dir: str | Path, timeout: float = 15.0) -> bool:
+    """Whether the run file in ``run_dir`` holds its exit record, waiting up to ``timeout`` seconds:
+    ``run.finish()`` can return before W&B's service has written the file."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(_run_file(run_dir))):
+                return True
+        except (FileNotFoundError, ValueError):
+            pass  # not created, or not even its header written yet
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def read_wandb_offline(run_dir: str | Path) -> dict[str, Any]:
+    """What an offline W&B run recorded, read from its ``run-<id>.wandb`` file without W&B's servers.
+
+    Returns ``{"project", "group", "name", "job_type", "config": {...}, "history": [{key: value}, ...]}``;
+    ``history`` holds the logged rows in order, each with W&B's ``_step`` (rows of one step are merged)."""
+    out: dict[str, Any] = {"config": {}, "history": []}
+
+    def item_key(item: Any) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    for record in _wandb_records(_run_file(run_dir)):
+        which = record.WhichOneof("record_type")
+        if which == "run":
+            run = record.run
+            out.update(project=run.project, group=run.run_group, name=run.display_name, job_type=run.job_type)
+            out["config"].update({u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"})
+        elif which == "config":
+            out["config"].update({item_key(u): json.loads(u.value_json) for u in record.config.update})
+        elif which == "history":
+            out["history"].append({item_key(i): json.loads(i.value_json) for i in record.history.item})
+    return out
 
 
 class TrainingStopped(RuntimeError):
