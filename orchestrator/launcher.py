@@ -175,7 +175,16 @@ def _write_kept_rows(out: Path, kept: list) -> Path:
 
 
 def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
-    """Arguments of ``ray.init``: a private local Ray with no dashboard; its servers bind loopback."""
+    """Arguments of ``ray.init``: a private local Ray with no dashboard; its servers bind loopback.
+
+    With ``ray_address`` set, join that running cluster instead (``slurm/multi_node.sbatch`` starts one)."""
+    if cfg.ray_address:
+        host = cfg.ray_address.rsplit(":", 1)[0]
+        loopback = host == "localhost" or host.startswith("127.")
+        if not loopback and cfg.ray_address != "auto" and os.environ.get(LOOPBACK_ENV_CLUSTER) == "0":
+            raise ConfigError(f"ray_address: {cfg.ray_address} is on another host, but {LOOPBACK_ENV_CLUSTER}=0 keeps "
+                              f"this Ray client on loopback; set {LOOPBACK_ENV_CLUSTER}=1 (slurm/multi_node.sbatch does)")
+        return dict(address=cfg.ray_address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
     return dict(
         num_cpus=os.cpu_count() or 2,
         include_dashboard=False,
@@ -186,6 +195,7 @@ def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
     )
 
 
+LOOPBACK_ENV_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Set before Ray is imported (unless the user set them); every actor inherits them.
 LOOPBACK_ENV = {
     # Ray's "no cluster" mode (the variable's name dates from when that meant Windows/macOS): the node's

@@ -483,6 +483,8 @@ class Config(_Section):
     seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0, le=2**31 - 1) = 0
     output_dir: _doc(str, "where metrics, adapters, logs and the report go") = "outputs/run"
     dry_run: _doc(bool, "print the resolved config and placement plan, start nothing") = False
+    ray_address: _doc(str, "a running Ray cluster to join (host:port of its head, as `ray start --head` printed, "
+                          "or auto); empty = a private Ray on this machine (slurm/multi_node.sbatch sets it)") = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -674,8 +676,16 @@ def load(argv: list[str]) -> Config:
     return from_dict(raw)
 
 
+def _validate_ray_address(addr: str) -> None:
+    if addr and addr != "auto" and not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}", addr):
+        raise ConfigError(f"ray_address: expected host:port of a Ray head (10.0.0.5:6379) or auto, got {json.dumps(addr)}")
+    if addr and addr != "auto" and not 0 < int(addr.rsplit(":", 1)[1]) < 65536:
+        raise ConfigError(f"ray_address: port out of range in {json.dumps(addr)}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules that a type cannot express."""
+    _validate_ray_address(cfg.ray_address)
     roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids}
     for role, ids in roles.items():
         if any(i < 0 for i in ids):
