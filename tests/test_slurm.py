@@ -165,7 +165,7 @@ def _sbatch(slurm_conf: str, out_file: Path, args: list[str], env: dict, timeout
 
 
 @pytest.mark.engine
-def test_one_node_job_runs_two_steps(slurm, tmp_path):
+def test_one_node_job_runs_two_steps(slurm, tiny_pair, tmp_path):
     """The card's one-node script as a real Slurm job: a 2-step tiny run completes, with paths that
     contain spaces (experiment TOML and output_dir) passed through "$@"."""
     exp_dir = tmp_path / "my experiments"
@@ -206,7 +206,7 @@ def _ray_processes(port: int) -> list[str]:
 
 
 @pytest.mark.engine
-def test_multi_node_job_forms_a_two_node_ray_cluster(slurm, tmp_path):
+def test_multi_node_job_forms_a_two_node_ray_cluster(slurm, tiny_pair, tmp_path):
     """The multi-node script on a real two-node allocation (both nodes on 127.0.0.1): Ray head on the
     first node, a worker on the second, both as srun steps; `rl` joins with --ray_address and runs one
     step; the Ray steps are stopped when the job ends."""
@@ -236,12 +236,16 @@ def test_multi_node_job_forms_a_two_node_ray_cluster(slurm, tmp_path):
     print(f"multi-node job {job}: {time.monotonic() - t0:.0f} s")
 
 
-def test_multi_node_plan(slurm):
+def _plan_env(**extra: str) -> dict:
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(ROOT), **extra}
+    env.pop("OPD_RUN", None)  # the default: the README's GPU command
+    return env
+
+
+def test_multi_node_plan():
     """--print-plan on three GPU nodes: srun commands, node lists and rl's --ray_address, with an
-    argument containing spaces intact (the nodes are not this cluster's: only their names are used)."""
-    env = _job_env(slurm, SLURM_JOB_NODELIST="gpu[01-03]", SLURM_CPUS_PER_TASK="32", OPD_HEAD_ADDR="10.1.2.3",
-                   SLURM_SUBMIT_DIR=str(ROOT))
-    env.pop("OPD_RUN")  # the default: the README's GPU command
+    argument containing spaces intact (nothing starts; a plain a,b,c node list needs no Slurm here)."""
+    env = _plan_env(SLURM_JOB_NODELIST="gpu01,gpu02,gpu03", SLURM_CPUS_PER_TASK="32", OPD_HEAD_ADDR="10.1.2.3")
     p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT), "--inference_gpu_ids", "0,1",
                 "--teacher_gpu_ids", "2", "--trainer_gpu_ids", "3", "--output_dir", "out dir/x", env=env)
     assert p.returncode == 0, p.stderr
@@ -263,10 +267,24 @@ def test_multi_node_plan(slurm):
     assert cfg.ray_address == "10.1.2.3:6379" and cfg.output_dir == "out dir/x"
 
 
-def test_one_node_plan_single_node_cluster(slurm):
-    """One node in the list: no worker step, and the wait is for 1 node."""
-    env = _job_env(slurm, SLURM_JOB_NODELIST="gpu07", OPD_HEAD_ADDR="10.1.2.7", SLURM_SUBMIT_DIR=str(ROOT))
-    p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT), env=env)
+def test_multi_node_plan_single_node_and_loopback():
+    """One node in the list: no worker step, the wait is for 1 node. A head on 127.0.0.1 (the local test
+    cluster) tells the workers their loopback address, so every Ray server stays on loopback."""
+    p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT),
+                env=_plan_env(SLURM_JOB_NODELIST="gpu07", OPD_HEAD_ADDR="10.1.2.7"))
     assert p.returncode == 0, p.stderr
     cmds = [ln for ln in p.stdout.splitlines() if not ln.startswith("#")]
     assert len(cmds) == 5 and not any("--address=" in c for c in cmds)
+    p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT),
+                env=_plan_env(SLURM_JOB_NODELIST="n1,n2", OPD_HEAD_ADDR="127.0.0.1"))
+    worker = next(shlex.split(c.rstrip(" &")) for c in p.stdout.splitlines() if "--address=" in c)
+    assert "--node-ip-address=127.0.0.1" in worker and "--nodelist=n2" in worker
+
+
+def test_multi_node_plan_expands_slurm_node_ranges(slurm):
+    """A bracketed list (as Slurm writes SLURM_JOB_NODELIST) is expanded with `scontrol show hostnames`."""
+    p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT),
+                env=_plan_env(SLURM_CONF=slurm, SLURM_JOB_NODELIST="gpu[01-03],cpu7", OPD_HEAD_ADDR="10.1.2.3"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == "# nodes: gpu01 gpu02 gpu03 cpu7 (head gpu01 at 10.1.2.3)"
+    assert "--nodelist=gpu02\\,gpu03\\,cpu7" in p.stdout
