@@ -14,6 +14,7 @@ role that fails raises ``RoleFailure``; too many bad steps in a row raise ``Trai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ def _result(cfg: Config, summary: dict[str, Any], export: str | Path | None, mer
         adapter = None
     exported = export_student(out, export, merged=merged) if export is not None else None
     return RunResult(config=cfg, output_dir=out, steps=int(summary["steps"]), metrics=train[-1] if train else {},
-                     eval=evals[-1] if evals else {}, eval_start=summary["eval_start"], eval_end=summary["eval_end"],
+                     eval=evals[-1] if evals else {}, eval_start=summary.get("eval_start", math.nan),
+                     eval_end=summary.get("eval_end", math.nan),
                      adapter=adapter, report=Path(summary["report"]), merged_model=exported,
                      summary=summary)
