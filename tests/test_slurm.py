@@ -186,7 +186,8 @@ def test_one_node_job_runs_two_steps(slurm, tiny_pair, tmp_path):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "teacher_kl" in r] == [1, 2]
     assert (out / "broadcast" / "step_2" / "COMPLETE").exists()
-    check_real_run(out, experiment="reverse_text", steps=2)  # W&B: group, config, namespaced keys, panels
+    # W&B: group, config, namespaced keys, and data for every panel that applies (baselines included)
+    check_real_run(out, experiment="reverse_text", steps=2, when=("eval_baseline",))
     print(f"one-node job {job}: {time.monotonic() - t0:.0f} s")
 
 
