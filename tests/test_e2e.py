@@ -78,3 +78,39 @@ def test_export_merged_and_adapter(tiny_pair, tmp_path):
         merged_logits = merged(input_ids=ids).logits
     assert torch.allclose(merged_logits, tuned, atol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the step changed the student
+
+    # Both exports serve with vLLM: the merged folder as a plain model, the adapter as a LoRARequest on
+    # the base. Their greedy log-probs agree with each other and with the merged transformers model.
+    script = r'''
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+    merged, base, adapter = sys.argv[1:4]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=0)
+    prompt = [TokensPrompt(prompt_token_ids=[1, 4, 5, 6, 30])]
+    out = {}
+    llm = LLM(model=merged, dtype="float32", max_model_len=32, enforce_eager=True, seed=0)
+    c = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    out["merged"] = [list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]]
+    del llm
+    llm = LLM(model=base, dtype="float32", max_model_len=32, enforce_eager=True, seed=0, enable_lora=True,
+              max_lora_rank=16, max_loras=1)
+    c = llm.generate(prompt, params, lora_request=LoRARequest("exported", 1, adapter), use_tqdm=False)[0].outputs[0]
+    out["adapter"] = [list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]]
+    print("RESULT " + json.dumps(out))
+'''
+    import sys
+
+    v = subprocess.run([sys.executable, "-c", script, str(tmp_path / "merged"), str(tiny_pair[1]),
+                        str(tmp_path / "adapter")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert v.returncode == 0, v.stderr[-3000:]
+    served = json.loads(next(line for line in v.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert served["merged"][0] == served["adapter"][0]  # the same greedy tokens
+    assert served["merged"][1] == pytest.approx(served["adapter"][1], abs=1e-3)
+    with torch.no_grad():  # and the transformers model's log-prob of the first greedy token
+        first = torch.log_softmax(merged(input_ids=ids).logits[0, -1], -1)[served["merged"][0][0]]
+    assert float(first) == pytest.approx(served["merged"][1][0], abs=1e-3)
