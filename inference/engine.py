@@ -3,6 +3,9 @@
 Two ways to serve it (``inference.lora_mode``): ``adapter`` loads it under a fresh ``LoRARequest`` id
 (vLLM's LoRA kernels), ``merge`` writes ``W0 + scale * B @ A`` into the engine's weights
 (``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU).
+
+With a fixed answer set and ``orchestrator.env_args.answer_choice = "loglik"`` the engine scores the
+allowed answers instead of decoding free text (``inference/answer_choice.py``).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.engines import make_llm_from_spec, sample
+from shared.engines import completion_logprobs, make_llm_from_spec, sample
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
-from shared.wire import RolloutBatch, encode
+from shared.wire import Rollout, RolloutBatch, encode
 
 
 class InferenceEngine:
@@ -33,6 +36,11 @@ class InferenceEngine:
         self.start_seconds = time.perf_counter() - t0
         self.lora = None
         self.adapter_step = 0
+        self.answers: list[str] = list(spec.get("answers") or []) if spec.get("answer_choice") == "loglik" else []
+        if self.answers:
+            from inference.answer_choice import answer_token_ids
+
+            self.answer_ids = answer_token_ids(self.llm.get_tokenizer(), self.answers)
 
     def ready(self) -> float:
         return self.start_seconds
@@ -55,5 +63,24 @@ class InferenceEngine:
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
                  top_p: float, max_tokens: int, seed: int) -> bytes:
-        rollouts = sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p, max_tokens, seed, self.lora)
+        if self.answers:
+            rollouts = self._choose_answers(prompt_ids, prompt_indices, n, temperature, seed)
+        else:
+            rollouts = sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p, max_tokens, seed, self.lora)
         return encode(RolloutBatch(rollouts=rollouts, adapter_step=self.adapter_step))
+
+    def _choose_answers(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
+                        seed: int) -> list[Rollout]:
+        """``n`` answers per prompt drawn by the student's log-likelihood of each allowed answer."""
+        from inference.answer_choice import draw_answers
+
+        k = len(self.answer_ids)
+        scores = completion_logprobs(self.llm, [p for p in prompt_ids for _ in range(k)],
+                                     self.answer_ids * len(prompt_ids), self.lora)
+        rollouts = []
+        for j, (idx, ids) in enumerate(zip(prompt_indices, prompt_ids)):
+            per_answer = scores[j * k:(j + 1) * k]
+            for a in draw_answers([sum(lp) for lp in per_answer], n, temperature, seed + idx):
+                rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=list(self.answer_ids[a]),
+                                        logprobs=list(per_answer[a]), finish_reason="stop", text=self.answers[a]))
+        return rollouts

@@ -95,7 +95,8 @@ class Orchestrator:
             log = str(out / "logs" / f"{a.name}.log")
             if a.role == "inference":
                 spec = dict(base, dtype=cfg.model.dtype, tp=a.tp, lora_rank=cfg.model.lora.rank,
-                            lora_mode=cfg.inference.lora_mode,
+                            lora_mode=cfg.inference.lora_mode, answers=list(cfg.orchestrator.env_args.answers),
+                            answer_choice=cfg.orchestrator.env_args.answer_choice,
                             gpu_memory_utilization=cfg.inference.gpu_memory_utilization)
                 actor = ray.remote(InferenceEngine).options(**opts(a, engine_env(cfg.inference.kv_cache_gib)))
                 self.actors.setdefault("inference", []).append(actor.remote(self.paths["student"], spec, log))

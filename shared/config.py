@@ -371,6 +371,11 @@ class EnvArgsConfig(_Section):
         Literal["exact", "nearest"],
         "with answers: only an exact member scores (else 0), or the completion maps to the nearest answer",
     ) = "exact"
+    answer_choice: _doc(
+        Literal["sample", "loglik"],
+        "with answers: sample free text (scored by answer_match), or draw allowed answers by the student's "
+        "log-likelihood (inference/answer_choice.py)",
+    ) = "sample"
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     format_check: FormatCheckConfig = field(default_factory=FormatCheckConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
@@ -398,6 +403,12 @@ def _validate_env_args(cfg: Config) -> None:
             raise ConfigError("orchestrator.env_args.answers: an answer must not be empty")
     if len({a.strip() for a in ea.answers}) != len(ea.answers):
         raise ConfigError(f"orchestrator.env_args.answers: duplicate answer in {json.dumps(ea.answers)}")
+    if ea.answer_choice == "loglik":
+        if not ea.answers:
+            raise ConfigError('orchestrator.env_args.answer_choice: "loglik" needs orchestrator.env_args.answers')
+        if cfg.inference.lora_mode == "adapter" and not cfg.inference.gpu_ids:
+            raise ConfigError('orchestrator.env_args.answer_choice: "loglik" scores answers with prompt_logprobs, '
+                              'which vLLM\'s CPU path cannot do with LoRA enabled; set inference.lora_mode = "merge"')
     if oc.environment == "exact_answer" and not oc.dataset.path:
         raise ConfigError("orchestrator.environment: \"exact_answer\" needs orchestrator.dataset.path")
     if oc.environment == "reasoning_gym":

@@ -85,3 +85,21 @@ def sample(llm: Any, prompt_ids: list[list[int]], prompt_indices: list[int], n: 
             rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=toks, logprobs=lps,
                                     finish_reason=str(comp.finish_reason or ""), text=comp.text))
     return rollouts
+
+
+def completion_logprobs(llm: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                        lora_request: Any = None) -> list[list[float]]:
+    """Log-probs of the given completion tokens after each prompt (``prompt_logprobs`` of one pass over
+    ``prompt + completion``; the prompt's own entries are dropped). A missing entry is NaN."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
+    outputs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
+    result = []
+    for p, c, out in zip(prompt_ids, completion_ids, outputs):
+        entries = out.prompt_logprobs[len(p):]
+        result.append([float(e[t].logprob) if e is not None else float("nan") for t, e in zip(c, entries)])
+    return result
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from shared.engines import make_llm_from_spec, sample
+from shared.engines import completion_logprobs, make_llm_from_spec, sample
 from shared.runtime import redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
@@ -23,18 +23,8 @@ class TeacherEngine:
         return self.start_seconds
 
     def score(self, request: bytes) -> bytes:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         req = decode(request, ScoreRequest)
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(req.prompt_ids, req.completion_ids)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        result = []
-        for p, c, out in zip(req.prompt_ids, req.completion_ids, outputs):
-            entries = out.prompt_logprobs[len(p) :]
-            result.append([float(e[t].logprob) if e is not None else float("nan") for t, e in zip(c, entries)])
-        return encode(ScoreResult(logprobs=result))
+        return encode(ScoreResult(logprobs=completion_logprobs(self.llm, req.prompt_ids, req.completion_ids)))
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
                  top_p: float, max_tokens: int, seed: int) -> bytes:
