@@ -202,7 +202,7 @@ def _same_tokenizer(client: Client, model: str, tokenizer: Any) -> tuple[bool, s
 
 
 def _check_prompt_logprobs(cfg: Config, client: Client, model: str, tokenizer: Any) -> None:
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids[: cfg.model.max_model_len]  # fits the context
     try:
         reply = client.post("/completions", _score_body(model, ids))
         entries = reply["choices"][0]["prompt_logprobs"]
