@@ -170,10 +170,12 @@ def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
     elif model not in served:
         raise ConfigError(f"teacher.model: {json.dumps(model)} is not served by {tc.endpoint} "
                           f"(it serves: {', '.join(sorted(served)) or 'nothing'})")
-    card_len = served[model].get("max_model_len")
-    if isinstance(card_len, int) and card_len < cfg.model.max_model_len:
-        raise ConfigError(f"teacher.endpoint: {model} at {tc.endpoint} has max_model_len {card_len} < "
-                          f"model.max_model_len = {cfg.model.max_model_len}; serve it with a longer context")
+    # vLLM's API counts one output position even when nothing is generated: a full-length sequence needs one more.
+    card_len, need = served[model].get("max_model_len"), cfg.model.max_model_len + 1
+    if isinstance(card_len, int) and card_len < need:
+        raise ConfigError(f"teacher.endpoint: {model} at {tc.endpoint} has max_model_len {card_len}; scoring sequences "
+                          f"of model.max_model_len = {cfg.model.max_model_len} tokens needs at least {need} "
+                          f"(vllm serve --max-model-len {need})")
     same, why = _same_tokenizer(client, model, tokenizer)
     if needs_scores(cfg):
         if not same:
@@ -202,7 +204,7 @@ def _same_tokenizer(client: Client, model: str, tokenizer: Any) -> tuple[bool, s
 
 
 def _check_prompt_logprobs(cfg: Config, client: Client, model: str, tokenizer: Any) -> None:
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids[: cfg.model.max_model_len]  # fits the context
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids[: cfg.model.max_model_len]  # fits
     try:
         reply = client.post("/completions", _score_body(model, ids))
         entries = reply["choices"][0]["prompt_logprobs"]

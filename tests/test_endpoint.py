@@ -43,9 +43,9 @@ class FakeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, tokenizer, vllm: bool = True, models=("tiny-teacher",), shift: int = 0):
+    def __init__(self, tokenizer, vllm: bool = True, models=("tiny-teacher",), shift: int = 0, context: int = 65):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.tok, self.vllm, self.models, self.shift = tokenizer, vllm, list(models), shift
+        self.tok, self.vllm, self.models, self.shift, self.context = tokenizer, vllm, list(models), shift, context
         self.faults: list = []
         self.requests: list[tuple[str, dict, dict]] = []  # (path, headers, body)
         self.lock = threading.Lock()
@@ -74,7 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         srv: FakeServer = self.server
         srv.requests.append((self.path, dict(self.headers), {}))
         if self.path == "/v1/models":
-            return self._reply(200, {"data": [{"id": m, "owned_by": "vllm", "max_model_len": 64} for m in srv.models]})
+            return self._reply(200, {"data": [{"id": m, "owned_by": "vllm", "max_model_len": srv.context}
+                                              for m in srv.models]})
         self._reply(404, {"error": {"message": "not found"}})
 
     def do_POST(self):
@@ -189,10 +190,13 @@ def test_probe_fails_in_seconds_on_an_unreachable_endpoint(tok):
     assert time.perf_counter() - t0 < 5
 
 
-def test_probe_names_the_missing_model_and_what_is_served(tok):
-    srv = FakeServer(tok, models=("a", "b"))
+def test_probe_names_the_missing_model_and_what_is_served_and_a_short_context(tok):
+    srv = FakeServer(tok, models=("a", "b"), context=64)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
+        with pytest.raises(ConfigError, match=r"^teacher\.endpoint: a at .* has max_model_len 64; scoring sequences of "
+                                              r"model\.max_model_len = 64 tokens needs at least 65 \(vllm serve --max"):
+            probe(_cfg(srv.url, "--teacher.model", "a"), tok)
         with pytest.raises(ConfigError, match=r"^teacher\.model: \"x\" is not served by .* \(it serves: a, b\)$"):
             probe(_cfg(srv.url, "--teacher.model", "x"), tok)
         with pytest.raises(ConfigError, match=r"^teacher\.model: .* serves 2 models \(a, b\); name one$"):
@@ -345,7 +349,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_serve(tiny_pair, tmp_path_factory):
-    """The base URL of `vllm serve` on the tiny teacher (served as "tiny-teacher", 32-token context)."""
+    """The base URL of `vllm serve` on the tiny teacher (served as "tiny-teacher"; a 33-token context scores the
+    experiments' 32-token sequences: the API counts one output position even when nothing is generated)."""
     import urllib.request
 
     port = _free_port()
@@ -353,7 +358,7 @@ def vllm_serve(tiny_pair, tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_pair[0]),
            "--served-model-name", "tiny-teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "32", "--enforce-eager", "--seed", "0",
+           "--max-model-len", "33", "--enforce-eager", "--seed", "0",
            "--distributed-executor-backend", "uni"]  # the worker inside the engine-core process: one process fewer
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
