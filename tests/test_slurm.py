@@ -181,7 +181,8 @@ def test_one_node_job_runs_two_steps(slurm, tiny_pair, tmp_path):
     job, state = _sbatch(slurm, log, args, _job_env(slurm), timeout=420)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
-    assert f"opd: uv run --no-sync rl @ {shlex.quote(str(toml))} --max_steps 2" in text
+    ran = next(shlex.split(ln[len("opd: "):]) for ln in text.splitlines() if ln.startswith("opd: uv run"))
+    assert ran == ["uv", "run", "--no-sync", "rl", "@", *args[6:]]  # "$@" intact, spaces and all
     assert "done: 2 steps" in text, text[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "teacher_kl" in r] == [1, 2]
@@ -191,30 +192,32 @@ def test_one_node_job_runs_two_steps(slurm, tiny_pair, tmp_path):
     print(f"one-node job {job}: {time.monotonic() - t0:.0f} s")
 
 
-def _ray_processes(port: int) -> list[str]:
-    """Command lines of live processes that belong to the Ray cluster on ``port``."""
+def _cmdlines() -> list[str]:
     found = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(port) in cmd and ("ray" in cmd or "gcs_server" in cmd or "raylet" in cmd):
-            found.append(f"{proc.name}: {cmd[:200]}")
+        if proc.name.isdigit():
+            try:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
     return found
 
 
+def _ray_processes(port: int) -> list[str]:
+    """Command lines of live processes that belong to the Ray cluster on ``port``."""
+    return [c[:200] for c in _cmdlines() if str(port) in c and ("ray" in c or "gcs_server" in c or "raylet" in c)]
+
+
 @pytest.mark.engine
-def test_multi_node_job_forms_a_two_node_ray_cluster(slurm, tiny_pair, tmp_path):
-    """The multi-node script on a real two-node allocation (both nodes on 127.0.0.1): Ray head on the
-    first node, a worker on the second, both as srun steps; `rl` joins with --ray_address and runs one
-    step; the Ray steps are stopped when the job ends."""
+def test_multi_node_script_rl_joins_its_ray_cluster(slurm, tiny_pair, tmp_path):
+    """The multi-node script on a one-node allocation, for real: `ray start --head` as an srun step on
+    127.0.0.1, ray_wait.py sees the node, `rl --ray_address` joins that cluster and runs one step, and
+    no process of that Ray cluster outlives the job. (Worker nodes cannot join over loopback: see
+    test_multi_node_script_on_two_slurm_nodes for the two-node steps.)"""
     out = tmp_path / "multi out"
     log = tmp_path / "job.out"
     port = _free_port()
-    args = ["--job-name=opd-test", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+    args = ["--job-name=opd-test", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
             str(SLURM / "multi_node.sbatch"), str(EXPERIMENT), "--max_steps", "1", "--output_dir", str(out),
             "--orchestrator.batch_size", "4", "--orchestrator.eval.num_prompts", "4", "--orchestrator.eval.interval",
             "0", "--wandb.mode", "disabled"]
@@ -223,8 +226,8 @@ def test_multi_node_job_forms_a_two_node_ray_cluster(slurm, tiny_pair, tmp_path)
                          timeout=420)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
-    assert "nodes opd1 opd2; Ray head opd1 at 127.0.0.1:" in text, text[-3000:]
-    assert f"ray cluster at 127.0.0.1:{port}: 2 of 2 nodes alive" in text, text[-3000:]
+    assert "nodes opd1; Ray head opd1 at 127.0.0.1:" in text, text[-3000:]
+    assert f"ray cluster at 127.0.0.1:{port}: 1 of 1 nodes alive" in text, text[-3000:]
     assert f"--ray_address 127.0.0.1:{port}" in text
     assert "done: 1 steps" in text, text[-3000:]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "teacher_kl" in r] == [1]
@@ -234,7 +237,64 @@ def test_multi_node_job_forms_a_two_node_ray_cluster(slurm, tiny_pair, tmp_path)
             break
         time.sleep(1)
     assert not left, left
-    print(f"multi-node job {job}: {time.monotonic() - t0:.0f} s")
+    print(f"multi-node script, one node: job {job}: {time.monotonic() - t0:.0f} s")
+
+
+SHIM = """#!/usr/bin/env bash
+# Stands in for `uv run` in the multi-node script: records where each command ran. The head's
+# `ray start` blocks until its step is ended (as `ray start --block` does); a worker's ends once `rl` has run
+# (Debian's slurmd cannot signal steps of a second node on the same host); ray_wait.py waits for the
+# head; rl exits SHIM_RL_STATUS.
+rec() { printf '%s|%s|%s\\n' "${SLURMD_NODENAME:-?}" "${SLURM_STEP_ID:-batch}" "$*" >>"$SHIM_LOG"; }
+rec "$*"
+case "$1 ${2:-} ${3:-}" in
+  "ray start --head") touch "$SHIM_LOG.head"; while :; do sleep 0.1; done ;;
+  "ray start "*) for _ in $(seq 600); do [[ -e $SHIM_LOG.rl ]] && exit 0; sleep 0.1; done; exit 1 ;;
+  "python slurm/ray_wait.py "*) for _ in $(seq 600); do [[ -e $SHIM_LOG.head ]] && exit 0; sleep 0.1; done; exit 1 ;;
+  "rl "*) touch "$SHIM_LOG.rl"; exit "${SHIM_RL_STATUS:-0}" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("rl_status", [0, 3])
+def test_multi_node_script_on_two_slurm_nodes(slurm, tmp_path, rl_status):
+    """The multi-node script's Slurm side on a real two-node allocation (opd1, opd2): the Ray head step
+    runs on the first node, the worker step on the second only, the waits and `rl` in the batch step on
+    the first node, the blocking head step is stopped when `rl` ends, and the job's exit status is rl's.
+    Ray itself is replaced by a recorder here: both Slurm nodes are this machine, and Ray worker nodes
+    cannot join over loopback (nothing is contacted: the head address is a documentation address)."""
+    shim = tmp_path / "shim.sh"
+    shim.write_text(SHIM)
+    shim.chmod(0o755)
+    record = tmp_path / "record.txt"
+    record.touch()
+    log = tmp_path / "job.out"
+    args = ["--job-name=opd-test", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=5",
+            str(SLURM / "multi_node.sbatch"), str(EXPERIMENT), "--max_steps", "1", "--output_dir", "out dir/x"]
+    env = _job_env(slurm, OPD_RUN=str(shim), SHIM_LOG=str(record), SHIM_RL_STATUS=str(rl_status),
+                   OPD_HEAD_ADDR="203.0.113.5", OPD_RAY_PORT="6390")
+    job, state = _sbatch(slurm, log, args, env, timeout=120)
+    text = log.read_text()
+    assert state == ("COMPLETED" if rl_status == 0 else "FAILED"), f"job {job}: {state}\n{text[-3000:]}"
+    if rl_status:
+        show = subprocess.run(["scontrol", "show", "job", job, "-o"], env=env, capture_output=True, text=True).stdout
+        assert f"ExitCode={rl_status}:0" in show, show
+    rows = [ln.split("|", 2) for ln in record.read_text().splitlines()]
+    ran = {(node, cmd.split()[0] + " " + cmd.split()[1]) for node, _, cmd in rows}
+    head = [(n, st, c) for n, st, c in rows if c.startswith("ray start --head")]
+    workers = [(n, st, c) for n, st, c in rows if c.startswith("ray start --block --address=203.0.113.5:6390")]
+    assert [n for n, _, _ in head] == ["opd1"] and head[0][1] != "batch", rows
+    assert [n for n, _, _ in workers] == ["opd2"] and workers[0][1] != "batch", rows
+    waits = [c for n, st, c in rows if c.startswith("python slurm/ray_wait.py") and (n, st) == ("opd1", "batch")]
+    assert waits == ["python slurm/ray_wait.py 203.0.113.5:6390 1 300",
+                     "python slurm/ray_wait.py 203.0.113.5:6390 2 300"], rows
+    rl = [(n, st, c) for n, st, c in rows if c.startswith("rl ")]
+    assert rl == [("opd1", "batch", f"rl @ {EXPERIMENT} --max_steps 1 --output_dir out dir/x "
+                                    "--ray_address 203.0.113.5:6390")], rows
+    left = [c for c in _cmdlines() if str(shim) in c]
+    assert not left, left  # the blocking head step was ended with the job (srun ends its step on SIGTERM)
+    assert ("opd2", "rl @") not in ran and ("opd2", "python slurm/ray_wait.py") not in ran
 
 
 def _plan_env(**extra: str) -> dict:
@@ -269,17 +329,21 @@ def test_multi_node_plan():
 
 
 def test_multi_node_plan_single_node_and_loopback():
-    """One node in the list: no worker step, the wait is for 1 node. A head on 127.0.0.1 (the local test
-    cluster) tells the workers their loopback address, so every Ray server stays on loopback."""
+    """One node in the list: no worker step, the wait is for 1 node. A head on 127.0.0.1 keeps Ray on
+    loopback (cluster mode off), and refuses worker nodes in one line."""
     p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT),
                 env=_plan_env(SLURM_JOB_NODELIST="gpu07", OPD_HEAD_ADDR="10.1.2.7"))
     assert p.returncode == 0, p.stderr
     cmds = [ln for ln in p.stdout.splitlines() if not ln.startswith("#")]
     assert len(cmds) == 5 and not any("--address=" in c for c in cmds)
+    assert cmds[0] == "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1"
+    p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT),
+                env=_plan_env(SLURM_JOB_NODELIST="n1", OPD_HEAD_ADDR="127.0.0.1"))
+    assert p.stdout.splitlines()[1] == "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"  # Ray stays on loopback
     p = _script("multi_node.sbatch", "--print-plan", str(EXPERIMENT),
                 env=_plan_env(SLURM_JOB_NODELIST="n1,n2", OPD_HEAD_ADDR="127.0.0.1"))
-    worker = next(shlex.split(c.rstrip(" &")) for c in p.stdout.splitlines() if "--address=" in c)
-    assert "--node-ip-address=127.0.0.1" in worker and "--nodelist=n2" in worker
+    assert p.returncode == 2 and "Ray worker nodes cannot join over loopback" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_multi_node_plan_expands_slurm_node_ranges(slurm):
