@@ -1,6 +1,8 @@
 """Command line:
   rl @ experiments/x.toml [@ more.toml] [--section.key VALUE ...]   run (--dry_run: print config + plan)
   rl export RUN_DIR OUT_DIR [--adapter-only]                         export the final student
+  --resume continues from the latest complete checkpoint in output_dir; SIGTERM/SIGINT finish the step,
+  write a checkpoint and exit with 128 + the signal number (143, 130).
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ def _role_failure() -> type:
     from orchestrator.orchestrator import RoleFailure
 
     return RoleFailure
+
+
+def _interrupted() -> type:
+    from orchestrator.launcher import Interrupted
+
+    return Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         except WriteError as e:  # the disk filled up (or went away) during the run
             _error(e)
             return 1
+        except _interrupted() as e:  # a second signal, or no checkpoint within ckpt.stop_timeout
+            _error(e)
+            return 128 + e.signum
     except ConfigError as e:
         _error(e)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if summary.get("stopped"):  # SIGTERM/SIGINT: the step in progress finished and a checkpoint was written
+        import signal
+
+        name = signal.Signals(summary["signal"]).name if summary.get("signal") else "a stop request"
+        print(f"stopped by {name} after step {summary['steps']}; checkpoint: {cfg.output_dir}/checkpoints/"
+              f"step_{summary['steps']}; continue with the same command and --resume", file=sys.stderr)
+        return 128 + (summary.get("signal") or 15)
     from orchestrator.report import console_table
 
     print(console_table(cfg.output_dir))

@@ -31,6 +31,7 @@ def preflight(cfg: Config) -> dict[str, str]:
     from shared import models
 
     out = _check_output_dir(cfg)
+    _check_resume(cfg)
     _check_gpus(cfg)
     env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
     student = models.resolve(cfg.model.name, "model.name")
@@ -61,6 +62,23 @@ def _check_output_dir(cfg: Config) -> Path:
     except OSError as e:
         raise ConfigError(f"output_dir: {out} is not writable ({e.strerror or e})") from None
     return out
+
+
+def _check_resume(cfg: Config) -> None:
+    """``--resume``: a complete checkpoint exists, written with a compatible config (orchestrator/checkpoint.py)."""
+    if not cfg.resume:
+        return
+    from orchestrator import checkpoint
+
+    step, directory = checkpoint.require_latest(cfg.output_dir)
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: {directory}/meta.json is unreadable ({e})") from None
+    checkpoint.check_compatible(meta["config"], cfg)
+    if step >= cfg.max_steps:
+        raise ConfigError(f"resume: the latest checkpoint ({directory}) is at step {step}, and max_steps is "
+                          f"{cfg.max_steps}; raise max_steps to train further")
 
 
 def _check_gpus(cfg: Config) -> None:
@@ -222,8 +240,8 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
     except WriteError as e:
         raise ConfigError(f"output_dir: {e}") from None
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():
-        metrics_path.unlink()  # a fresh run (resume keeps its own history)
+    if metrics_path.exists() and not cfg.resume:
+        metrics_path.unlink()  # a fresh run (a resumed one keeps the rows up to its checkpoint)
     run_cfg = cfg
     if "dataset" in paths:  # the orchestrator reads the rows that fit
         ds = msgspec.structs.replace(cfg.orchestrator.dataset, path=paths["dataset"])
@@ -239,19 +257,22 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
 
     ray.init(**ray_init_kwargs(cfg))
     try:
-        orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=1).remote(
+        orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2).remote(
             msgspec.json.encode(run_cfg), paths
         )
         ref = orch.run.remote()
         bar = _Progress(cfg.max_steps, metrics_path) if progress else None
-        while True:
-            done, _ = ray.wait([ref], timeout=0.5)
-            if bar:
-                bar.update()
-            if done:
-                break
+        with _StopOnSignal(cfg.ckpt.stop_timeout) as stop:
+            while True:
+                done, _ = ray.wait([ref], timeout=0.5)
+                if bar:
+                    bar.update()
+                if done:
+                    break
+                stop.check(orch)
         try:
             summary = ray.get(ref)
+            summary["signal"] = stop.signum
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             if isinstance(cause, (RoleFailure, ConfigError, TrainingStopped)):
@@ -268,6 +289,68 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
         return summary
     finally:
         ray.shutdown()
+
+
+class Interrupted(RuntimeError):
+    """A second SIGTERM/SIGINT, or the first one's checkpoint took longer than ``ckpt.stop_timeout``."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """While a run is in progress, SIGTERM/SIGINT ask the orchestrator to finish its step, write a checkpoint
+    and return (``request_stop``); a second signal, or no return within ``timeout`` seconds, stops at once
+    (Ray is shut down with the launcher: no actor is left behind)."""
+
+    def __init__(self, timeout: float):
+        import signal
+
+        self.timeout = timeout
+        self.signals = (signal.SIGTERM, signal.SIGINT)
+        self.signum: int | None = None
+        self.since = 0.0
+        self.asked = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        import signal
+        import time
+
+        if self.signum is not None:
+            raise Interrupted(signum, f"stopped by a second {signal.Signals(signum).name} without a checkpoint")
+        self.signum, self.since = signum, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
+              "(signal again to stop at once)", file=sys.stderr)
+
+    def check(self, orch: Any) -> None:
+        import signal
+        import time
+
+        if self.signum is None:
+            return
+        if not self.asked:
+            orch.request_stop.remote()
+            self.asked = True
+        elif time.monotonic() - self.since > self.timeout:
+            raise Interrupted(self.signum, f"{signal.Signals(self.signum).name}: no checkpoint within "
+                                           f"ckpt.stop_timeout = {self.timeout:g}s; stopped without one")
 
 
 class _Progress:

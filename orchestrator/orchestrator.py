@@ -4,12 +4,23 @@ Each step: prompts → student engines (sample ``group_size`` completions with l
 engines (log-probs of the same tokens) → per-token advantages → trainer ranks (one optimizer step,
 adapter written to ``broadcast/step_N``) → student engines load that adapter.  Evaluation runs at the
 start (baseline), every ``eval.interval`` steps and at the end.
+
+With ``orchestrator.max_async_level`` k > 0 the batches of the next k steps are sampled and scored while the
+trainer works (Ray futures; :meth:`Orchestrator._fill`, ``_advance``, ``_await``; staleness and busy-time
+bookkeeping in ``pipeline.py``).  Every ``ckpt.interval`` steps, and on SIGTERM/SIGINT, all roles' state is
+checkpointed (``checkpoint.py``); ``resume`` continues from it, and ``ckpt.on_failure = "restart"`` does the
+same in-process after a role fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import statistics
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +28,11 @@ import msgspec
 import ray
 import torch
 
-from orchestrator import continual, environments, workflows
+from orchestrator import checkpoint, continual, environments, workflows
+from orchestrator.pipeline import Batch, Timeline, split_stale
 from orchestrator.prompts import Renderer
 from shared.config import Config
+from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
 from shared.placement import ActorPlan, plan
 from shared.runtime import first_line, redirect_output
@@ -43,7 +56,7 @@ class RoleFailure(RuntimeError):
 def _get(role: str, refs: Any) -> Any:
     try:
         return ray.get(refs)
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+    except ray.exceptions.RayError as e:  # the actor died (killed, out of memory) or its method raised
         raise RoleFailure(role, first_line(e)) from None
 
 
@@ -52,7 +65,8 @@ def _split(items: list, parts: int) -> list[list]:
 
 
 class Orchestrator:
-    """Ray actor body; ``run`` returns a summary dict."""
+    """Ray actor body; ``run`` returns a summary dict.  The actor runs two threads so that the launcher's
+    ``request_stop`` (on SIGTERM/SIGINT) reaches it while ``run`` is busy."""
 
     def __init__(self, cfg_json: bytes, model_paths: dict[str, str]):
         self.cfg: Config = msgspec.json.decode(cfg_json, type=Config)
@@ -64,6 +78,13 @@ class Orchestrator:
         # An external teacher is asked for log-probs only when the advantage uses them (teacher/endpoint.py).
         self.scores = not (self.cfg.teacher.endpoint and self.cfg.trainer.loss.teacher_tau == 0)
         self.score_failed = 0
+        self.inflight: dict[Any, tuple[str, float]] = {}  # ref -> (role, submitted at): see _submit / _poll
+        self.results: dict[Any, Any] = {}
+        self.timeline = Timeline()
+        self.queue: deque[Batch] = deque()  # batches sampled ahead (max_async_level)
+        self.next_draw = 1  # the step whose prompts are drawn next
+        self._stop = threading.Event()
+        self.step = 0  # the step in progress
 
     # ------------------------------------------------------------------------------------------
     def _start_roles(self) -> dict[str, float]:
@@ -139,41 +160,62 @@ class Orchestrator:
         return {f"time/startup_{role}": max(_get(role, r)) for role, r in refs.items()}
 
     # ------------------------------------------------------------------------------------------
-    def _sample(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
-                role: str = "inference", max_tokens: int | None = None) -> list:
+    def _sample_refs(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
+                     role: str = "inference", max_tokens: int | None = None) -> list:
+        """Submit sampling to the role's engines (prompts spread across them); the refs of their replies."""
         engines = self.actors[role]
         idx = list(range(first_index, first_index + len(prompt_ids)))
         inf = self.cfg.inference
         max_tokens = max_tokens or inf.max_tokens
-        refs = [
+        return [
             e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens, self.cfg.seed * 1_000_003)
             for e, ids, ix in zip(engines, _split(prompt_ids, len(engines)), _split(idx, len(engines)))
             if ids
         ]
-        rollouts = []
-        for data in _get(role, refs):
-            rollouts.extend(decode(data, RolloutBatch).rollouts)
-        rollouts.sort(key=lambda r: r.prompt_index)
-        return rollouts
 
-    def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float] | None]:
-        """Teacher log-probs of each completion; None where an external teacher failed to score it."""
+    @staticmethod
+    def _rollouts(replies: list[bytes]) -> tuple[list, dict[int, int]]:
+        """The engines' replies as rollouts sorted by prompt index, and the adapter step that sampled each prompt."""
+        rollouts, adapter_steps = [], {}
+        for data in replies:
+            batch = decode(data, RolloutBatch)
+            rollouts.extend(batch.rollouts)
+            adapter_steps.update(dict.fromkeys((r.prompt_index for r in batch.rollouts), batch.adapter_step))
+        rollouts.sort(key=lambda r: r.prompt_index)
+        return rollouts, adapter_steps
+
+    def _sample(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
+                role: str = "inference", max_tokens: int | None = None) -> list:
+        refs = self._sample_refs(prompt_ids, first_index, n, temperature, role, max_tokens)
+        return self._rollouts(_get(role, refs))[0]
+
+    def _score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
+        """Submit teacher scoring of each completion (spread across the teacher engines): (refs, parts)."""
         engines = self.actors["teacher"]
-        order = list(range(len(prompt_ids)))
-        parts = _split(order, len(engines))
+        parts = [p for p in _split(list(range(len(prompt_ids))), len(engines)) if p]
         refs = [
             e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
                                                completion_ids=[completion_ids[i] for i in part])))
-            for e, part in zip(engines, parts) if part
+            for e, part in zip(engines, parts)
         ]
-        out: list[list[float] | None] = [[] for _ in order]
-        for part, data in zip([p for p in parts if p], _get("teacher", refs)):
+        return refs, parts
+
+    @staticmethod
+    def _scores(parts: list[list[int]], replies: list[bytes], n: int) -> list[list[float] | None]:
+        """Teacher log-probs of each completion; None where an external teacher failed to score it."""
+        out: list[list[float] | None] = [[] for _ in range(n)]
+        for part, data in zip(parts, replies):
             result = decode(data, ScoreResult)
             for i, lps in zip(part, result.logprobs):
                 out[i] = lps
             for k in result.failed:
                 out[part[k]] = None
         return out
+
+    def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float] | None]:
+        """Teacher log-probs of each completion; None where an external teacher failed to score it."""
+        refs, parts = self._score_refs(prompt_ids, completion_ids)
+        return self._scores(parts, _get("teacher", refs), len(prompt_ids))
 
     def _evaluate(self, env, role: str = "inference", teacher_view: bool = False) -> float:
         """Mean score of one completion per held-out prompt (``eval.temperature``; 0 = greedy)."""
@@ -253,64 +295,311 @@ class Orchestrator:
                            for e in self.actors["inference"]])
         return {"continual/restored_step": float(self.suite.last_pass_step)}
 
+    # -- the pipeline: remote calls in flight, and batches sampled ahead --------------------------------
+    def _submit(self, role: str, refs: list) -> list:
+        """Track ``refs`` (calls just made to ``role``): their results are collected by :meth:`_poll`."""
+        now = time.perf_counter()
+        self.inflight.update(dict.fromkeys(refs, (role, now)))
+        return refs
+
+    def _poll(self) -> None:
+        """Block until at least one tracked call finishes; collect every finished one (a failed call raises
+        RoleFailure at once, naming its role, even if it was work for a later step)."""
+        assert self.inflight, "nothing in flight to wait for"
+        ray.wait(list(self.inflight), num_returns=1)
+        ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        now = time.perf_counter()
+        for ref in ready:
+            label, start = self.inflight.pop(ref)
+            self.timeline.add(label, start, now)
+            self.results[ref] = _get("inference" if label == "weight_update" else label, ref)
+
+    def _await(self, refs: list) -> list:
+        """The results of tracked ``refs``, in order; queued batches move on (sampled -> scored) meanwhile."""
+        while True:
+            self._advance()
+            if all(r in self.results for r in refs):
+                return [self.results.pop(r) for r in refs]
+            self._poll()
+
+    def _start_batch(self, step: int) -> Batch:
+        """Draw the prompts of ``step`` and submit their sampling (with whatever adapter the engines serve)."""
+        oc = self.cfg.orchestrator
+        stream = checkpoint.state_of(self.prompts)  # before the draw: a checkpoint can rewind to here
+        prompts = self.prompts.next_prompts(oc.batch_size)  # the environment, or a replay mix / question source
+        base = self.prompts.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
+        batch = Batch(step=step, prompts=prompts, base=base, stream=stream)
+        if isinstance(self.prompts, continual.ReplayMix):  # which environment scores each prompt
+            envs = [self.prompts.main, *self.prompts.cores]
+            batch.envs = [next(i for i, e in enumerate(envs) if e is env) for env in self.prompts.batch_envs]
+            batch.replayed = self.prompts.replayed
+        self._render(batch)
+        batch.sample_refs = self._submit("inference", self._sample_refs(
+            batch.prompt_ids, base, oc.group_size, self.cfg.inference.temperature))
+        return batch
+
+    def _render(self, batch: Batch) -> None:
+        batch.prompt_ids = [self.renderer.ids(p) for p in batch.prompts]
+        batch.teacher_ids = ([self.renderer.ids(p, teacher=True) for p in batch.prompts]
+                             if self.renderer.has_context else batch.prompt_ids)
+
+    def _advance(self) -> None:
+        """Move every queued batch whose calls have finished to its next stage: sampled -> scoring submitted
+        -> scored.  Never blocks."""
+        for b in self.queue:
+            if b.rollouts is None and all(r in self.results for r in b.sample_refs):
+                rollouts, b.adapter_steps = self._rollouts([self.results.pop(r) for r in b.sample_refs])
+                b.empty = sum(1 for r in rollouts if not r.completion_ids)
+                b.rollouts = [r for r in rollouts if r.completion_ids]
+                b.t_sampled = time.perf_counter()
+                if self.scores:
+                    refs, b.score_parts = self._score_refs([b.teacher_ids[r.prompt_index - b.base] for r in b.rollouts],
+                                                           [r.completion_ids for r in b.rollouts])
+                    b.score_refs = self._submit("teacher", refs)
+                else:  # an endpoint with teacher_tau = 0 is never asked for log-probs; teacher_kl is logged as NaN
+                    b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
+                    b.t_scored = b.t_sampled
+            if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
+                b.teacher_lp = self._scores(b.score_parts, [self.results.pop(r) for r in b.score_refs], len(b.rollouts))
+                b.t_scored = time.perf_counter()
+
+    def _finish(self, batch: Batch) -> None:
+        """Wait until ``batch`` (queued) is sampled and scored."""
+        while True:
+            self._advance()
+            if batch.teacher_lp is not None:
+                return
+            self._poll()
+
+    def _fill(self, step: int) -> None:
+        """Queue the batches of steps ``step .. step + k`` (k = max_async_level): their sampling starts now,
+        with the adapter the engines serve (that of ``step - 1``), and runs while earlier steps train."""
+        k = self.cfg.orchestrator.max_async_level
+        while len(self.queue) <= k and self.next_draw <= self.cfg.max_steps:
+            self.queue.append(self._start_batch(self.next_draw))
+            self.next_draw += 1
+
+    def _drain(self, timeout: float) -> int:
+        """Wait at most ``timeout`` seconds for the calls in flight, then cancel the rest; how many were
+        cancelled.  Never raises: a failed call's result is simply not used."""
+        deadline = time.perf_counter() + timeout
+        while self.inflight and time.perf_counter() < deadline:
+            ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight),
+                                timeout=max(0.0, deadline - time.perf_counter()))
+            for ref in ready:
+                self.inflight.pop(ref)
+            if not ready:
+                break
+        left = list(self.inflight)
+        for ref in left:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        self.inflight.clear()
+        self.results.clear()
+        return len(left)
+
+    def _write_pids(self) -> None:
+        """``logs/pids.json``: the process of every actor, by name (what an operator, or a test, can watch)."""
+        names = {f"{role}-{i}": a for role, actors in self.actors.items() for i, a in enumerate(actors)}
+        pids = _get("orchestrator", [a.__ray_call__.remote(lambda actor: os.getpid()) for a in names.values()]) \
+            if names else []
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "logs" / "pids.json",
+                          json.dumps({"orchestrator-0": os.getpid(), **dict(zip(names, pids))}, indent=1) + "\n")
+
+    def request_stop(self) -> None:
+        """Called by the launcher on SIGTERM/SIGINT (from another thread of this actor): finish the step in
+        progress, write a checkpoint and return."""
+        self._stop.set()
+
+    # -- checkpoints (orchestrator/checkpoint.py) -------------------------------------------------------
+    def _save_checkpoint(self, step: int, history: dict[str, Any]) -> float:
+        """Trainer shards + the orchestrator's state, made complete atomically; the batches queued ahead are
+        waited for (at most ``orchestrator.drain_timeout``) so that a resumed run trains on the same rollouts."""
+        t0 = time.perf_counter()
+        deadline = t0 + self.cfg.orchestrator.drain_timeout
+        while self.inflight and any(b.teacher_lp is None for b in self.queue) and time.perf_counter() < deadline:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+            if ready:
+                self._poll()
+            self._advance()
+        buffer, stream = [], checkpoint.state_of(self.prompts)
+        for b in self.queue:
+            if b.teacher_lp is None:  # not ready in time: a resumed run draws these prompts again
+                stream = b.stream
+                break
+            buffer.append(b.state())
+        tmp = checkpoint.begin(self.out, step)
+        trainer_seconds = max(_get("trainer", [r.save_checkpoint.remote(str(tmp)) for r in self.actors["trainer"]]))
+        checkpoint.write_state(tmp, {
+            "step": step, "stream": stream, "teacher_calls": self._teacher_calls,
+            "reward": checkpoint.state_of(self.reward),
+            "suite": checkpoint.state_of(self.suite) if self.suite is not None else None,
+            "buffer": buffer, "history": history, "role_seconds": dict(self.role_seconds),
+        })
+        atomic_write_text(tmp / "meta.json", json.dumps({"step": step, "config": msgspec.to_builtins(self.cfg),
+                                                         "trainer_seconds": trainer_seconds}, indent=1) + "\n")
+        checkpoint.commit(self.out, step, tmp, self.cfg.ckpt.keep)
+        return time.perf_counter() - t0
+
+    def _load_checkpoint(self, step: int, directory: Path) -> dict[str, Any]:
+        """Restore every role from ``directory``: trainer shards (the ranks rewrite broadcast/step_N from
+        them), the engines serve that adapter, the orchestrator's stream, buffer and counters."""
+        state = checkpoint.read_state(directory)
+        _get("trainer", [r.load_checkpoint.remote(str(directory), step) for r in self.actors["trainer"]])
+        adapter = str(self.out / "broadcast" / f"step_{step}")
+        _get("inference", [e.load_adapter.remote(adapter, step) for e in self.actors["inference"]])
+        checkpoint.restore(self.prompts, state["stream"])
+        self._teacher_calls = state["teacher_calls"]
+        checkpoint.restore(self.reward, state["reward"])
+        if self.suite is not None and state["suite"] is not None:
+            checkpoint.restore(self.suite, state["suite"])
+        self.role_seconds.update(state["role_seconds"])
+        for saved in state["buffer"]:
+            batch = Batch.from_state(saved)
+            self._render(batch)
+            self.queue.append(batch)
+        self.next_draw = step + 1 + len(self.queue)
+        return state["history"]
+
+    def _restart(self, step: int, directory: Path, logger: MetricsLogger, attempt: int) -> dict[str, Any]:
+        """``ckpt.on_failure = "restart"``: stop every role (a trainer rank whose peer died hangs in a collective;
+        the engines serve a newer adapter), start them again and rewind the run to the checkpoint of ``step``:
+        metrics.jsonl loses the rows after it, which the next steps write again."""
+        self._drain(0.0)
+        self.queue.clear()
+        self.timeline = Timeline()
+        for actors in self.actors.values():
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+        self.actors = {}
+        t0 = time.perf_counter()
+        startup = self._start_roles()
+        self._write_pids()
+        history = self._load_checkpoint(step, directory)
+        checkpoint.truncate_metrics(logger.path, step)
+        logger.reopen()
+        logger.log({"step": step, "restarted_from": float(step), "restarts": float(attempt), **startup,
+                    "time/restart": time.perf_counter() - t0})
+        return history
+
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
+        from shared.metrics import BadSteps
+
         cfg = self.cfg
-        t_run = time.perf_counter()
+        self.t_run = time.perf_counter()
         env = environments.make(cfg)
         self.tok = AutoTokenizer.from_pretrained(self.paths["student"])
         self.renderer = Renderer(self.tok, cfg.model.chat_template, cfg.orchestrator.teacher_model)
         self._setup_workflow(env)
+        resume = checkpoint.require_latest(self.out) if cfg.resume else None
+        if resume is not None:  # rows of steps after the checkpoint were written by the run that died
+            checkpoint.truncate_metrics(self.out / "metrics.jsonl", resume[0])
+        checkpoint.remove_partial(self.out)
         logger = MetricsLogger(str(self.out), msgspec.to_builtins(cfg.wandb), msgspec.to_builtins(cfg),
                                experiment=self.out.name)
+        self.bad_steps = BadSteps(cfg.trainer.max_bad_steps)
+        key = f"eval/{env.name}/avg"
+        restarts: list[dict[str, Any]] = []
         try:
             startup = self._start_roles()
-            logger.log({"step": 0, **startup})
-            key = f"eval/{env.name}/avg"
-            if self.suite is not None:  # broadcast/step_0: the untouched student, the gate's first fallback
-                _get("trainer", [r.save_adapter.remote(0) for r in self.actors["trainer"]])
-            first_eval, _ = self._eval_row(env, 0)
-            if cfg.orchestrator.eval_baseline:
-                teacher = self._evaluate(env, role="teacher", teacher_view=True)
-                first_eval.update({
-                    f"eval/{env.name}/baseline_student/avg": first_eval[key],
-                    f"eval/{env.name}/baseline_teacher/avg": teacher,
-                    f"eval/{env.name}/baseline_diff": teacher - first_eval[key],
-                })
-            logger.log(first_eval)
-            last_eval = first_eval
-            from shared.metrics import BadSteps
-
-            bad_steps = BadSteps(cfg.trainer.max_bad_steps)
-            for step in range(1, cfg.max_steps + 1):
-                row = self._train_step(env, step)
-                row.update(self._endpoint_metrics())
-                logger.log(row)
-                bad_steps.update(row)  # TrainingStopped after trainer.max_bad_steps skipped steps in a row
-                interval = cfg.orchestrator.eval.interval
-                if step == cfg.max_steps or (interval and step % interval == 0):
-                    last_eval, passed = self._eval_row(env, step)
-                    logger.log(last_eval)
-                    if not passed:  # a core metric regressed beyond max_regression: restore and stop
-                        restored = self._restore(step)  # first: the evaluation below is of the restored adapter
-                        last_eval = {**self._eval_row(env, step, gate=False)[0], **restored}
-                        logger.log(last_eval)
-                        break
-            if self.suite is not None and not self.suite.regressions:
+            self._write_pids()
+            if resume is not None:
+                t0 = time.perf_counter()
+                history = self._load_checkpoint(*resume)
+                self.t_run -= history["wall_seconds"]
+                logger.log({"step": resume[0], "resumed_from": float(resume[0]), **startup,
+                            "time/resume": time.perf_counter() - t0})
+            else:
+                logger.log({"step": 0, **startup})
+                history = {"first_eval": self._first_eval(env)}
+                logger.log(history["first_eval"])
+            start = resume[0] if resume is not None else 0
+            while True:
+                self.evals = {"first": history["first_eval"], "last": history.get("last_eval", history["first_eval"])}
+                if "bad_steps" in history:
+                    self.bad_steps.in_a_row, self.bad_steps.last_good = history["bad_steps"]
+                try:
+                    step, stopped = self._steps(env, logger, start)
+                    break
+                except RoleFailure as failure:  # on_failure = "restart": every role again, from the last checkpoint
+                    found = checkpoint.latest(self.out)
+                    if cfg.ckpt.on_failure != "restart" or len(restarts) >= cfg.ckpt.max_restarts or found is None:
+                        raise
+                    restarts.append({"step": self.step, "role": failure.role, "cause": failure.cause})
+                    print(f"step {self.step}: {failure}; restarting every role from {found[1]} "
+                          f"(restart {len(restarts)} of {cfg.ckpt.max_restarts})", flush=True)
+                    start = found[0]
+                    history = self._restart(*found, logger, len(restarts))
+            if self.suite is not None and not self.suite.regressions and not stopped:
                 self.suite.write_final(self.out / "broadcast" / f"step_{step}", gate_failed=False)
             return {
                 "steps": step,
-                "wall_seconds": time.perf_counter() - t_run,
-                "eval_start": first_eval[key],
-                "eval_end": last_eval[key],
+                "wall_seconds": time.perf_counter() - self.t_run,
+                "eval_start": self.evals["first"][key],
+                "eval_end": self.evals["last"][key],
                 "role_seconds": dict(self.role_seconds),
                 "bad_rows": env.bad_rows,
+                "stopped": stopped,
+                "resumed_from": resume[0] if resume is not None else 0,
+                "restarts": restarts,
                 **({"continual": self.suite.summary()} if self.suite is not None else {}),
             }
+        except BaseException:
+            self._drain(0.0)  # a failure: whatever is still in flight is of no use
+            raise
         finally:
+            self._drain(cfg.orchestrator.drain_timeout)  # the normal end has nothing in flight; never waits longer
             logger.close()
+
+    def _first_eval(self, env) -> dict[str, float]:
+        """The evaluation before training (and the baselines, with ``orchestrator.eval_baseline``)."""
+        key = f"eval/{env.name}/avg"
+        if self.suite is not None:  # broadcast/step_0: the untouched student, the gate's first fallback
+            _get("trainer", [r.save_adapter.remote(0) for r in self.actors["trainer"]])
+        first_eval, _ = self._eval_row(env, 0)
+        if self.cfg.orchestrator.eval_baseline:
+            teacher = self._evaluate(env, role="teacher", teacher_view=True)
+            first_eval.update({
+                f"eval/{env.name}/baseline_student/avg": first_eval[key],
+                f"eval/{env.name}/baseline_teacher/avg": teacher,
+                f"eval/{env.name}/baseline_diff": teacher - first_eval[key],
+            })
+        return first_eval
+
+    def _steps(self, env, logger: MetricsLogger, start: int) -> tuple[int, bool]:
+        """Steps ``start + 1 .. max_steps`` with their evaluations and checkpoints; ``(last step, stopped)``:
+        stopped early by SIGTERM/SIGINT (after a checkpoint), or by a failed continual gate."""
+        cfg = self.cfg
+        step = start
+        for step in range(start + 1, cfg.max_steps + 1):
+            self.step = step
+            row = self._train_step(env, step)
+            row.update(self._endpoint_metrics())
+            logger.log(row)
+            self.bad_steps.update(row)  # TrainingStopped after trainer.max_bad_steps skipped steps in a row
+            interval = cfg.orchestrator.eval.interval
+            if step == cfg.max_steps or (interval and step % interval == 0):
+                self.evals["last"], passed = self._eval_row(env, step)
+                logger.log(self.evals["last"])
+                if not passed:  # a core metric regressed beyond max_regression: restore and stop
+                    restored = self._restore(step)  # first: the evaluation below is of the restored adapter
+                    self.evals["last"] = {**self._eval_row(env, step, gate=False)[0], **restored}
+                    logger.log(self.evals["last"])
+                    return step, False
+            stopped = self._stop.is_set() and step < cfg.max_steps  # the last step ends the run anyway
+            if stopped or (cfg.ckpt.interval and step % cfg.ckpt.interval == 0):
+                history = {"first_eval": self.evals["first"], "last_eval": self.evals["last"],
+                           "bad_steps": [self.bad_steps.in_a_row, self.bad_steps.last_good],
+                           "wall_seconds": time.perf_counter() - self.t_run}
+                logger.log({"step": step, "time/checkpoint": self._save_checkpoint(step, history)})
+            if stopped:
+                return step, True
+        return step, False
 
     def _corrective_samples(self, groups: list[int], rewards: list[float], teacher_ids: list[list[int]],
                             prompt_ids: list[list[int]], base: int) -> list[TrainSample]:
@@ -331,24 +620,26 @@ class Orchestrator:
     def _train_step(self, env, step: int) -> dict[str, float]:
         cfg, oc, lc = self.cfg, self.cfg.orchestrator, self.cfg.trainer.loss
         t0 = time.perf_counter()
-        prompts = self.prompts.next_prompts(oc.batch_size)  # the environment, or a replay mix / question source
-        base = self.prompts.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
-        prompt_ids = [self.renderer.ids(p) for p in prompts]
-        teacher_ids = [self.renderer.ids(p, teacher=True) for p in prompts] if self.renderer.has_context else prompt_ids
-        rollouts = self._sample(prompt_ids, base, oc.group_size, cfg.inference.temperature)
-        empty = sum(1 for r in rollouts if not r.completion_ids)
-        rollouts = [r for r in rollouts if r.completion_ids]
-        t1 = time.perf_counter()
-        if self.scores:
-            teacher_lp = self._score([teacher_ids[r.prompt_index - base] for r in rollouts],
-                                     [r.completion_ids for r in rollouts])
-        else:  # an endpoint with teacher_tau = 0 is never asked for log-probs; teacher_kl is logged as NaN
-            teacher_lp = [list(r.logprobs) for r in rollouts]
+        self._fill(step)  # k = 0: this step's sampling starts now; k > 0: it was queued k steps ago
+        batch = self.queue[0]
+        self._finish(batch)
+        self.queue.popleft()
+        prompts, base, prompt_ids, teacher_ids = batch.prompts, batch.base, batch.prompt_ids, batch.teacher_ids
+        if batch.envs is not None:  # a replay mix scores each prompt with the environment it was drawn from
+            envs = [self.prompts.main, *self.prompts.cores]
+            self.prompts.batch_envs, self.prompts.replayed = [envs[i] for i in batch.envs], batch.replayed
+        empty, rollouts, teacher_lp = batch.empty, batch.rollouts, batch.teacher_lp
+        t1 = max(t0, batch.t_sampled)
+        dropped, stale = split_stale(step, batch.adapter_steps, oc.max_async_level)
+        n_dropped = sum(1 for r in rollouts if r.prompt_index in dropped)
+        if n_dropped:  # sampled by an adapter older than max_async_level allows: never trained on
+            kept = [i for i, r in enumerate(rollouts) if r.prompt_index not in dropped]
+            rollouts, teacher_lp = [rollouts[i] for i in kept], [teacher_lp[i] for i in kept]
         self.score_failed = sum(1 for lp in teacher_lp if lp is None)
         if self.score_failed:  # the endpoint could not score them: dropped (and counted), never trained on
             scored = [i for i, lp in enumerate(teacher_lp) if lp is not None]
             rollouts, teacher_lp = [rollouts[i] for i in scored], [teacher_lp[i] for i in scored]
-        t2 = time.perf_counter()
+        t2 = max(t1, batch.t_scored)
 
         # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);
         # rollouts of one prompt share prompt_index, the group of the task baseline.
@@ -388,7 +679,7 @@ class Orchestrator:
         ranks = self.actors["trainer"]
         if len(samples) < len(ranks):  # every rank needs a sample for the collectives; nothing to learn from
             return {"step": step, "skipped_step": 1.0, "rollouts/empty": float(empty), "teacher_kl": float("nan"),
-                    **reward_metrics, "time/step": time.perf_counter() - t0}
+                    **reward_metrics, "async/dropped_rollouts": float(n_dropped), "time/step": time.perf_counter() - t0}
         shares = _split(samples, len(ranks))
         per_rank = max(len(s) for s in shares)
         micro = -(-per_rank // cfg.trainer.micro_batch_size)
@@ -397,10 +688,11 @@ class Orchestrator:
                                                      num_micro_batches=micro)))
             for rank, share in zip(ranks, shares)
         ]
-        results = [decode(d, StepResult) for d in _get("trainer", refs)]
+        results = [decode(d, StepResult) for d in self._await(self._submit("trainer", refs))]
         t3 = time.perf_counter()
         adapter = results[0].adapter_path
-        _get("inference", [e.load_adapter.remote(adapter, step) for e in self.actors["inference"]])
+        self._await(self._submit("weight_update", [e.load_adapter.remote(adapter, step)
+                                                   for e in self.actors["inference"]]))
         t4 = time.perf_counter()
 
         tm = {k: sum(r.metrics.get(k, 0.0) for r in results) for k in SUMMED_METRICS}
@@ -420,9 +712,20 @@ class Orchestrator:
             extra.update({"loss/entropy": tm["loss/entropy"], "entropy/mean": tm["entropy_sum"] / n_policy})
         all_kl = torch.cat(kls) if kls else torch.zeros(1)
         all_adv = torch.cat(advs) if advs else torch.zeros(1)
-        self.role_seconds["inference"] += t1 - t0
-        self.role_seconds["teacher"] += t2 - t1
-        self.role_seconds["trainer"] += t3 - t2
+        if oc.max_async_level:  # roles overlap: each role's busy seconds in this step's wall time
+            busy = self.timeline.busy(t0, t4)
+            times = {"inference": busy.get("inference", 0.0),
+                     "teacher": busy.get("teacher", 0.0) + t_reward + t_corrective,
+                     "trainer": busy.get("trainer", 0.0)}
+        else:  # one role after the other: the segments of the step
+            times = {"inference": t1 - t0, "teacher": t2 - t1, "trainer": t3 - t2}
+        for role, seconds in times.items():
+            self.role_seconds[role] += seconds
+        pipeline_row = {**self.timeline.metrics(t0, t4, ("inference", "teacher", "trainer")),
+                        "async/staleness": statistics.fmean(stale) if stale else 0.0,
+                        "async/staleness_max": float(max(stale, default=0)),
+                        "async/dropped_rollouts": float(n_dropped)}
+        self.timeline.forget(t4)
         return {
             "step": step,
             "teacher_kl": float(all_kl.mean()),
@@ -443,11 +746,12 @@ class Orchestrator:
             "rollouts/empty": float(empty),
             "tokens/step": float(total_tokens),
             "time/step": t4 - t0,
-            "time/inference": t1 - t0,
-            "time/teacher": t2 - t1,
-            "time/trainer": t3 - t2,
+            "time/inference": times["inference"],
+            "time/teacher": times["teacher"],
+            "time/trainer": times["trainer"],
             "time/weight_update": t4 - t3,
             "time/reward": t_reward,
+            **pipeline_row,
         }
 
 

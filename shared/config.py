@@ -463,7 +463,10 @@ class OrchestratorConfig(_Section):
     ) = "reverse_text"
     batch_size: _doc(int, "prompts per step", ge=1) = 16
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
-    max_async_level: _doc(int, "rollouts may be sampled with an adapter this many steps old", ge=0) = 0
+    max_async_level: _doc(int, "k: the rollouts of step n may come from the adapter of step n-1-k (sampled and scored "
+                               "while the trainer works); 0 = synchronous; older rollouts are dropped", ge=0, le=8) = 0
+    drain_timeout: _doc(float, "seconds the end of a run waits for in-flight sampling/scoring before cancelling it",
+                        gt=0) = 30.0
     eval_baseline: _doc(bool, "before training, evaluate the student and the teacher (with its context)") = False
     skip_verification: _doc(
         bool, "compute no task reward (env.score is never called); needs trainer.loss.adv_tau = 0"
@@ -482,6 +485,17 @@ class OrchestratorConfig(_Section):
     continual: ContinualConfig = field(default_factory=ContinualConfig)
 
 
+class CkptConfig(_Section):
+    interval: _doc(int, "write a checkpoint (trainer + orchestrator state) every N steps to "
+                        "output_dir/checkpoints/step_N; 0 = only when stopped by SIGTERM/SIGINT", ge=0) = 0
+    keep: _doc(int, "complete checkpoints kept (older ones are deleted once a newer one is complete)", ge=1) = 2
+    stop_timeout: _doc(float, "after SIGTERM/SIGINT, seconds to wait for the step in progress and the checkpoint "
+                              "before stopping without one", gt=0) = 300.0
+    on_failure: _doc(Literal["stop", "restart"], "a role that fails mid-run: stop the run (exit 1), or restart every "
+                                                 "role from the latest checkpoint (up to max_restarts times)") = "stop"
+    max_restarts: _doc(int, "with on_failure = \"restart\": restarts per launch before the run stops", ge=0) = 2
+
+
 class WandbConfig(_Section):
     mode: _doc(Literal["offline", "online", "disabled"], "W&B mode (online needs WANDB_API_KEY)") = "offline"
     project: _doc(str, "W&B project") = "opd"
@@ -494,6 +508,7 @@ class Config(_Section):
     seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0, le=2**31 - 1) = 0
     output_dir: _doc(str, "where metrics, adapters, logs and the report go") = "outputs/run"
     dry_run: _doc(bool, "print the resolved config and placement plan, start nothing") = False
+    resume: _doc(bool, "continue from the latest complete checkpoint in output_dir/checkpoints") = False
     ray_address: _doc(str, "a running Ray cluster to join (host:port of its head, as `ray start --head` printed, "
                           "or auto); empty = a private Ray on this machine (slurm/multi_node.sbatch sets it)") = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -501,6 +516,7 @@ class Config(_Section):
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -752,4 +768,5 @@ def validate(cfg: Config) -> None:
 def to_toml(cfg: Config) -> str:
     data = msgspec.to_builtins(cfg)
     data.pop("dry_run", None)
+    data.pop("resume", None)  # how this launch started, not what the run is
     return tomli_w.dumps(data)

@@ -105,6 +105,11 @@ class MetricsLogger:
             step = row.get("step")
             self.run.log(wandb_row(row), step=step)
 
+    def reopen(self) -> None:
+        """Append to metrics.jsonl again after it was rewritten (a restart cut it back to a checkpoint)."""
+        self.file.close()
+        self.file = open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
         self.file.close()
         if self.run is not None:

@@ -185,6 +185,57 @@ class TrainerRank:
         }
         return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=str(adapter)))
 
+    # -- checkpoints (orchestrator/checkpoint.py assembles the directory) --------------------------
+    def _state(self) -> dict:
+        """The trainable (LoRA) weights and the AdamW state, as this rank's DTensor shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model, "optim": optim}
+
+    def save_checkpoint(self, directory: str) -> float:
+        """Write this rank's shards (``directory/trainer``, a collective: every rank calls it) and its
+        scheduler and RNG state (``trainer/rank_R.pt``); returns seconds taken."""
+        import random
+
+        import torch.distributed.checkpoint as dcp
+
+        t0 = time.perf_counter()
+        where = Path(directory) / "trainer"
+        dcp.save(self._state(), checkpoint_id=str(where))
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.backend == "nccl" else None,
+            "python_rng": random.getstate(),
+        }
+        torch.save(extra, where / f"rank_{self.rank}.pt")
+        return time.perf_counter() - t0
+
+    def load_checkpoint(self, directory: str, step: int) -> float:
+        """Restore the weights, optimizer, scheduler and RNG of ``directory`` (after :meth:`setup`), and
+        rewrite ``broadcast/step_N`` from them, so the engines can serve exactly the resumed adapter."""
+        import random
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        t0 = time.perf_counter()
+        where = Path(directory) / "trainer"
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(where))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: from setup
+        extra = torch.load(where / f"rank_{self.rank}.pt", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        if extra["cuda_rng"] is not None and self.backend == "nccl":
+            torch.cuda.set_rng_state(extra["cuda_rng"])
+        version, internal, gauss = extra["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        self.save_adapter(step)
+        return time.perf_counter() - t0
+
     def save_adapter(self, step: int) -> Path:
         """Gather the LoRA weights (a collective) and let rank 0 write ``broadcast/step_N`` atomically."""
         state = {}

@@ -1,0 +1,378 @@
+"""Checkpoints and resume (orchestrator/checkpoint.py, TrainerRank.save/load_checkpoint).
+
+Without engines: the atomic directory protocol, metrics truncation, the orchestrator's state round trip,
+config compatibility, and a trainer rank restored bit for bit.  With engines (marked ``engine``): one run
+killed with SIGKILL and resumed, compared with itself before the kill; one asynchronous run stopped with
+SIGTERM and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import msgspec
+import pytest
+
+from orchestrator import checkpoint
+from shared.config import ConfigError, load
+from shared.metrics import read_metrics
+
+
+# -- the directory protocol ---------------------------------------------------------------------------
+def _write(out, step, keep=2, payload="x"):
+    tmp = checkpoint.begin(out, step)
+    (tmp / "part").write_text(payload)
+    return checkpoint.commit(out, step, tmp, keep)
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    _write(tmp_path, 2)
+    tmp = checkpoint.begin(tmp_path, 4)  # a run killed while writing step 4
+    (tmp / "part").write_text("half")
+    (checkpoint.root(tmp_path) / "step_6").mkdir()  # a directory without its marker is never trusted
+    assert checkpoint.latest(tmp_path) == (2, checkpoint.root(tmp_path) / "step_2")
+    checkpoint.remove_partial(tmp_path)
+    assert not tmp.exists()
+
+
+def test_commit_keeps_the_newest_and_replaces_a_rewritten_step(tmp_path):
+    for step in (1, 2, 3, 4):
+        _write(tmp_path, step, keep=2)
+    assert [s for s, _ in checkpoint.complete(tmp_path)] == [3, 4]
+    _write(tmp_path, 4, keep=2, payload="again")  # a resumed run writes step 4 again
+    assert (checkpoint.root(tmp_path) / "step_4" / "part").read_text() == "again"
+    assert sorted(p.name for p in checkpoint.root(tmp_path).iterdir()) == ["step_3", "step_4"]
+
+
+def test_require_latest_names_the_directory(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        checkpoint.require_latest(tmp_path / "run")
+    assert str(e.value) == f"resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'} (set ckpt.interval " \
+                           "to write them)"
+
+
+def test_truncate_metrics_drops_later_steps_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "time/startup_trainer": 1.0}, {"step": 0, "eval/x/avg": 0.1}, {"step": 1, "teacher_kl": 3.0},
+            {"step": 2, "teacher_kl": 2.0}, {"step": 2, "eval/x/avg": 0.2}, {"step": 3, "teacher_kl": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "teach')  # torn by a SIGKILL
+    assert checkpoint.truncate_metrics(path, 2) == 2
+    assert read_metrics(path) == rows[:5]
+    assert path.read_text().endswith("\n")
+
+
+def test_check_compatible_names_the_changed_key():
+    saved = msgspec.to_builtins(load(["--max_steps", "10"]))
+    checkpoint.check_compatible(saved, load(["--max_steps", "20", "--ckpt.interval", "5", "--resume",
+                                             "--orchestrator.max_async_level", "1"]))
+    with pytest.raises(ConfigError, match=r"^resume: trainer.lr is 0.001 but the checkpoint was written with 0.002;"):
+        checkpoint.check_compatible(saved, load(["--trainer.lr", "1e-3"]))
+    with pytest.raises(ConfigError, match=r"^resume: seed is 1 "):
+        checkpoint.check_compatible(saved, load(["--seed", "1"]))
+
+
+# -- the orchestrator's state -----------------------------------------------------------------------------
+def test_prompt_stream_state_round_trip():
+    """An environment (and a replay mix of environments) continues exactly where the snapshot was taken."""
+    from orchestrator import environments
+    from orchestrator.continual import ReplayMix
+
+    cfg = load(["--orchestrator.environment", "arithmetic", "--seed", "3"])
+    env = environments.make(cfg)
+    env.next_prompts(5)
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(checkpoint.state_of(env)))  # through the file format
+    ahead = [p.text for p in env.next_prompts(7)]
+    fresh = environments.make(cfg)
+    checkpoint.restore(fresh, snap)
+    assert fresh.position == 5 and [p.text for p in fresh.next_prompts(7)] == ahead
+
+    def mix():
+        return ReplayMix(environments.make(cfg), {"fmt": environments.make(
+            load(["--orchestrator.environment", "format_check", "--seed", "3"]))}, 0.25)
+
+    a = mix()
+    a.next_prompts(8)
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(checkpoint.state_of(a)))
+    ahead = [p.text for p in a.next_prompts(8)]
+    b = mix()
+    checkpoint.restore(b, snap)
+    assert [p.text for p in b.next_prompts(8)] == ahead and b.turn == a.turn and b.position == a.position
+
+
+@pytest.mark.parametrize("name", ["reverse_text", "arithmetic", "format_check", "french", "reverse_text_long"])
+def test_every_generated_environment_has_a_checkpointable_stream(name):
+    from orchestrator import environments
+
+    cfg = load(["--orchestrator.environment", name])
+    env = environments.make(cfg)
+    snap = checkpoint.state_of(env)
+    ahead = [p.text for p in env.next_prompts(4)]
+    checkpoint.restore(env, snap)
+    assert [p.text for p in env.next_prompts(4)] == ahead
+
+
+def test_reward_sources_and_question_sources_snapshot():
+    from orchestrator.question_sources import TeacherQuestions
+    from orchestrator.workflows import RewardSource
+
+    tq = TeacherQuestions(load([]).orchestrator.comparator, lambda m: "1. What is red?\n2. Why?\n3. How?")
+    tq.next_prompts(1)
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(checkpoint.state_of(tq)))
+    other = TeacherQuestions(load([]).orchestrator.comparator, lambda m: "")
+    checkpoint.restore(other, snap)
+    assert other.buffer == ["Why?", "How?"] and other.seen == tq.seen and other.requests == 1
+    assert checkpoint.state_of(RewardSource(lambda i, p, t: 1.0)) == {"__obj__": "RewardSource"}
+
+
+def test_state_of_handles_sets_deques_and_refuses_unknown_objects():
+    import collections
+
+    state = {"seen": {"b", "a"}, "recent": collections.deque([(1, 2)], maxlen=3), "rng": random.Random(7)}
+    back = checkpoint.restore(None, msgspec.msgpack.decode(msgspec.msgpack.encode(checkpoint.state_of(state))))
+    assert back["seen"] == {"a", "b"} and back["recent"] == collections.deque([[1, 2]], maxlen=3)
+    assert back["rng"].random() == random.Random(7).random()
+    with pytest.raises(TypeError, match="cannot snapshot a object"):
+        checkpoint.state_of(object())
+
+
+def test_batch_state_keeps_every_float_exact():
+    from orchestrator.data import Prompt
+    from orchestrator.pipeline import Batch
+    from shared.wire import Rollout
+
+    b = Batch(step=3, prompts=[Prompt(text="abc=", answer="cba", meta={"k": [1, 2]})], base=16, envs=[0],
+               replayed=0, rollouts=[Rollout(prompt_index=16, prompt_ids=[1, 2], completion_ids=[5, 6],
+                                             logprobs=[-0.1, -1e-300], text="cb")],
+               adapter_steps={16: 1}, empty=1, teacher_lp=[[float("-inf"), float("nan")]])
+    back = Batch.from_state(msgspec.msgpack.decode(msgspec.msgpack.encode(b.state())))
+    assert back.prompts == b.prompts and back.rollouts == b.rollouts and back.adapter_steps == {16: 1}
+    assert back.teacher_lp[0][0] == float("-inf") and math.isnan(back.teacher_lp[0][1])
+    assert (back.step, back.base, back.envs, back.empty) == (3, 16, [0], 1)
+
+
+# -- the trainer, restored bit for bit ------------------------------------------------------------------
+def _trainer_spec(cfg) -> dict:
+    t, m = cfg.trainer, cfg.model
+    return dict(seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                lr_schedule="cosine", warmup_steps=1, min_lr_ratio=0.1, total_steps=10, lora_rank=m.lora.rank,
+                lora_alpha=m.lora.alpha, lora_dropout=0.1, lora_targets=list(m.lora.target_modules),
+                mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high)
+
+
+def _batch(step: int, seed: int) -> bytes:
+    from shared.wire import TrainBatch, TrainSample, encode
+
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(4):
+        prompt = [1] + [rng.randrange(4, 30) for _ in range(5)]
+        completion = [rng.randrange(4, 30) for _ in range(6)]
+        samples.append(TrainSample(input_ids=prompt + completion, prompt_len=len(prompt),
+                                   inference_logprobs=[-rng.uniform(0.5, 4.0) for _ in completion],
+                                   advantages=[rng.uniform(-2, 2) for _ in completion]))
+    return encode(TrainBatch(step=step, samples=samples, total_tokens=24, num_micro_batches=2))
+
+
+def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
+    """Step 2 after a restore from the checkpoint of step 1 equals step 2 of the run that went on (weights,
+    AdamW moments, cosine schedule and the dropout RNG all restored); without the restore it differs."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from shared.wire import StepResult, decode
+    from trainer.worker import TrainerRank
+
+    spec = _trainer_spec(load([]))
+    out = tmp_path / "out"
+
+    def rank(name):
+        r = TrainerRank(0, 1, "gloo", f"file://{tmp_path / name}", str(tiny_pair[1]), spec, str(out), None)
+        r.setup()
+        return r
+
+    def step2(r):
+        res = decode(r.train_step(_batch(2, 2)), StepResult)
+        return res.metrics, load_file(out / "broadcast" / "step_2" / "adapter_model.safetensors")
+
+    threads = torch.get_num_threads()
+    try:
+        first = rank("rdv1")
+        first.train_step(_batch(1, 1))
+        step1 = load_file(out / "broadcast" / "step_1" / "adapter_model.safetensors")
+        first.save_checkpoint(str(tmp_path / "ckpt"))
+        went_on, went_on_w = step2(first)
+        dist.destroy_process_group()
+
+        resumed = rank("rdv2")
+        resumed.load_checkpoint(str(tmp_path / "ckpt"), 1)
+        rewritten = load_file(out / "broadcast" / "step_1" / "adapter_model.safetensors")
+        assert rewritten.keys() == step1.keys() and all(torch.equal(rewritten[k], step1[k]) for k in step1)
+        again, again_w = step2(resumed)
+        dist.destroy_process_group()
+
+        fresh = rank("rdv3")  # the same step 2 without the checkpoint: the comparison can fail
+        _, fresh_w = step2(fresh)
+        dist.destroy_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+    for key in ("loss/policy", "grad_norm", "lr", "masked_low", "ratio_sum"):
+        assert again[key] == went_on[key], key
+    assert all(torch.equal(again_w[k], went_on_w[k]) for k in went_on_w)
+    assert not all(torch.equal(fresh_w[k], went_on_w[k]) for k in went_on_w)
+    files = sorted(p.name for p in (tmp_path / "ckpt" / "trainer").iterdir())
+    assert ".metadata" in files and "rank_0.pt" in files and any(f.endswith(".distcp") for f in files)
+
+
+def test_resume_without_checkpoint_is_one_line(tiny_pair, tmp_path):
+    """The real CLI: exit status 2 and one line naming the directory searched, before Ray starts."""
+    import subprocess
+
+    from tests.conftest import RL, ROOT
+
+    p = subprocess.run([RL, "@", "experiments/reverse_text/rl.toml", "--output_dir", str(tmp_path / "run"),
+                        "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'} " \
+                               "(set ckpt.interval to write them)"
+
+
+# -- with engines: a run killed and resumed, a run stopped by SIGTERM and resumed -----------------------------
+def _train_rows(out) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "teacher_kl" in r]
+
+
+def _start(out, *args):
+    import subprocess
+
+    from tests.conftest import RL, ROOT
+
+    cmd = [RL, "@", "experiments/reverse_text/rl.toml", "--output_dir", str(out), "--wandb.mode", "disabled",
+           "--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "8", "--orchestrator.eval.interval",
+           "0", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, out, step: int, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not any(r["step"] >= step for r in _train_rows(out)):
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not a running process
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# Same seed, same prompts (the stream's state is restored), same adapter bits served (broadcast/step_N is
+# rewritten from the checkpoint), vLLM sampling seeded per prompt index, the trainer's weights, AdamW moments
+# and schedule restored bit for bit: a resumed step recomputes exactly what the uninterrupted run computed.
+# Integer-valued metrics must be equal; floats get a 1e-6 relative tolerance only against a kernel's
+# summation order (step-to-step changes of these metrics are ~1e-2).
+EXACT = ("tokens/step", "seq_len/mean", "rollouts/empty", "reward/mean", "masked/low", "masked/high")
+CLOSE = ("teacher_kl", "loss/policy", "grad_norm", "train/lr", "combined_advantage", "ratio/mean")
+
+
+@pytest.mark.engine
+def test_trainer_killed_then_resumed_matches_the_uninterrupted_steps(tiny_pair, tmp_path):
+    """SIGKILL the trainer actor's process mid-run (as the OOM killer would): the run names the trainer and
+    exits 1 within seconds, no actor process survives; ``--resume`` continues from the last complete
+    checkpoint, recomputes the steps after it exactly as the killed run had computed them, and leaves one
+    row per step."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ("--max_steps", "7", "--ckpt.interval", "3")
+    proc = _start(out, *args)
+    _wait_for_step(proc, out, 5)
+    pids = json.loads((out / "logs" / "pids.json").read_text())
+    os.kill(pids["trainer-0"], signal.SIGKILL)
+    t_kill = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert time.monotonic() - t_kill < 30
+    assert err.strip().splitlines()[-1].startswith("error: trainer failed: "), err[-2000:]
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 20  # Ray reaps its workers right after the driver's shutdown
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [name for name, p in pids.items() if _alive(p)], "orphan processes"
+
+    before = {r["step"]: r for r in _train_rows(out)}
+    ckpt_step, _ = checkpoint.latest(out)
+    assert ckpt_step in (3, 6) and max(before) > ckpt_step
+    proc = _start(out, *args, "--resume")
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "teacher_kl" in r]
+    assert [r["step"] for r in train] == list(range(1, 8))  # no step lost, none twice
+    assert [r["step"] for r in rows if "resumed_from" in r] == [ckpt_step]
+    assert [r["step"] for r in rows if "eval/reverse_text/avg" in r] == [0, 7]
+    redone = [r for r in train if ckpt_step < r["step"] <= max(before)]
+    assert redone
+    for r in redone:
+        old = before[r["step"]]
+        for key in EXACT:
+            assert r[key] == old[key], (r["step"], key)
+        for key in CLOSE:
+            assert r[key] == pytest.approx(old[key], rel=1e-6, abs=1e-9), (r["step"], key)
+    for r in train[:ckpt_step]:
+        assert r == before[r["step"]]  # the rows up to the checkpoint are the killed run's own
+
+
+@pytest.mark.engine
+def test_async_run_with_two_engines_and_two_ranks_stops_on_sigterm_and_resumes(tiny_pair, tmp_path):
+    """max_async_level = 1 on 2 student engines and 2 trainer ranks (the CPU form of data-parallel inference
+    and FSDP2 over gloo): the next step's rollouts are sampled while the trainer works, one step stale;
+    SIGTERM finishes the step, writes a checkpoint (each rank its shard, the buffer of rollouts sampled
+    ahead) and exits 143; ``--resume`` trains on those buffered rollouts and completes."""
+    import signal
+
+    out = tmp_path / "run"
+    args = ("--max_steps", "6", "--orchestrator.max_async_level", "1", "--inference.parallel.dp", "2",
+            "--trainer.cpu_ranks", "2")
+    proc = _start(out, *args)
+    _wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = max(r["step"] for r in _train_rows(out))
+    assert f"stopped by SIGTERM after step {stopped}; checkpoint: " in err and "Traceback" not in err
+    assert checkpoint.latest(out)[0] == stopped < 6
+    directory = checkpoint.latest(out)[1]
+    shards = sorted(p.name for p in (directory / "trainer").iterdir())
+    assert "rank_0.pt" in shards and "rank_1.pt" in shards
+    buffered = checkpoint.read_state(directory)["buffer"]
+    assert [b["step"] for b in buffered] == [stopped + 1]  # sampled ahead during the last step, kept
+
+    proc = _start(out, *args, "--resume")
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    train = _train_rows(out)
+    assert [r["step"] for r in train] == list(range(1, 7))
+    for r in train:
+        assert r["async/staleness_max"] == (0 if r["step"] == 1 else 1), r["step"]
+        assert r["async/dropped_rollouts"] == 0
+        assert 0 < r["busy/inference"] <= 1 and 0 < r["busy/trainer"] <= 1 and r["time/overlap"] >= 0
+    # the two engines both sampled: a buffered group's adapter step is the one that engine served
+    assert all(set(map(int, b["adapter_steps"].values())) == {stopped - 1} for b in buffered)
