@@ -204,6 +204,7 @@ def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
                               f"this Ray client on loopback; set {LOOPBACK_ENV_CLUSTER}=1 (slurm/multi_node.sbatch does)")
         return dict(address=cfg.ray_address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
     return dict(
+        address="local",  # a new private instance even when `ray start` left a cluster running on this machine
         num_cpus=os.cpu_count() or 2,
         include_dashboard=False,
         dashboard_host="127.0.0.1",

@@ -429,7 +429,8 @@ def test_ray_is_private_and_has_no_dashboard():
     kwargs = ray_init_kwargs(Config())
     assert kwargs["include_dashboard"] is False
     assert kwargs["dashboard_host"] == "127.0.0.1"
-    assert "address" not in kwargs  # a fresh local Ray, never someone else's cluster
+    assert kwargs["address"] == "local"  # a fresh local Ray, never someone else's cluster (without it, ray.init
+    # joins a cluster that `ray start` left running on this machine)
     assert LOOPBACK_ENV == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo",
                             "NCCL_SOCKET_IFNAME": "lo", "VLLM_HOST_IP": "127.0.0.1"}
     from ray._private import ray_constants

@@ -50,7 +50,7 @@ def test_ray_address_joins_a_cluster_instead_of_starting_one(monkeypatch):
     assert kwargs["address"] == "10.0.0.5:6379"
     assert "num_cpus" not in kwargs and "include_dashboard" not in kwargs  # Ray refuses them for a cluster
     assert ray_init_kwargs(load(["--ray_address", "auto"]))["address"] == "auto"
-    assert "address" not in ray_init_kwargs(Config())  # default: a private local Ray
+    assert ray_init_kwargs(Config())["address"] == "local"  # default: a private local Ray, even beside `ray start`
 
 
 def test_ray_address_on_another_host_needs_cluster_mode(monkeypatch):
