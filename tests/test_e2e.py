@@ -39,7 +39,7 @@ def test_two_step_run(tiny_pair, tmp_path):
         assert (adapter / "COMPLETE").exists()
         weights = load_file(adapter / "adapter_model.safetensors")
         assert any("lora_B" in k for k in weights)
-        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 32  # experiments/reverse_text
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert "Traceback" not in p.stderr
 
@@ -98,7 +98,7 @@ if __name__ == "__main__":
     out["merged"] = [list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]]
     del llm
     llm = LLM(model=base, dtype="float32", max_model_len=32, enforce_eager=True, seed=0, enable_lora=True,
-              max_lora_rank=16, max_loras=1)
+              max_lora_rank=32, max_loras=1)
     c = llm.generate(prompt, params, lora_request=LoRARequest("exported", 1, adapter), use_tqdm=False)[0].outputs[0]
     out["adapter"] = [list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]]
     print("RESULT " + json.dumps(out))
