@@ -178,7 +178,7 @@ def test_one_node_job_runs_two_steps(slurm, tiny_pair, tmp_path):
             str(SLURM / "one_node.sbatch"), str(toml), "--max_steps", "2", "--output_dir", str(out), *TINY,
             "--orchestrator.eval_baseline", "true"]
     t0 = time.monotonic()
-    job, state = _sbatch(slurm, log, args, _job_env(slurm), timeout=420)
+    job, state = _sbatch(slurm, log, args, _job_env(slurm), timeout=600)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
     ran = next(shlex.split(ln[len("opd: "):]) for ln in text.splitlines() if ln.startswith("opd: uv run"))
@@ -223,7 +223,7 @@ def test_multi_node_script_rl_joins_its_ray_cluster(slurm, tiny_pair, tmp_path):
             "0", "--wandb.mode", "disabled"]
     t0 = time.monotonic()
     job, state = _sbatch(slurm, log, args, _job_env(slurm, OPD_RAY_PORT=str(port), OPD_RAY_WAIT_S="120"),
-                         timeout=420)
+                         timeout=600)
     text = log.read_text()
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-3000:]}"
     assert "nodes opd1; Ray head opd1 at 127.0.0.1:" in text, text[-3000:]
