@@ -44,23 +44,25 @@ def _ends_torn(path: Path) -> bool:
 
 # W&B sections: a metric keeps its name when it already starts with one of these; any other is a
 # training metric and goes under train/ (teacher_kl is the teacher's view of the student: teacher/kl).
-WANDB_SECTIONS = ("train", "eval", "time", "teacher", "judge", "comparator", "continual", "util")
+WANDB_SECTIONS = ("train", "eval", "time", "teacher", "judge", "comparator", "continual", "util", "async")
 WANDB_RENAMES = {"teacher_kl": "teacher/kl", "teacher_kl/seq": "teacher/kl_seq"}
 UTIL_ROLES = ("inference", "teacher", "trainer")
 
 
 def wandb_key(key: str) -> str:
     """The W&B name of a metrics.jsonl key: ``teacher_kl`` -> ``teacher/kl``, ``loss/policy`` ->
-    ``train/loss/policy``, ``eval/x/avg`` and ``time/step`` unchanged."""
+    ``train/loss/policy``, ``busy/<role>`` -> ``util/<role>``, ``eval/x/avg`` and ``time/step`` unchanged."""
     if key in WANDB_RENAMES:
         return WANDB_RENAMES[key]
-    head, sep, _ = key.partition("/")
+    head, sep, rest = key.partition("/")
+    if head == "busy" and sep:  # the pipeline's measured busy fraction of a role: its utilisation
+        return f"util/{rest}"
     return key if sep and head in WANDB_SECTIONS else f"train/{key}"
 
 
 def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics row as W&B gets it: namespaced names, no ``step`` (W&B's own), no nulls, and
-    ``util/<role>`` = ``time/<role> / time/step`` for the roles the row times."""
+    """A metrics row as W&B gets it: namespaced names, no ``step`` (W&B's own), no nulls, and, for a
+    role the row times but whose busy fraction it lacks, ``util/<role>`` = ``time/<role> / time/step``."""
     out = {wandb_key(k): v for k, v in row.items() if k != "step" and v is not None}
     step_s = row.get("time/step")
     if isinstance(step_s, (int, float)) and step_s > 0:

@@ -82,6 +82,9 @@ def test_key_mapping():
     for key in ("eval/reverse_text/avg", "time/step", "teacher/logprob_clipped", "judge/agreement",
                 "comparator/accuracy", "continual/gate_failed"):
         assert wandb_key(key) == key
+    assert wandb_key("busy/trainer") == "util/trainer" and wandb_key("async/staleness") == "async/staleness"
+    measured = wandb_row({**train_row(1), "busy/inference": 0.9})
+    assert measured["util/inference"] == 0.9 and measured["util/teacher"] == 0.25  # measured wins; the rest derived
     row = wandb_row({**train_row(1), "teacher_kl": None})
     assert "teacher/kl" not in row and "step" not in row  # nulls and the step are not W&B values
     assert row["util/inference"] == 0.5 and row["util/teacher"] == 0.25 and row["util/trainer"] == 0.2
