@@ -22,7 +22,19 @@ dir=$2
 nodes=${3:-1}
 
 stop() {
-  local pidfile pid
+  local pidfile pid jobs
+  # Jobs first, while slurmd can still end their steps (a step left behind would outlive the cluster).
+  if [[ -f $dir/slurm.conf && -f $dir/slurmctld.pid ]] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+    jobs=$(SLURM_CONF=$dir/slurm.conf squeue -h -o %i 2>/dev/null || true)
+    if [[ -n $jobs ]]; then
+      # shellcheck disable=SC2086  # one job id a word
+      SLURM_CONF=$dir/slurm.conf scancel $jobs 2>/dev/null || true
+      for _ in $(seq 60); do
+        [[ -z $(SLURM_CONF=$dir/slurm.conf squeue -h -o %i 2>/dev/null) ]] && break
+        sleep 0.5
+      done
+    fi
+  fi
   for pidfile in "$dir"/slurmd-*.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
     [[ -f $pidfile ]] || continue
     pid=$(cat "$pidfile")
