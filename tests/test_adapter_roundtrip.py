@@ -41,7 +41,7 @@ def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
 
     _, student = tiny_pair
     tok = AutoTokenizer.from_pretrained(str(student))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a leftover cluster
     try:
         trainer = ray.remote(TrainerRank).options(num_cpus=0).remote(
             0, 1, "gloo", f"tcp://127.0.0.1:{_port()}", str(student), SPEC, str(tmp_path), None

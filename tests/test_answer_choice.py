@@ -77,7 +77,7 @@ def test_engine_draws_allowed_answers_with_the_students_logprobs(tiny_pair):
             rows.append(logp[len(p) - 1:].gather(-1, torch.tensor(c)[:, None])[:, 0].tolist())
         ref.append(rows)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a leftover cluster
     try:
         spec = dict(dtype="float32", max_model_len=32, seed=0, lora_rank=8, lora_mode="merge", answers=answers,
                     answer_choice="loglik")
