@@ -67,6 +67,10 @@ def test_image_command_is_the_quickstart(kind, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "# placement plan" in p.stdout
+    if kind == "cuda":  # GPU vLLM cannot run a role on the CPU: every role has GPU ids
+        for flag in ("--inference_gpu_ids", "--teacher_gpu_ids", "--trainer_gpu_ids"):
+            assert flag in cmd, (flag, cmd)
+        assert "GPU 3 backend=nccl" in p.stdout
 
 
 def test_sync_flags_match_the_project():
