@@ -373,6 +373,8 @@ def test_async_run_with_two_engines_and_two_ranks_stops_on_sigterm_and_resumes(t
     for r in train:
         assert r["async/staleness_max"] == (0 if r["step"] == 1 else 1), r["step"]
         assert r["async/dropped_rollouts"] == 0
-        assert 0 < r["busy/inference"] <= 1 and 0 < r["busy/trainer"] <= 1 and r["time/overlap"] >= 0
+        assert 0 < r["busy/trainer"] <= 1 and r["time/overlap"] >= 0
+        if r["step"] < 6:  # the last step has nothing left to sample: its rollouts came during step 5
+            assert 0 < r["busy/inference"] <= 1 and r["time/overlap"] > 0, r
     # the two engines both sampled: a buffered group's adapter step is the one that engine served
     assert all(set(map(int, b["adapter_steps"].values())) == {stopped - 1} for b in buffered)
