@@ -220,7 +220,16 @@ def test_too_little_free_space_is_one_line(tiny_pair, tmp_path, capsys, monkeypa
                "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
-    assert re.match(r"error: output_dir: .*/out has 5 MB free; a run needs at least 100 MB \(2 x the 0\.1 MB adapter", err)
+    m = re.match(r"error: output_dir: .*/out has 5 MB free; a run needs at least (\d+) MB \(2 x the ([\d.]+) MB adapter",
+                 err)
+    assert m, err
+    from shared.config import from_dict, load_toml
+    from shared.fsutil import MB
+    from shared.models import adapter_bytes
+
+    lora = from_dict(load_toml(EXPERIMENT)).model.lora  # the experiment's rank and targets
+    assert float(m.group(2)) == pytest.approx(adapter_bytes(tiny_pair[1], lora.rank, lora.target_modules) / MB, abs=0.05)
+    assert int(m.group(1)) == round(100 + 2 * float(m.group(2)))
 
 
 def test_adapter_size_estimate_matches_peft(tiny_pair):
