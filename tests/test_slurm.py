@@ -244,13 +244,16 @@ SHIM = """#!/usr/bin/env bash
 # Stands in for `uv run` in the multi-node script: records where each command ran. The head's
 # `ray start` blocks until its step is ended (as `ray start --block` does); a worker's ends once `rl` has run
 # (Debian's slurmd cannot signal steps of a second node on the same host); ray_wait.py waits for the
-# head; rl exits SHIM_RL_STATUS.
+# head (and, when asked for 2 nodes, for the worker, as the real one waits for it to join); rl exits
+# SHIM_RL_STATUS.
 rec() { printf '%s|%s|%s\\n' "${SLURMD_NODENAME:-?}" "${SLURM_STEP_ID:-batch}" "$*" >>"$SHIM_LOG"; }
 rec "$*"
 case "$1 ${2:-} ${3:-}" in
   "ray start --head") touch "$SHIM_LOG.head"; while :; do sleep 0.1; done ;;
-  "ray start "*) for _ in $(seq 600); do [[ -e $SHIM_LOG.rl ]] && exit 0; sleep 0.1; done; exit 1 ;;
-  "python slurm/ray_wait.py "*) for _ in $(seq 600); do [[ -e $SHIM_LOG.head ]] && exit 0; sleep 0.1; done; exit 1 ;;
+  "ray start "*) touch "$SHIM_LOG.worker"; for _ in $(seq 600); do [[ -e $SHIM_LOG.rl ]] && exit 0; sleep 0.1; done; exit 1 ;;
+  "python slurm/ray_wait.py "*) for _ in $(seq 600); do
+      [[ -e $SHIM_LOG.head ]] && { [[ ${4:-1} -lt 2 ]] || [[ -e $SHIM_LOG.worker ]]; } && exit 0; sleep 0.1
+    done; exit 1 ;;
   "rl "*) touch "$SHIM_LOG.rl"; exit "${SHIM_RL_STATUS:-0}" ;;
 esac
 exit 0
