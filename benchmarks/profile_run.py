@@ -13,7 +13,6 @@ allocator growth).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -21,21 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared.metrics import read_metrics  # noqa: E402
+
 ROLES = ("inference", "teacher", "trainer")
 
 
-def _rows(run: Path) -> list[dict]:
-    rows = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-    return rows
-
-
 def profile(run: Path) -> dict:
-    rows = _rows(run)
+    rows = read_metrics(run / "metrics.jsonl")  # skips a torn last line of a killed run
     steps = [r for r in rows if "time/step" in r and r.get("step", 0) > 0]
     if len(steps) > 4:
         steps = steps[2:]
