@@ -30,6 +30,10 @@ Verdict grammar (both modes; matching is case-insensitive, line by line, after t
     An echoed range (``SCORE: 0-10``, ``score: 1 to 5``) is no score.  A score outside
     ``[scale_min, scale_max]``, or with a denominator other than ``scale_max``, is unparseable.
 
+``verdict = "loglik"`` reads no reply: the judge's log-likelihoods of the replies ``yes`` and ``no``
+(one forward pass each, :func:`loglik_verdict`) give the reward, so a small judge that cannot follow a
+verdict grammar still grades; its built-in rubric asks for a one-word reply.
+
 No verdict → ``None``; the caller applies ``orchestrator.judge.on_unparseable`` with
 :func:`apply_unparseable` and counts it.  Nothing here raises on any input text.
 """
@@ -66,6 +70,9 @@ def _num(x: float) -> str:
 def builtin_rubric(cfg: JudgeConfig, with_reference: bool) -> str:
     """The rubric used when ``orchestrator.judge.rubric`` is empty (placeholders still unfilled)."""
     body = _BODY_WITH_REFERENCE if with_reference else _BODY_WITHOUT_REFERENCE
+    if cfg.verdict == "loglik":  # no reasoning is read: the first word of the reply is the verdict
+        body = body.rsplit("\n\n", 1)[0]
+        return body + f"\n\nIs the answer correct? Reply with exactly one word: {cfg.yes} or {cfg.no}."
     if cfg.mode == "binary":
         tail = " Then end your reply with one line that is exactly \"VERDICT: PASS\" or exactly \"VERDICT: FAIL\"."
     else:
@@ -184,6 +191,24 @@ def parse_verdict(text: str, mode: str = "binary", scale_min: float = 0.0, scale
     if not (scale_min <= score <= scale_max) or not math.isfinite(score) or scale_max <= scale_min:
         return None
     return (2.0 * score - scale_min - scale_max) / (scale_max - scale_min)  # exact at both ends and the middle
+
+
+def loglik_verdict(logp_yes: float, logp_no: float, mode: str = "binary") -> float | None:
+    """The reward from the judge's log-likelihoods of replying ``yes`` and ``no`` (``verdict = "loglik"``).
+
+    ``binary``: +1 when ``logp_yes > logp_no``, else -1.  ``graded``: ``2 p - 1`` with
+    ``p = P(yes | yes or no) = sigmoid(logp_yes - logp_no)``, i.e. ``tanh((logp_yes - logp_no) / 2)``, in
+    (-1, 1) (±1 only when one reply is impossible).  None when either is NaN or both are -inf.
+    """
+    if mode not in ("binary", "graded"):
+        raise ValueError(f"mode must be 'binary' or 'graded', got {mode!r}")
+    if math.isnan(logp_yes) or math.isnan(logp_no) or (logp_yes == logp_no == -math.inf):
+        return None
+    if mode == "binary":
+        return 1.0 if logp_yes > logp_no else -1.0
+    if math.isinf(logp_yes) or math.isinf(logp_no):  # one impossible (or +inf): the other decides outright
+        return 1.0 if logp_yes > logp_no else -1.0
+    return math.tanh((logp_yes - logp_no) / 2.0)
 
 
 UNPARSEABLE_REWARD = {"zero": 0.0, "negative": -1.0, "skip": None}

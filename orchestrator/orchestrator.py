@@ -251,8 +251,12 @@ class Orchestrator:
         score = mix.score if mix else (lambda i, p, text: env.score(p, text))
         if oc.workflow == "judge":
             chat = cfg.model.chat_template != "off"
+            jc = oc.judge
+            options = tuple(self.t_tok(w, add_special_tokens=False).input_ids for w in (jc.yes, jc.no)) \
+                if jc.verdict == "loglik" else None
             self.reward = workflows.JudgeReward(cfg, lambda m: workflows.render_messages(self.t_tok, m, chat),
-                                                self._teacher_generate, check=score)
+                                                self._teacher_generate, check=score, score=self._score,
+                                                options=options)
         elif oc.workflow == "comparator":
             from orchestrator.transfer import parameter_ratio
 

@@ -12,8 +12,10 @@ dropped from the step (counted by the source), and a dict of namespaced metrics 
     ``(question, answer)`` (with the prompt's ground-truth answer, or ``target_spec``, as the reference)
     and replies; :func:`orchestrator.judge.judge_reward` turns the reply into +1/-1 (binary) or a graded
     reward in [-1, 1].  A reply without a verdict is counted (``judge/unparseable``) and becomes 0, -1 or
-    a dropped rollout (``on_unparseable``); a judge prompt that does not fit ``model.max_model_len`` is
-    counted (``judge/too_long``) and treated the same way.  The messages are rendered with the teacher
+    a dropped rollout (``on_unparseable``).  With ``verdict = "loglik"`` the judge writes nothing: the
+    teacher role scores the replies ``yes`` and ``no`` after the judge prompt and the likelier one (or,
+    graded, ``2 P(yes) - 1``) is the reward (``judge/p_yes`` is the step's mean).  A judge prompt that
+    does not fit ``model.max_model_len`` is counted (``judge/too_long``) and treated the same way.  The messages are rendered with the teacher
     tokenizer's chat template when it has one (and ``model.chat_template`` is not ``off``), else as plain
     text (the tiny pair).
 ``comparator`` (:class:`ComparatorReward`)
@@ -35,12 +37,13 @@ from typing import Any
 
 from orchestrator.comparator import compare_batch, outcome_reward
 from orchestrator.data import Prompt
-from orchestrator.judge import apply_unparseable, judge_messages, parse_verdict
+from orchestrator.judge import apply_unparseable, judge_messages, loglik_verdict, parse_verdict
 from orchestrator.transfer import TransferTracker
 from shared.config import Config
 from shared.wire import TEACHER_FAILED, Rollout
 
 Generate = Callable[[list[list[int]], int, float], list[Rollout]]
+Score = Callable[[list[list[int]], list[list[int]]], list[list[float] | None]]  # teacher log-probs; None: failed
 Rewards = tuple[list[float | None], dict[str, float]]
 
 
@@ -83,11 +86,47 @@ class JudgeReward(RewardSource):
     MIN_REPLY_TOKENS = 4  # a judge prompt leaving less room than this in max_model_len counts as too long
 
     def __init__(self, cfg: Config, render: Callable[[list[dict[str, str]]], list[int]], generate: Generate,
-                 check: Callable[[int, Prompt, str], float] | None = None):
+                 check: Callable[[int, Prompt, str], float] | None = None, score: Score | None = None,
+                 options: tuple[list[int], list[int]] | None = None):
         self.jc = cfg.orchestrator.judge
         self.max_model_len = cfg.model.max_model_len
         self.render, self.generate, self.check = render, generate, check
+        self.score, self.options = score, options  # verdict = loglik: the teacher's scorer, (yes ids, no ids)
+        if self.jc.verdict == "loglik" and (score is None or not options or not all(options)):
+            raise ValueError("verdict = loglik needs score() and the token ids of the yes and no replies")
         self.unparseable_total = 0
+
+    def _replies(self, ids: list[list[int]], fits: list[int]) -> tuple[list[str], list[float | None], set[int]]:
+        """The judge's reply text and parsed verdict per prompt (``verdict = reply``), and the indices whose
+        request failed."""
+        jc = self.jc
+        replies, failed = [""] * len(ids), set()
+        if fits:
+            max_tokens = min(jc.max_tokens, self.max_model_len - max(len(ids[i]) for i in fits))
+            for i, reply in zip(fits, self.generate([ids[i] for i in fits], max_tokens, jc.temperature)):
+                replies[i] = reply.text
+                if reply.finish_reason == TEACHER_FAILED:
+                    failed.add(i)
+        return replies, [parse_verdict(x, jc.mode, jc.scale_min, jc.scale_max) for x in replies], failed
+
+    def _logliks(self, ids: list[list[int]], fits: list[int]) -> tuple[list[str], list[float | None], set[int]]:
+        """``verdict = loglik``: one scoring pass of ``prompt + yes`` and ``prompt + no`` per fitting prompt."""
+        yes, no = self.options
+        replies, verdicts, failed = [""] * len(ids), [None] * len(ids), set()
+        self.p_yes: list[float] = []
+        if fits:
+            scores = self.score([ids[i] for i in fits for _ in (0, 1)], [o for _ in fits for o in (yes, no)])
+            for k, i in enumerate(fits):
+                ly, ln = scores[2 * k], scores[2 * k + 1]
+                if ly is None or ln is None:
+                    failed.add(i)
+                    continue
+                ly, ln = sum(ly), sum(ln)
+                verdicts[i] = loglik_verdict(ly, ln, self.jc.mode)
+                if verdicts[i] is not None:
+                    self.p_yes.append((loglik_verdict(ly, ln, "graded") + 1.0) / 2.0)
+                    replies[i] = self.jc.yes if ly > ln else self.jc.no
+        return replies, verdicts, failed
 
     def rewards(self, prompts: Sequence[Prompt], rollouts: Sequence[Rollout], base: int) -> Rewards:
         jc = self.jc
@@ -95,17 +134,11 @@ class JudgeReward(RewardSource):
         for r in rollouts:
             p = prompts[r.prompt_index - base]
             ids.append(self.render(judge_messages(jc, p.text, r.text, p.answer)))
-        room = self.max_model_len - self.MIN_REPLY_TOKENS
+        loglik = jc.verdict == "loglik"
+        room = self.max_model_len - (max(map(len, self.options)) if loglik else self.MIN_REPLY_TOKENS)
         fits = [i for i, x in enumerate(ids) if len(x) <= room]
-        replies = [""] * len(rollouts)
-        failed = set()  # an external judge gave no reply (after retries): the rollout is dropped and counted
-        if fits:
-            max_tokens = min(jc.max_tokens, self.max_model_len - max(len(ids[i]) for i in fits))
-            for i, reply in zip(fits, self.generate([ids[i] for i in fits], max_tokens, jc.temperature)):
-                replies[i] = reply.text
-                if reply.finish_reason == TEACHER_FAILED:
-                    failed.add(i)
-        verdicts = [parse_verdict(x, jc.mode, jc.scale_min, jc.scale_max) for x in replies]
+        # failed: an external judge gave no reply (after retries): the rollout is dropped and counted
+        replies, verdicts, failed = (self._logliks if loglik else self._replies)(ids, fits)
         rewards: list[float | None] = []
         unparseable = 0
         for i, v in enumerate(verdicts):
@@ -125,6 +158,8 @@ class JudgeReward(RewardSource):
             "judge/reward_mean": statistics.fmean(parsed) if parsed else float("nan"),  # over parsed verdicts
             "judge/reply_len": statistics.fmean(len(x) for x in replies) if replies else 0.0,
         }
+        if loglik:
+            metrics["judge/p_yes"] = statistics.fmean(self.p_yes) if self.p_yes else float("nan")
         if self.check is not None:  # how often a parsed verdict agrees with the verifiable score
             agree = [(v > 0) == (self.check(r.prompt_index - base, prompts[r.prompt_index - base], r.text) > 0.5)
                      for r, v in zip(rollouts, verdicts) if v is not None]

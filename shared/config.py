@@ -243,6 +243,13 @@ class JudgeConfig(_Section):
     ) = "skip"
     max_tokens: _doc(int, "longest judge reply, in tokens", ge=1) = 256
     temperature: _doc(float, "judge sampling temperature (0 = greedy)", ge=0) = 0.0
+    verdict: _doc(
+        Literal["reply", "loglik"],
+        "reply: the judge writes a reply that is parsed; loglik: the judge's log-likelihoods of replying `yes` "
+        "and `no` decide (binary: the likelier; graded: 2 P(yes | yes or no) - 1), never unparseable",
+    ) = "reply"
+    yes: _doc(str, "verdict = loglik: the judge's positive reply") = "Yes"
+    no: _doc(str, "verdict = loglik: the judge's negative reply") = "No"
 
 
 class ComparatorConfig(_Section):
@@ -308,6 +315,12 @@ def _validate_judge_comparator(cfg: Config) -> None:
         check_template("orchestrator.judge.rubric", judge.rubric, JUDGE_PLACEHOLDERS, ("question", "answer"))
     if judge.scale_min >= judge.scale_max:
         raise ConfigError("orchestrator.judge.scale_min: must be below orchestrator.judge.scale_max")
+    if judge.verdict == "loglik":
+        for key in ("yes", "no"):
+            if not getattr(judge, key).strip():
+                raise ConfigError(f"orchestrator.judge.{key}: must not be empty with verdict = \"loglik\"")
+        if judge.yes.strip() == judge.no.strip():
+            raise ConfigError("orchestrator.judge.no: must differ from orchestrator.judge.yes")
     check_template("orchestrator.comparator.question_prompt", comp.question_prompt, ("n",), ("n",))
     if isinstance(comp.reward_threshold, str) and comp.reward_threshold != "auto":
         raise ConfigError(

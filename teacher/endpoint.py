@@ -139,8 +139,10 @@ def api_key(cfg: Config) -> str:
 
 
 def needs_scores(cfg: Config) -> bool:
-    """Whether the run uses per-token teacher log-probs (the KL / distillation term)."""
-    return cfg.trainer.loss.teacher_tau > 0
+    """Whether the run uses per-token teacher log-probs (the KL / distillation term, or a judge that
+    decides by the log-likelihoods of its replies)."""
+    oc = cfg.orchestrator
+    return cfg.trainer.loss.teacher_tau > 0 or (oc.workflow == "judge" and oc.judge.verdict == "loglik")
 
 
 def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
@@ -219,11 +221,15 @@ def _check_prompt_logprobs(cfg: Config, client: Client, model: str, tokenizer: A
 
 
 def _refuse_scoring(cfg: Config, lacks: str) -> NoReturn:
-    mode = f"orchestrator.workflow = {json.dumps(cfg.orchestrator.workflow)}"
+    oc = cfg.orchestrator
+    if cfg.trainer.loss.teacher_tau > 0:
+        mode, fix = (f"orchestrator.workflow = {json.dumps(oc.workflow)} with trainer.loss.teacher_tau = "
+                     f"{cfg.trainer.loss.teacher_tau:g}", "use workflow judge/comparator with trainer.loss.kl_coef = 0")
+    else:
+        mode, fix = 'orchestrator.judge.verdict = "loglik"', 'use orchestrator.judge.verdict = "reply"'
     raise ConfigError(
-        f"teacher.endpoint: {mode} with trainer.loss.teacher_tau = {cfg.trainer.loss.teacher_tau:g} needs per-token "
-        f"teacher log-probs of the student's token ids, and {cfg.teacher.endpoint} lacks them: {lacks}. Serve the "
-        "teacher with vLLM, or use workflow judge/comparator with trainer.loss.kl_coef = 0"
+        f"teacher.endpoint: {mode} needs per-token teacher log-probs of the student's token ids, and "
+        f"{cfg.teacher.endpoint} lacks them: {lacks}. Serve the teacher with vLLM, or {fix}"
     )
 
 

@@ -55,15 +55,22 @@ def test_run_refuses_dry_run_and_an_existing_export_path_before_starting(tmp_pat
 
 @pytest.mark.engine
 def test_run_two_steps_from_python_and_load_the_exported_student(tiny_pair, tmp_path):
+    """run() from Python, then every export: run(export=...) and export_student (merged and adapter-only)
+    and the CLI's `rl export`; the merged model equals base + adapter in transformers, and both exports
+    serve with vLLM with the same greedy tokens and log-probs."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tests.test_e2e import run_rl, serve_exports
+
     cfg = load_config(TOML, overrides={"orchestrator.batch_size": 8, "orchestrator.eval.num_prompts": 16,
-                                       "wandb.mode": "disabled"}, max_steps=2, output_dir=str(tmp_path / "run"))
+                                       "wandb.mode": "disabled", "trainer.lr": 0.02},
+                      max_steps=2, output_dir=str(tmp_path / "run"))
     result = run(cfg, export=tmp_path / "student")
     assert isinstance(result, RunResult) and result.steps == 2
     assert result.metrics["step"] == 2 and math.isfinite(result.metrics["teacher_kl"])
+    assert 0.0 <= result.metrics["reward/mean"] <= 1.0  # the task reward is computed (adv_tau = 0: not trained on)
     assert result.eval["step"] == 2 and result.eval["eval/reverse_text/avg"] == result.eval_end
     assert 0.0 <= result.eval_start <= 1.0 and 0.0 <= result.eval_end <= 1.0
     assert result.adapter == tmp_path / "run" / "broadcast" / "step_2" and (result.adapter / "COMPLETE").exists()
@@ -73,11 +80,34 @@ def test_run_two_steps_from_python_and_load_the_exported_student(tiny_pair, tmp_
     # The exported student is a plain transformers model equal to base + the final adapter, and it answers.
     tok = AutoTokenizer.from_pretrained(str(result.merged_model))
     merged = AutoModelForCausalLM.from_pretrained(str(result.merged_model))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_pair[1]))
     ids = tok("abcd=", return_tensors="pt").input_ids
     with torch.no_grad():
-        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_pair[1])), str(result.adapter))
-        assert torch.allclose(merged(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
+        base_logits = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(result.adapter))(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, tuned, atol=1e-4)
+        assert not torch.allclose(tuned, base_logits, atol=1e-3)  # the steps changed the student
         out = merged.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     adapter = export_student(result.output_dir, tmp_path / "adapter", merged=False)
     assert (adapter / "adapter_model.safetensors").exists()
+
+    # The CLI's export writes the same two things, and never overwrites.
+    e1 = run_rl("export", str(result.output_dir), str(tmp_path / "cli_merged"))
+    e2 = run_rl("export", str(result.output_dir), str(tmp_path / "cli_adapter"), "--adapter-only")
+    assert e1.returncode == 0 and e2.returncode == 0, e1.stderr[-2000:] + e2.stderr[-2000:]
+    again = run_rl("export", str(result.output_dir), str(tmp_path / "cli_merged"))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    cli = AutoModelForCausalLM.from_pretrained(str(tmp_path / "cli_merged"))
+    with torch.no_grad():
+        assert torch.allclose(cli(input_ids=ids).logits, tuned, atol=1e-4)
+
+    # Both exports serve with vLLM: same greedy tokens, log-probs within 1e-3 of each other and of
+    # the merged transformers model's.
+    served = serve_exports(tmp_path / "cli_merged", tiny_pair[1], tmp_path / "cli_adapter")
+    assert served["merged"][0] == served["adapter"][0]
+    assert served["merged"][1] == pytest.approx(served["adapter"][1], abs=1e-3)
+    prompt = torch.tensor([[1, 4, 5, 6, 30]])  # serve_exports' prompt
+    with torch.no_grad():
+        first = torch.log_softmax(merged(input_ids=prompt).logits[0, -1], -1)[served["merged"][0][0]]
+    assert float(first) == pytest.approx(served["merged"][1][0], abs=1e-3)

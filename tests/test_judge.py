@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import main
-from orchestrator.judge import apply_unparseable, builtin_rubric, judge_messages, judge_reward, parse_verdict
+from orchestrator.judge import (apply_unparseable, builtin_rubric, judge_messages, judge_reward, loglik_verdict,
+                               parse_verdict)
 from shared.config import ConfigError, JudgeConfig, load
 
 # ------------------------------------------------------------------------------------------------
@@ -298,3 +301,44 @@ def test_parse_verdict_is_fast_on_long_whitespace():
         parse_verdict("verdict" + " " * 100_000 + "x", mode)
         parse_verdict("score" + " " * 100_000 + "7" + " " * 100_000 + "/", mode)
     assert time.monotonic() - start < 2.0
+
+
+# ------------------------------------------------------------------------------------------------
+# verdict = "loglik": the judge's log-likelihoods of replying yes / no
+
+
+@pytest.mark.parametrize("ly, ln, mode, expected", [
+    (-0.1, -2.5, "binary", 1.0),
+    (-2.5, -0.1, "binary", -1.0),
+    (-1.0, -1.0, "binary", -1.0),  # a tie is not a yes
+    # graded: 2 sigmoid(ly - ln) - 1 = tanh((ly - ln) / 2); ly - ln = ln 3 -> p = 3/4 -> 0.5
+    (math.log(3.0) - 2.0, -2.0, "graded", 0.5),
+    (-2.0, math.log(3.0) - 2.0, "graded", -0.5),
+    (-0.7, -0.7, "graded", 0.0),
+    (-1.0, -math.inf, "graded", 1.0),  # "no" impossible
+    (-math.inf, -3.0, "graded", -1.0),
+    (-math.inf, -math.inf, "binary", None),
+    (math.nan, -1.0, "graded", None),
+    (-1.0, math.nan, "binary", None),
+])
+def test_loglik_verdict_by_hand(ly, ln, mode, expected):
+    got = loglik_verdict(ly, ln, mode)
+    assert got == (None if expected is None else pytest.approx(expected, abs=1e-12))
+
+
+def test_loglik_verdict_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be"):
+        loglik_verdict(-1.0, -2.0, "scores")
+
+
+def test_loglik_rubric_asks_for_one_word_and_config_checks():
+    cfg = JudgeConfig(verdict="loglik", yes="Oui", no="Non")
+    rubric = builtin_rubric(cfg, with_reference=True)
+    assert rubric.endswith("Reply with exactly one word: Oui or Non.") and "{reference}" in rubric
+    assert "explain" not in rubric  # no reasoning is read
+    with pytest.raises(ConfigError, match=r'^orchestrator\.judge\.no: must differ from orchestrator\.judge\.yes$'):
+        load(["--orchestrator.judge.verdict", "loglik", "--orchestrator.judge.no", "Yes"])
+    with pytest.raises(ConfigError, match=r'^orchestrator\.judge\.yes: must not be empty with verdict = "loglik"$'):
+        load(["--orchestrator.judge.verdict", "loglik", "--orchestrator.judge.yes", " "])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.judge\.verdict: "):
+        load(["--orchestrator.judge.verdict", "logits"])

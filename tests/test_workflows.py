@@ -4,6 +4,7 @@ experiment for 2 steps through the real `rl` command (marked `engine`)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -45,6 +46,42 @@ def test_judge_reward_counts_unparseable_and_drops_with_skip():
     assert m["judge/unparseable"] == 1 and m["judge/dropped"] == 1 and m["judge/too_long"] == 0
     assert m["judge/reward_mean"] == 0.0 and m["judge/agreement"] == 1.0
     assert teacher.calls[0][1] == min(cfg.orchestrator.judge.max_tokens, 64 - 10)
+
+
+def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
+    """verdict = loglik: one scoring pass of prompt + yes and prompt + no per rollout; the summed log-probs
+    decide (binary), a failed score drops the rollout, a prompt too long for prompt + the longer option is
+    counted as too long."""
+    cfg = load(["--orchestrator.workflow", "judge", "--orchestrator.judge.verdict", "loglik",
+                "--model.max_model_len", "12", "--inference.max_tokens", "4"])
+    yes, no = [7], [8, 9]
+    table = {"ba": ([-0.2], [-1.0, -1.5]), "ab": ([-3.0], [-0.5, -0.5]), "xy": None}
+    calls = []
+
+    def score(prompt_ids, completion_ids):
+        calls.append((prompt_ids, completion_ids))
+        out = []
+        for p, c in zip(prompt_ids, completion_ids):
+            entry = table[{1: "ba", 2: "ab", 3: "xy"}[p[0]]]
+            out.append(None if entry is None else entry[0] if c == yes else entry[1])
+        return out
+
+    render = {"ba": [1] * 10, "ab": [2] * 10, "xy": [3] * 10, "toolong": [4] * 11}
+    prompts = [Prompt(text="ab=", answer="ba")]
+    rollouts = [_rollout(0, t) for t in ("ba", "ab", "xy", "toolong")]
+    source = workflows.JudgeReward(cfg, lambda m: render[m[-1]["content"].split("Answer to judge:\n")[1].split("\n")[0]],
+                                   FakeTeacher([]), check=lambda i, p, t: float(t == p.answer), score=score,
+                                   options=(yes, no))
+    rewards, m = source.rewards(prompts, rollouts, base=0)
+    assert rewards == [1.0, -1.0, None, None]  # too long + on_unparseable = skip -> dropped
+    assert calls == [([[1] * 10, [1] * 10, [2] * 10, [2] * 10, [3] * 10, [3] * 10], [yes, no] * 3)]
+    assert m["judge/teacher_failed"] == 1 and m["judge/too_long"] == 1 and m["judge/unparseable"] == 1
+    assert m["judge/agreement"] == 1.0  # "ba" is right and judged yes, "ab" wrong and judged no
+    # P(yes | yes or no) = sigmoid(ly - ln): -0.2 - (-2.5) = 2.3 and -3.0 - (-1.0) = -2.0
+    sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+    assert m["judge/p_yes"] == pytest.approx((sig(2.3) + sig(-2.0)) / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="needs score"):
+        workflows.JudgeReward(cfg, lambda m: [1], FakeTeacher([]))
 
 
 def test_judge_reward_too_long_prompt_is_unparseable_not_a_crash():
@@ -168,11 +205,7 @@ def _run(config: str, out, *extra: str, steps: tuple[int, ...] = (1, 2), timeout
     return rows, train
 
 
-@pytest.mark.engine
-def test_distill_workflow_two_steps(tiny_pair, tmp_path):
-    """On-policy distillation with skip_verification: no task reward at all."""
-    _, train = _run("experiments/reverse_text/rl.toml", tmp_path / "d", "--orchestrator.skip_verification")
-    assert all("reward/mean" not in r for r in train)
+# Workflow 1 (on-policy distillation, skip_verification) is tests/test_e2e.py::test_two_step_run.
 
 
 @pytest.mark.engine
@@ -236,8 +269,9 @@ def test_continual_gate_restores_the_last_passing_adapter(tiny_pair, tmp_path):
 
 @pytest.mark.engine
 def test_judge_workflow_two_steps_smollm2(tmp_path):
-    """The real judge: SmolLM2-135M-Instruct reads the rubric through its chat template; every reply is
-    either a parsed verdict (+1/-1) or counted as unparseable and dropped (on_unparseable = "skip")."""
+    """The real judge: SmolLM2-135M-Instruct reads the rubric through its chat template and is read by
+    log-likelihood (verdict = loglik, graded): every rollout gets 2 P(Yes | Yes or No) - 1, none is
+    unparseable."""
     from tests.test_e2e import run_rl
 
     out = tmp_path / "js"
@@ -247,7 +281,9 @@ def test_judge_workflow_two_steps_smollm2(tmp_path):
     train = [r for r in read_metrics(out / "metrics.jsonl") if "teacher_kl" in r]
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
-        assert r["judge/dropped"] == r["judge/unparseable"] and r["judge/too_long"] == 0
-        assert r["judge/unparseable"] <= 8  # batch_size 4 x group_size 2
-        if r["judge/unparseable"] < 8:  # some verdicts parsed: they are the step's rewards
-            assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"]) and -1 <= r["reward/mean"] <= 1
+        assert r["judge/unparseable"] == r["judge/dropped"] == r["judge/too_long"] == 0
+        assert 0.0 < r["judge/p_yes"] < 1.0 and -1.0 < r["reward/mean"] < 1.0
+        # every rollout's reward is its graded verdict: the means agree, and 2 p - 1 averages to the same
+        assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"])
+        assert r["reward/mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
+        assert 0.0 <= r["judge/agreement"] <= 1.0
