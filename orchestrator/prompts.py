@@ -40,17 +40,28 @@ class Renderer:
             return shots + [{"role": "user", "content": text}]
         return [{"role": "user", "content": f"{ctx.context} {text}"}]
 
-    def ids(self, prompt: Prompt, teacher: bool = False) -> list[int]:
+    def ids(self, prompt: Prompt, teacher: bool = False) -> "ChatIds":
         if self.chat:
-            text = self.tok.apply_chat_template(
-                self._messages(prompt.text, teacher), tokenize=False, add_generation_prompt=True
-            )
-            return self.tok(text, add_special_tokens=False).input_ids
+            messages = self._messages(prompt.text, teacher)
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return ChatIds(self.tok(text, add_special_tokens=False).input_ids, messages)
         text = prompt.text
         if teacher and self.context.context:
             text = f"{self.context.context}{text}"
-        return self.tok(text).input_ids
+        return ChatIds(self.tok(text).input_ids, [{"role": "user", "content": text}])
 
     @property
     def has_context(self) -> bool:
         return bool(self.context.context or self.context.context_messages)
+
+
+class ChatIds(list):
+    """Token ids of a rendered prompt that remember the chat ``messages`` they were rendered from, so a
+    teacher behind a chat API (``teacher.endpoint_api = "chat"``) gets the messages instead of ids."""
+
+    def __init__(self, ids: list[int], messages: list[dict[str, str]]):
+        super().__init__(ids)
+        self.messages = messages
+
+    def __reduce__(self):  # pickled (Ray) with its messages
+        return (ChatIds, (list(self), self.messages))

@@ -37,6 +37,7 @@ from typing import Any
 
 from orchestrator.comparator import compare_batch, outcome_reward
 from orchestrator.data import Prompt
+from orchestrator.prompts import ChatIds
 from orchestrator.judge import apply_unparseable, judge_messages, loglik_verdict, parse_verdict
 from orchestrator.transfer import TransferTracker
 from shared.config import Config
@@ -75,8 +76,8 @@ def render_messages(tokenizer: Any, messages: list[dict[str, str]], chat: bool) 
     one the contents joined by blank lines as plain text."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer("\n\n".join(m["content"] for m in messages)).input_ids
+        return ChatIds(tokenizer(text, add_special_tokens=False).input_ids, messages)
+    return ChatIds(tokenizer("\n\n".join(m["content"] for m in messages)).input_ids, messages)
 
 
 class JudgeReward(RewardSource):

@@ -86,6 +86,11 @@ class TeacherConfig(_Section):
     endpoint: _doc(str, "OpenAI-compatible base URL of an external teacher/judge (http://127.0.0.1:8000/v1); "
                         "empty = the in-cluster vLLM engine. teacher.name then only names the local tokenizer") = ""
     model: _doc(str, "endpoint: the served model's name; empty = the only model it lists") = ""
+    endpoint_api: _doc(
+        Literal["completions", "chat"],
+        "endpoint: completions = /completions on token ids or text (vLLM, Ollama); chat = /chat/completions with "
+        "the chat messages (hosted chat APIs; generation only: no teacher log-probs)",
+    ) = "completions"
     api_key_env: _doc(str, "endpoint: environment variable (*_API_KEY, *_TOKEN, *_SECRET) holding its API key, sent "
                            "only to the endpoint; empty = none") = ""
     timeout_s: _doc(float, "endpoint: seconds per HTTP request", gt=0) = 60.0
@@ -110,7 +115,18 @@ def _validate_endpoint(cfg: Config) -> None:
         for key in ENDPOINT_ONLY:
             if getattr(tc, key):
                 raise ConfigError(f"teacher.{key}: only used with teacher.endpoint")
+        if tc.endpoint_api != "completions":
+            raise ConfigError("teacher.endpoint_api: only used with teacher.endpoint")
         return
+    oc = cfg.orchestrator
+    if tc.endpoint_api == "chat":
+        if cfg.trainer.loss.teacher_tau > 0:
+            raise ConfigError(f"teacher.endpoint_api: \"chat\" returns text, not the per-token teacher log-probs that "
+                              f"trainer.loss.teacher_tau = {cfg.trainer.loss.teacher_tau:g} needs; set "
+                              "trainer.loss.kl_coef = 0 (judge, comparator) or use \"completions\" with a vLLM server")
+        if oc.workflow == "judge" and oc.judge.verdict == "loglik":
+            raise ConfigError("teacher.endpoint_api: \"chat\" returns text, not the log-likelihoods that "
+                              "orchestrator.judge.verdict = \"loglik\" needs; use verdict = \"reply\"")
     url = urlsplit(tc.endpoint)
     try:
         bad_port = url.port is not None and not 0 < url.port < 65536

@@ -10,7 +10,9 @@ a time, one request per completion to score or prompt to answer:
   ``prompt_logprobs = 0`` and ``echo = true, max_tokens = 0`` (nothing is generated, so a prompt of
   exactly ``max_model_len`` tokens fits);
 - generation: token-id prompts when the server tokenizes exactly as our tokenizer (vLLM), otherwise
-  the prompt decoded to text (any OpenAI-compatible server) and the answer re-tokenized locally.
+  the prompt decoded to text (any OpenAI-compatible server) and the answer re-tokenized locally; with
+  ``teacher.endpoint_api = "chat"``, ``/v1/chat/completions`` with the chat messages each prompt was
+  rendered from (hosted chat APIs, which apply their own template), the answer re-tokenized locally.
 
 A request that times out, loses its connection or gets HTTP 429/5xx is retried ``retries`` times with
 exponential backoff; one that still fails is reported back (``ScoreResult.failed``; a generated
@@ -178,6 +180,13 @@ def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
         raise ConfigError(f"teacher.endpoint: {model} at {tc.endpoint} has max_model_len {card_len}; scoring sequences "
                           f"of model.max_model_len = {cfg.model.max_model_len} tokens needs at least {need} "
                           f"(vllm serve --max-model-len {need})")
+    if tc.endpoint_api == "chat":  # generation only (the config refuses chat for scoring modes)
+        try:
+            client.post("/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                                              "max_tokens": 1, "temperature": 0.0})
+        except HttpError as e:
+            raise ConfigError(f"teacher.endpoint: {tc.endpoint}/chat/completions fails for {model} ({e})") from None
+        return {"endpoint_model": model, "endpoint_prompts": "chat"}
     same, why = _same_tokenizer(client, model, tokenizer)
     if needs_scores(cfg):
         if not same:
@@ -290,13 +299,13 @@ class EndpointTeacher:
                 "teacher/endpoint_retries": float(self.retries),
                 "teacher/endpoint_failure_rate": self.failed / max(self.requests, 1)}
 
-    def _call(self, body: dict, parse: Any) -> Any:
-        """POST /completions with retries and ``parse`` the reply; None when every attempt failed or the reply
+    def _call(self, body: dict, parse: Any, route: str = "/completions") -> Any:
+        """POST ``route`` with retries and ``parse`` the reply; None when every attempt failed or the reply
         did not have the expected shape (a malformed reply is not retried)."""
         tc = self.tc
         for attempt in range(tc.retries + 1):
             try:
-                reply = self.client.post("/completions", body)
+                reply = self.client.post(route, body)
             except HttpError as e:
                 self.last_error = str(e)
                 if not e.transient or attempt == tc.retries:
@@ -308,12 +317,12 @@ class EndpointTeacher:
             try:
                 return parse(reply)
             except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
-                self.last_error = f"POST {self.client.prefix}/completions: unexpected reply ({type(e).__name__}: {e})"
+                self.last_error = f"POST {self.client.prefix}{route}: unexpected reply ({type(e).__name__}: {e})"
                 return None
         return None
 
-    def _map(self, jobs: list[tuple[dict, Any]]) -> list:
-        """Every ``(body, parse)`` job's parsed reply (None: failed), up to max_concurrency requests in flight;
+    def _map(self, jobs: list[tuple]) -> list:
+        """Every ``(body, parse[, route])`` job's parsed reply (None: failed), up to max_concurrency requests in flight;
         failures are counted, and past the failure-rate bound the call raises :class:`EndpointError`."""
         results = list(self.pool.map(lambda job: self._call(*job), jobs))
         self.requests += len(jobs)
@@ -349,15 +358,28 @@ class EndpointTeacher:
         ``n`` empty rollouts with ``finish_reason = TEACHER_FAILED``.  The tokenizer is used on this thread only
         (a fast tokenizer shared between threads can fail with "Already borrowed")."""
 
+        chat = self.tc.endpoint_api == "chat"
+
         def parse(reply: dict) -> list[dict]:
             choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
             if len(choices) != n:
                 raise ValueError(f"{len(choices)} choices, expected {n}")
+            if chat:
+                return [{"text": str(c["message"].get("content") or ""), "token_ids": None,
+                         "finish_reason": str(c.get("finish_reason") or "")} for c in choices]
             return [{"text": str(c.get("text") or ""), "token_ids": c.get("token_ids"),
                      "finish_reason": str(c.get("finish_reason") or "")} for c in choices]
 
-        jobs = []
+        jobs: list[tuple] = []
         for idx, ids in zip(prompt_indices, prompt_ids):
+            if chat:  # the chat messages the ids were rendered from (orchestrator.prompts.ChatIds)
+                messages = getattr(ids, "messages", None)
+                if not messages:
+                    raise EndpointError("teacher.endpoint_api = \"chat\": a prompt reached the teacher without its chat "
+                                        "messages (only token ids)")
+                jobs.append(({"model": self.model, "messages": messages, "n": n, "temperature": temperature,
+                              "top_p": top_p, "max_tokens": max_tokens, "seed": seed + idx}, parse, "/chat/completions"))
+                continue
             prompt: Any = ids
             if self.prompts == "text":  # a server that takes no token ids gets the text (without our BOS)
                 prompt = self.tok.decode(ids, skip_special_tokens=False)
@@ -373,7 +395,7 @@ class EndpointTeacher:
                                             finish_reason=TEACHER_FAILED))
                     continue
                 toks = c["token_ids"]
-                if self.prompts == "text" or not isinstance(toks, list):
+                if chat or self.prompts == "text" or not isinstance(toks, list):
                     toks = self.tok(c["text"], add_special_tokens=False).input_ids
                 rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=[int(t) for t in toks],
                                         logprobs=[], finish_reason=c["finish_reason"], text=c["text"]))

@@ -153,6 +153,14 @@ def _score(teacher: EndpointTeacher, prompts, completions) -> ScoreResult:
     (["--teacher.endpoint", "http://h/v1", "--teacher_gpu_ids", "0"], r"^teacher\.gpu_ids: an external teacher"),
     (["--teacher.endpoint", "http://h/v1", "--teacher.max_failure_rate", "1.5"], r"^teacher\.max_failure_rate: expected"),
     (["--teacher.endpoint", "http://h/v1", "--teacher.max_concurrency", "0"], r"^teacher\.max_concurrency: expected"),
+    (["--teacher.endpoint_api", "chat"], r"^teacher\.endpoint_api: only used with teacher\.endpoint$"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher.endpoint_api", "chat"],
+     r"^teacher\.endpoint_api: \"chat\" returns text, not the per-token teacher log-probs that "
+     r"trainer\.loss\.teacher_tau = 1 needs; set trainer\.loss\.kl_coef = 0"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher.endpoint_api", "chat", "--trainer.loss.kl_coef", "0",
+      "--orchestrator.workflow", "judge", "--orchestrator.judge.verdict", "loglik"],
+     r"^teacher\.endpoint_api: \"chat\" returns text, not the log-likelihoods that orchestrator\.judge\.verdict"),
+    (["--teacher.endpoint", "http://h/v1", "--teacher.endpoint_api", "messages"], r"^teacher\.endpoint_api: "),
 ])
 def test_endpoint_config_errors_name_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -355,10 +363,13 @@ def vllm_serve(tiny_pair, tmp_path_factory):
 
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    template = log.parent / "chat_template.jinja"  # /v1/chat/completions: the contents as plain text
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_pair[0]),
            "--served-model-name", "tiny-teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "33", "--enforce-eager", "--seed", "0",
+           "--chat-template", str(template),
            "--distributed-executor-backend", "uni"]  # the worker inside the engine-core process: one process fewer
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -387,13 +398,15 @@ def vllm_serve(tiny_pair, tmp_path_factory):
 
 
 class FaultProxy(ThreadingHTTPServer):
-    """Forwards to ``upstream``; every ``every``-th POST to /v1/completions gets HTTP 503 instead."""
+    """Forwards to ``upstream``; every ``every``-th POST to /v1/completions gets HTTP 503 instead.
+    ``posts`` records the path of every POST."""
 
     daemon_threads = True
 
     def __init__(self, upstream: str, every: int):
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream, self.every, self.count, self.injected = upstream, every, 0, 0
+        self.posts: list[str] = []
         self.lock = threading.Lock()
 
     @property
@@ -411,6 +424,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
         srv: FaultProxy = self.server
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+        if method == "POST":
+            srv.posts.append(self.path)
         if method == "POST" and self.path == "/v1/completions":
             with srv.lock:
                 srv.count += 1
@@ -498,19 +513,30 @@ def test_distill_two_steps_through_vllm_serve(vllm_serve, tmp_path):
 
 
 @pytest.mark.engine
-def test_judge_two_steps_through_vllm_serve(vllm_serve, tmp_path):
-    out = tmp_path / "j"
-    p = _rl("experiments/judge/tiny.toml", out, vllm_serve)
-    assert p.returncode == 0, p.stderr[-3000:]
-    train = _train_rows(out)
-    assert [r["step"] for r in train] == [1, 2]
-    requests = 0
-    for r in train:
-        n = 8 * 4 - r["rollouts/empty"]
-        requests += n + (n - r["judge/too_long"])  # a score per rollout + a judge reply per judge prompt that fits
-        assert r["teacher/endpoint_requests"] == requests
-        assert r["judge/teacher_failed"] == 0 and r["judge/unparseable"] >= 1  # the tiny teacher cannot judge
-        assert "reward/mean" in r and 0.5 < r["teacher_kl"] < 10
+def test_judge_two_steps_through_vllm_serve_chat_api(vllm_serve, tmp_path):
+    """A judge behind a chat API (teacher.endpoint_api = chat, no KL term): every judge prompt goes to
+    /v1/chat/completions as messages; nothing asks for log-probs. (Generation on /v1/completions is
+    checked against the same server in test_vllm_serve_scores_exactly_like_the_teacher_in_transformers.)"""
+    proxy = FaultProxy(vllm_serve, every=10**9)  # no faults: it records the routes
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "j"
+        p = _rl("experiments/judge/tiny.toml", out, proxy.url, "--teacher.endpoint_api", "chat",
+                "--trainer.loss.kl_coef", "0")
+        assert p.returncode == 0, p.stderr[-3000:]
+        train = _train_rows(out)
+        assert [r["step"] for r in train] == [1, 2]
+        requests = 0
+        for r in train:
+            n = 8 * 4 - r["rollouts/empty"]
+            requests += n - r["judge/too_long"]  # a judge reply per judge prompt that fits, no scoring
+            assert r["teacher/endpoint_requests"] == requests
+            assert r["judge/teacher_failed"] == 0 and r["judge/unparseable"] >= 1  # the tiny teacher cannot judge
+            assert "reward/mean" in r and r["teacher_kl"] is None  # not scored: NaN, written as null
+        assert proxy.posts == ["/v1/chat/completions"] * (1 + int(requests))  # the probe, then the judge prompts
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 @pytest.mark.engine

@@ -68,3 +68,25 @@ def test_french_detector_and_split():
     assert not is_french("Bread is a food made of flour, water and salt. It is baked in an oven.")
     assert not is_french("")
     assert set(TRAIN).isdisjoint(HELDOUT) and len(HELDOUT) >= 32
+
+
+def test_rendered_ids_remember_their_chat_messages_through_pickling(chat_tok, plain_tok):
+    """A teacher behind a chat API gets the messages each prompt was rendered from (ChatIds), also after
+    Ray has pickled the ids to the teacher actor."""
+    import pickle
+
+    from orchestrator.prompts import ChatIds
+    from orchestrator.workflows import render_messages
+    tok = chat_tok
+    r = Renderer(tok, "auto", TeacherModelConfig(context="Answer in French.", context_mode="system"))
+    ids = r.ids(Prompt(text="What is rain?"), teacher=True)
+    assert isinstance(ids, ChatIds) and ids == tok(tok.apply_chat_template(
+        ids.messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    assert ids.messages == [{"role": "system", "content": "Answer in French."},
+                            {"role": "user", "content": "What is rain?"}]
+    back = pickle.loads(pickle.dumps([ids]))[0]
+    assert isinstance(back, ChatIds) and back == ids and back.messages == ids.messages
+    judge = render_messages(plain_tok, [{"role": "user", "content": "ab="}], chat=True)  # no template: plain text
+    assert judge.messages == [{"role": "user", "content": "ab="}] and judge == plain_tok("ab=").input_ids
+    plain = Renderer(plain_tok, "auto", TeacherModelConfig(context="x")).ids(Prompt(text="ab="), teacher=True)
+    assert plain == plain_tok("xab=").input_ids and plain.messages == [{"role": "user", "content": "xab="}]
