@@ -8,6 +8,7 @@ against transformers, and 2-step distillation and judge runs through the real ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -414,6 +415,18 @@ class FaultProxy(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
+@contextlib.contextmanager
+def running_proxy(upstream: str, every: int):
+    """A :class:`FaultProxy` serving on a thread for the ``with`` block."""
+    proxy = FaultProxy(upstream, every)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
 class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -517,9 +530,7 @@ def test_judge_two_steps_through_vllm_serve_chat_api(vllm_serve, tmp_path):
     """A judge behind a chat API (teacher.endpoint_api = chat, no KL term): every judge prompt goes to
     /v1/chat/completions as messages; nothing asks for log-probs. (Generation on /v1/completions is
     checked against the same server in test_vllm_serve_scores_exactly_like_the_teacher_in_transformers.)"""
-    proxy = FaultProxy(vllm_serve, every=10**9)  # no faults: it records the routes
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
+    with running_proxy(vllm_serve, every=10**9) as proxy:  # no faults: it records the routes
         out = tmp_path / "j"
         p = _rl("experiments/judge/tiny.toml", out, proxy.url, "--teacher.endpoint_api", "chat",
                 "--trainer.loss.kl_coef", "0")
@@ -534,16 +545,11 @@ def test_judge_two_steps_through_vllm_serve_chat_api(vllm_serve, tmp_path):
             assert r["judge/teacher_failed"] == 0 and r["judge/unparseable"] >= 1  # the tiny teacher cannot judge
             assert "reward/mean" in r and r["teacher_kl"] is None  # not scored: NaN, written as null
         assert proxy.posts == ["/v1/chat/completions"] * (1 + int(requests))  # the probe, then the judge prompts
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
 
 
 @pytest.mark.engine
 def test_failures_mid_run_are_dropped_and_counted_then_stop_the_run(vllm_serve, tmp_path):
-    proxy = FaultProxy(vllm_serve, every=5)  # 20% of completions requests fail, after the probe's
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
+    with running_proxy(vllm_serve, every=5) as proxy:  # 20% of completions requests fail, after the probe's
         out = tmp_path / "drop"
         p = _rl("experiments/reverse_text/rl.toml", out, proxy.url, "--teacher.retries", "0",
                 "--teacher.max_failure_rate", "0.5")
@@ -559,6 +565,3 @@ def test_failures_mid_run_are_dropped_and_counted_then_stop_the_run(vllm_serve, 
         assert last.startswith("error: teacher failed: EndpointError: teacher.endpoint http://127.0.0.1:"), p.stderr[-2000:]
         assert "> teacher.max_failure_rate = 0.1); last error: POST /v1/completions: HTTP 503 injected 503" in last
         assert "Traceback" not in p.stderr
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
