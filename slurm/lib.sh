@@ -56,3 +56,21 @@ opd_check_gpus() {
       "or on a cluster with ConstrainDevices=yes" >&2
   fi
 }
+
+# Run rl (the command in "$@") so that it can stop cleanly: a USR1 or TERM sent to this batch shell only
+# (`#SBATCH --signal=B:USR1@300` before the time limit, or `scancel --signal=USR1 --batch JOB`) is passed
+# on to rl alone as SIGTERM, while its Ray actors are still alive; rl finishes the step in progress, writes
+# a checkpoint and exits 143 (`--resume` continues). Returns rl's exit status.
+opd_run_rl() {
+  local pid status
+  "$@" &
+  pid=$!
+  # shellcheck disable=SC2064  # the pid is fixed now
+  trap "echo 'opd: stop requested: SIGTERM to rl (pid $pid)'; kill -TERM $pid 2>/dev/null || true" USR1 TERM
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" 2>/dev/null || true  # returns early (status > 128) when a trapped signal arrives
+  done
+  wait "$pid" && status=0 || status=$?  # the status bash kept for the finished child
+  trap - USR1 TERM
+  return "$status"
+}

@@ -113,6 +113,34 @@ def test_sbatch_headers_are_documented():
         assert {"--job-name", "--nodes", "--gpus-per-node", "--time", "--output", "--cpus-per-task"} <= opts, name
 
 
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_stop_signal_to_the_batch_shell_reaches_rl_alone(tmp_path, sig):
+    """What `#SBATCH --signal=B:USR1@300` and `scancel --signal=USR1 --batch` do: the signal goes to the
+    batch shell, opd_run_rl passes it on to rl alone as SIGTERM (the stand-in answers as rl does: exit
+    143), and the script exits with rl's status."""
+    ready = tmp_path / "ready"
+    stand_in = (
+        "import signal, sys, time, pathlib\n"
+        "def stop(*a):\n"
+        "    print('rl: SIGTERM, checkpoint written', flush=True); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).write_text('up')\n"
+        "time.sleep(60)\n"
+    )
+    script = f'source {shlex.quote(str(SLURM / "lib.sh"))}; status=0; opd_run_rl {shlex.quote(sys.executable)} -c ' \
+             f'{shlex.quote(stand_in)} || status=$?; echo "script: rl exited $status"; exit "$status"'
+    p = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the stand-in rl did not start"
+    os.kill(p.pid, getattr(__import__("signal"), f"SIG{sig}"))
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 143, out
+    assert out.splitlines() == [f"opd: stop requested: SIGTERM to rl (pid {out.split('pid ')[1].split(')')[0]})",
+                                "rl: SIGTERM, checkpoint written", "script: rl exited 143"], out
+
+
 # ------------------------------------------------------------------------------------------------
 # A real Slurm
 
