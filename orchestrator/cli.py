@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(argv)
         if cfg.dry_run:
+            import os
+
             from shared.placement import describe, plan
 
             print(redacted_toml(cfg))
-            print(describe(plan(cfg)))
+            print(describe(plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES"))))
             return 0
         from orchestrator.api import run
 

@@ -16,6 +16,7 @@ import msgspec
 from shared.config import Config, ConfigError
 from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
+from shared.placement import plan
 from shared.redact import redacted_toml
 
 # Prompts rendered from a generating environment to find the longest (a dataset file is checked whole).
@@ -40,6 +41,10 @@ def preflight(cfg: Config) -> dict[str, str]:
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
     paths = {"student": str(student), "teacher": str(teacher)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # the actors get the entries of rl's own list (shared/placement.py)
+        paths["cuda_visible_devices"] = visible
+    plan(cfg, visible)  # an id beyond what rl sees is a one-line error now, not in an actor later
     if cfg.teacher.endpoint:  # an external teacher: reachable, model served, tokenizer and log-probs as the run needs
         from teacher.endpoint import probe
 

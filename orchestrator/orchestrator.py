@@ -94,7 +94,7 @@ class Orchestrator:
         from teacher.engine import TeacherEngine
         from trainer.worker import TrainerRank
 
-        actors = plan(cfg)
+        actors = plan(cfg, self.paths.get("cuda_visible_devices"))
         port = _free_port()
         # Trainer ranks meet through a file store, not a TCP store: torch's TCPStore listens on every
         # interface whatever address it is given. (Ranks on several nodes need a shared filesystem.)

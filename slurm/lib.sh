@@ -41,19 +41,16 @@ opd_quote() {
   echo "${out% }"
 }
 
-# The card's GPU ids are CUDA ordinals as the node shows them, and rl hands each actor its ids as
-# CUDA_VISIBLE_DEVICES. With Slurm's device cgroup (ConstrainDevices=yes) the job sees only its GPUs,
-# numbered 0..n-1, and all is well; without it CUDA_VISIBLE_DEVICES names the job's physical GPUs (say
-# 4,5,6,7) and ids 0..3 would be another job's GPUs: say so (whole nodes, --exclusive, avoid it).
+# The card's GPU ids count the GPUs rl sees. With Slurm's device cgroup (ConstrainDevices=yes) the job
+# sees only its GPUs, numbered 0..n-1; without it CUDA_VISIBLE_DEVICES names the job's physical GPUs (say
+# 4,5,6,7), and rl gives the actor of id i the i-th of them (shared/placement.py). Say which, in the log.
 opd_check_gpus() {
   local cvd=${CUDA_VISIBLE_DEVICES:-} want="" i n
   [[ -n $cvd && $cvd =~ ^[0-9,]+$ ]] || return 0
   n=$(tr ',' '\n' <<<"$cvd" | wc -l)
   for ((i = 0; i < n; i++)); do want+="${want:+,}$i"; done
   if [[ $cvd != "$want" ]]; then
-    echo "warning: Slurm gave this job GPUs $cvd (CUDA_VISIBLE_DEVICES) without a device cgroup; rl's GPU ids" \
-      "0..$((n - 1)) would be the node's GPUs 0..$((n - 1)), not these: submit with --exclusive (whole nodes)" \
-      "or on a cluster with ConstrainDevices=yes" >&2
+    echo "opd: Slurm gave this job GPUs $cvd (CUDA_VISIBLE_DEVICES); rl's GPU ids 0..$((n - 1)) are these, in order"
   fi
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import load
+from shared.config import ConfigError, load
 from shared.placement import ActorPlan, describe, plan
 
 
@@ -115,3 +115,21 @@ def test_describe_cpu_plan():
     for name in ("orchestrator-0", "inference-0", "teacher-0", "trainer-0", "trainer-1"):
         assert name in text
     assert "backend=gloo" in text and "GPU" not in text
+
+
+def test_ids_count_within_the_gpus_rl_sees():
+    """rl under CUDA_VISIBLE_DEVICES=4,5,6,7 (Slurm without a device cgroup): id i is the i-th of them, and
+    that physical GPU is what the actor gets; tensor-parallel groups keep their order; UUIDs pass through."""
+    cfg = load(["--inference_gpu_ids", "0,1", "--teacher_gpu_ids", "2", "--trainer_gpu_ids", "3"])
+    actors = plan(cfg, "4,5,6,7")
+    assert [a.env["CUDA_VISIBLE_DEVICES"] for a in actors] == ["", "4", "5", "6", "7"]
+    assert [a.devices for a in actors] == [[], [0], [1], [2], [3]]  # the plan still speaks in rl's ids
+    tp = plan(load(["--inference_gpu_ids", "0,1", "--inference.parallel.tp", "2", "--teacher_gpu_ids", "2",
+                    "--trainer_gpu_ids", "3"]), "GPU-a, GPU-b,GPU-c,GPU-d")
+    assert [a.env["CUDA_VISIBLE_DEVICES"] for a in tp if a.role != "orchestrator"] == ["GPU-a,GPU-b", "GPU-c", "GPU-d"]
+    assert [a.env["CUDA_VISIBLE_DEVICES"] for a in plan(cfg)] == ["", "0", "1", "2", "3"]  # unset: ids as they are
+    with pytest.raises(ConfigError, match=r"^trainer\.gpu_ids: GPU id 3, but rl sees 3 GPU\(s\) "
+                                          r"\(CUDA_VISIBLE_DEVICES='4,5,6'\); ids count from 0 within them$"):
+        plan(cfg, "4,5,6")
+    with pytest.raises(ConfigError, match=r"^inference\.gpu_ids: GPU id 0, but rl sees 0 GPU\(s\)"):
+        plan(cfg, "")
