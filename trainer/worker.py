@@ -5,6 +5,8 @@ same number of micro-batches so the collectives line up.  The loss is the policy
 terms the spec switches on (reference KL, lock-in / corrective NLL, entropy bonus; ``trainer/loss.py``),
 each divided by the batch's policy tokens.  After the optimizer step the LoRA weights
 are gathered (``full_tensor``) and rank 0 writes a peft adapter to ``broadcast/step_N`` atomically.
+With ``trainer.finetune = "full"`` every weight trains and ``broadcast/step_N`` is a whole model
+(``trainer/full.py``), or the weights go to the engines by NCCL broadcast (``shared/weight_sync.py``).
 """
 
 from __future__ import annotations
