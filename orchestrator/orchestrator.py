@@ -145,16 +145,12 @@ class Orchestrator:
                     mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
                     ref_kl_coef=t.loss.ref_kl_coef, ref_kl_estimator=t.loss.ref_kl_estimator,
                     entropy_coef=t.loss.entropy_coef,
-                    finetune=t.finetune, weight_transfer=t.weight_transfer,
-                    # full FT keeps the newest 2 whole models on disk, all of them for a continual gate to restore
-                    keep_full_steps=0 if cfg.orchestrator.continual.core_environments and cfg.orchestrator.continual.gate
-                    else 2,
                 )
                 world = sum(1 for b in actors if b.role == "trainer")
                 actor = ray.remote(TrainerRank).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
                 self.actors.setdefault("trainer", []).append(
-                    actor.remote(a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"], spec,
-                                 str(out), log)
+                    actor.remote(a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"],
+                                 {**spec, **self._finetune_spec()}, str(out), log)
                 )
         # Start everything at once; report each role's start-up time.
         refs = {
@@ -761,6 +757,13 @@ class Orchestrator:
         }
 
     # -- how new weights reach the engines -----------------------------------------------------------
+    def _finetune_spec(self) -> dict[str, Any]:
+        """The trainer's full fine-tuning keys (trainer/full.py); a whole model a step is big, so only the newest
+        two stay on disk, unless a continual gate may restore an older one."""
+        t, cont = self.cfg.trainer, self.cfg.orchestrator.continual
+        return dict(finetune=t.finetune, weight_transfer=t.weight_transfer,
+                    keep_full_steps=0 if cont.core_environments and cont.gate else 2)
+
     def _weight_update_refs(self, adapter: str, step: int) -> list:
         """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once."""
         if self.cfg.trainer.weight_transfer != "nccl":
