@@ -2,7 +2,9 @@
 
 Two ways to serve it (``inference.lora_mode``): ``adapter`` loads it under a fresh ``LoRARequest`` id
 (vLLM's LoRA kernels), ``merge`` writes ``W0 + scale * B @ A`` into the engine's weights
-(``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU).
+(``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU).  With full fine-tuning
+(``trainer.finetune = "full"``) ``broadcast/step_N`` is a whole model, loaded in place (``merge.load_model_dir``),
+or the weights arrive by NCCL broadcast from trainer rank 0 (``shared/weight_sync.py``, GPUs).
 
 With a fixed answer set and ``orchestrator.env_args.answer_choice = "loglik"`` the engine scores the
 allowed answers instead of decoding free text (``inference/answer_choice.py``).
@@ -25,9 +27,16 @@ class InferenceEngine:
         redirect_output(log_path)
         t0 = time.perf_counter()
         self.mode = spec.get("lora_mode", "adapter")
-        self.llm = make_llm_from_spec(model_path, spec, lora_rank=spec["lora_rank"] if self.mode == "adapter" else 0)
+        self.full = spec.get("finetune") == "full"  # full fine-tuning: broadcast/step_N is a whole model
+        extra = None
+        if spec.get("weight_transfer") == "nccl":
+            from shared.weight_sync import engine_config
+
+            extra = engine_config()
+        lora = self.mode == "adapter" and not self.full
+        self.llm = make_llm_from_spec(model_path, spec, lora_rank=spec["lora_rank"] if lora else 0, extra=extra)
         self.merger = None
-        if self.mode == "merge":
+        if self.mode == "merge" and not self.full:
             import torch
 
             from inference.merge import Merger
@@ -51,7 +60,11 @@ class InferenceEngine:
 
         if not (Path(path) / ADAPTER_COMPLETE).exists():
             raise RuntimeError(f"adapter {path} is not complete (no {ADAPTER_COMPLETE} marker)")
-        if self.merger is not None:
+        if self.full:
+            from inference.merge import load_model_dir
+
+            load_model_dir(self.llm, path)
+        elif self.merger is not None:
             from inference.merge import set_linear_weights
 
             weights = self.merger.merged(path)
@@ -59,6 +72,24 @@ class InferenceEngine:
             self.llm.reset_prefix_cache()  # cached keys/values came from the previous weights
         else:
             self.lora = LoRARequest(f"step_{step}", step + 1, path)
+        self.adapter_step = step
+
+    # -- NCCL weight transfer (shared/weight_sync.py; GPUs only) ------------------------------------------
+    def node_address(self) -> str:
+        from shared.weight_sync import node_address
+
+        return node_address()
+
+    def join_weight_group(self, init: dict) -> None:
+        from shared.weight_sync import engine_join
+
+        engine_join(self.llm, init)
+
+    def receive_weights(self, info: dict, step: int) -> None:
+        """Serve the weights trainer rank 0 broadcasts now (its ``send_weights`` runs concurrently)."""
+        from shared.weight_sync import engine_receive
+
+        engine_receive(self.llm, info)
         self.adapter_step = step
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,

@@ -130,3 +130,16 @@ class Merger:
             self.base.update(read_base_weights(self.model_dir, missing))
         merged = {n: (self.base[n].double() + d).to(self.dtype) for n, d in deltas.items()}
         return fused_weights(merged, {n: w.to(self.dtype) for n, w in self.base.items()})
+
+
+def load_model_dir(llm, model_dir: str | Path) -> None:
+    """Replace every weight of the engine with a model directory's (full fine-tuning's ``broadcast/step_N``).
+
+    vLLM's in-place reload (``collective_rpc("reload_weights")``, each worker reads the safetensors itself, so
+    tensor-parallel engines work too): each layer is put back in checkpoint format, filled by the model's own
+    ``load_weights`` (which fuses q/k/v and gate/up as at start-up) and processed again (on the CPU that
+    re-packs the oneDNN weights ``set_linear_weights`` re-dispatches by hand).  Nothing of the previous weights
+    survives, and the prefix cache is reset: cached keys/values came from them.
+    """
+    llm.collective_rpc("reload_weights", kwargs=dict(weights_path=str(model_dir), is_checkpoint_format=True))
+    llm.reset_prefix_cache()

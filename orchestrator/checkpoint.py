@@ -1,7 +1,7 @@
 """Checkpoints: ``<output_dir>/checkpoints/step_N/``, valid only when complete.
 
 A checkpoint is assembled in ``checkpoints/.step_N.tmp/``: each trainer rank writes its shard of the
-LoRA weights and the AdamW state (``torch.distributed.checkpoint``, one file per rank, under
+trainable weights (the LoRA adapter, or every weight with ``trainer.finetune = "full"``) and the AdamW state (``torch.distributed.checkpoint``, one file per rank, under
 ``trainer/``) plus its scheduler and RNG state (``trainer/rank_R.pt``); the orchestrator writes its own
 state (``orchestrator.msgpack``: the step, the prompt stream's position and RNG, the buffer of rollouts
 sampled ahead, the evaluation history, counters); then a ``COMPLETE`` marker, and the directory is
@@ -36,7 +36,8 @@ ORCHESTRATOR_FILE = "orchestrator.msgpack"
 # difference is refused (same seed, data, model and loss, or the resumed steps would be a different run).
 RESUMABLE_CHANGES = ("max_steps", "output_dir", "ray_address", "dry_run", "resume", "wandb", "ckpt",
                      "orchestrator.max_async_level", "orchestrator.drain_timeout",
-                     "inference.gpu_ids", "teacher.gpu_ids", "trainer.gpu_ids")
+                     "inference.gpu_ids", "teacher.gpu_ids", "trainer.gpu_ids",
+                     "trainer.weight_transfer")  # the same weights reach the engines either way
 
 
 def root(out: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Export a run's final student: the LoRA adapter alone, or merged into the base as a plain HF model."""
+"""Export a run's final student: the LoRA adapter alone, or merged into the base as a plain HF model (a full
+fine-tuning run's final weights are already a whole model: they are copied as they are)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def export_student(run_dir: str | Path, path: str | Path, merged: bool = True) -
     adapter = latest_adapter(run_dir)
     if path.exists():
         raise ConfigError(f"{path}: already exists; choose a new export path")
+    if cfg.trainer.finetune == "full":
+        return _export_full(run_dir, adapter, path, merged)
     base_dir = models.resolve(cfg.model.name, "model.name") if merged else None
     need = tree_bytes(adapter) + (sum(tree_bytes(f) for f in base_dir.glob("*.safetensors")) if merged else 0)
     free = free_bytes(path.parent)
@@ -52,4 +55,18 @@ def export_student(run_dir: str | Path, path: str | Path, merged: bool = True) -
             AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(tmp))
         else:
             shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+    return path
+
+
+def _export_full(run_dir: Path, weights: Path, path: Path, merged: bool) -> Path:
+    """A full fine-tuning run: ``broadcast/step_N`` already is the whole trained model (weights, config,
+    tokenizer); the export is that directory without its ``COMPLETE`` marker."""
+    if not merged:
+        raise ConfigError(f"{run_dir}: trained every weight (trainer.finetune = \"full\"), so there is no adapter to "
+                          "export alone; export the whole model (without --adapter-only)")
+    need, free = tree_bytes(weights), free_bytes(path.parent)
+    if free < need + 10 * MB:
+        raise ConfigError(f"{path}: {free / MB:.0f} MB free there; the export needs about {need / MB:.0f} MB")
+    with atomic_dir(path) as tmp:
+        shutil.copytree(weights, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ADAPTER_COMPLETE))
     return path

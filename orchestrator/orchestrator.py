@@ -118,7 +118,8 @@ class Orchestrator:
                 spec = dict(base, dtype=cfg.model.dtype, tp=a.tp, lora_rank=cfg.model.lora.rank,
                             lora_mode=cfg.inference.lora_mode, answers=list(cfg.orchestrator.env_args.answers),
                             answer_choice=cfg.orchestrator.env_args.answer_choice,
-                            gpu_memory_utilization=cfg.inference.gpu_memory_utilization)
+                            gpu_memory_utilization=cfg.inference.gpu_memory_utilization,
+                            finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer)
                 actor = ray.remote(InferenceEngine).options(**opts(a, engine_env(cfg.inference.kv_cache_gib)))
                 self.actors.setdefault("inference", []).append(actor.remote(self.paths["student"], spec, log))
             elif a.role == "teacher" and cfg.teacher.endpoint:  # an external teacher (teacher/endpoint.py)
@@ -148,8 +149,8 @@ class Orchestrator:
                 world = sum(1 for b in actors if b.role == "trainer")
                 actor = ray.remote(TrainerRank).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
                 self.actors.setdefault("trainer", []).append(
-                    actor.remote(a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"], spec,
-                                 str(out), log)
+                    actor.remote(a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"],
+                                 {**spec, **self._finetune_spec()}, str(out), log)
                 )
         # Start everything at once; report each role's start-up time.
         refs = {
@@ -157,7 +158,10 @@ class Orchestrator:
             "teacher": [x.ready.remote() for x in self.actors["teacher"]],
             "trainer": [x.setup.remote() for x in self.actors["trainer"]],
         }
-        return {f"time/startup_{role}": max(_get(role, r)) for role, r in refs.items()}
+        times = {f"time/startup_{role}": max(_get(role, r)) for role, r in refs.items()}
+        if cfg.trainer.weight_transfer == "nccl":
+            self._join_weight_group()
+        return times
 
     # ------------------------------------------------------------------------------------------
     def _sample_refs(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
@@ -694,9 +698,7 @@ class Orchestrator:
         ]
         results = [decode(d, StepResult) for d in self._await(self._submit("trainer", refs))]
         t3 = time.perf_counter()
-        adapter = results[0].adapter_path
-        self._await(self._submit("weight_update", [e.load_adapter.remote(adapter, step)
-                                                   for e in self.actors["inference"]]))
+        self._await(self._submit("weight_update", self._weight_update_refs(results[0].adapter_path, step)))
         t4 = time.perf_counter()
 
         tm = {k: sum(r.metrics.get(k, 0.0) for r in results) for k in SUMMED_METRICS}
@@ -757,6 +759,34 @@ class Orchestrator:
             "time/reward": t_reward,
             **pipeline_row,
         }
+
+    # -- how new weights reach the engines -----------------------------------------------------------
+    def _finetune_spec(self) -> dict[str, Any]:
+        """The trainer's full fine-tuning keys (trainer/full.py); a whole model a step is big, so only the newest
+        two stay on disk, unless a continual gate may restore an older one."""
+        t, cont = self.cfg.trainer, self.cfg.orchestrator.continual
+        return dict(finetune=t.finetune, weight_transfer=t.weight_transfer,
+                    keep_full_steps=0 if cont.core_environments and cont.gate else 2)
+
+    def _weight_update_refs(self, adapter: str, step: int) -> list:
+        """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once."""
+        if self.cfg.trainer.weight_transfer != "nccl":
+            return [e.load_adapter.remote(adapter, step) for e in self.actors["inference"]]
+        return ([e.receive_weights.remote(self.weight_info, step) for e in self.actors["inference"]]
+                + [r.send_weights.remote(step) for r in self.actors["trainer"]])
+
+    def _join_weight_group(self) -> None:
+        """Trainer rank 0 and every engine open the NCCL weight-update group together (shared/weight_sync.py)."""
+        from shared.weight_sync import plan, update_info
+
+        engines, trainers = self.actors["inference"], self.actors["trainer"]
+        self.weight_info = update_info(_get("trainer", trainers[0].weight_metadata.remote()))  # the same every step
+        address, port = _get("trainer", trainers[0].weight_endpoint.remote())
+        group = plan(address, port, _get("inference", [e.node_address.remote() for e in engines]),
+                     self.cfg.inference.parallel.tp)
+        refs = ([trainers[0].join_weight_group.remote(group.master_address, port, group.world_size)]
+                + [e.join_weight_group.remote(group.engine_init(i)) for i, e in enumerate(engines)])
+        _get("weight_update", refs)
 
 
 def _free_port() -> int:

@@ -167,7 +167,8 @@ class LossConfig(_Section):
         Literal["none", "batch_mean"],
         "subtract the batch's mean per-token advantage (variance reduction; the gradient stays unbiased)",
     ) = "none"
-    ref_kl_coef: _doc(float, "weight of a KL term to the frozen reference (the student without its LoRA); 0 = off",
+    ref_kl_coef: _doc(float, "weight of a KL term to the frozen starting student (LoRA off, or a frozen copy with "
+                              "trainer.finetune = full); 0 = off",
                       ge=0) = 0.0
     ref_kl_estimator: _doc(
         Literal["k1", "k3"], "reference-KL estimator: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1"
@@ -206,6 +207,29 @@ class TrainerConfig(_Section):
     max_bad_steps: _doc(int, "stop the run after this many skipped (non-finite or empty) steps in a row; 0 = never",
                         ge=0) = 5
     loss: LossConfig = field(default_factory=LossConfig)
+    finetune: _doc(Literal["lora", "full"], "train a LoRA adapter (model.lora) or every student weight (full: no "
+                                            "peft; broadcast/step_N holds the whole model)") = "lora"
+    weight_transfer: _doc(Literal["filesystem", "nccl"], "how engines get new full weights: broadcast/step_N files, "
+                                                         "or an NCCL broadcast from trainer rank 0 (GPUs only)") = (
+        "filesystem"
+    )
+
+
+def _validate_finetune(cfg: Config) -> None:
+    """Full fine-tuning and its weight transfer (trainer/full.py, inference/weights.py)."""
+    t = cfg.trainer
+    if t.finetune == "full" and cfg.inference.lora_mode == "adapter":
+        raise ConfigError('trainer.finetune: "full" trains no LoRA adapter for inference.lora_mode = "adapter" to '
+                          'serve; set inference.lora_mode = "merge" (the engines load the full weights in place)')
+    if t.weight_transfer == "nccl":
+        if t.finetune != "full":
+            raise ConfigError('trainer.weight_transfer: "nccl" sends full weights; it needs trainer.finetune = "full"')
+        if not (t.gpu_ids and cfg.inference.gpu_ids):
+            raise ConfigError('trainer.weight_transfer: "nccl" needs GPUs (trainer.gpu_ids and inference.gpu_ids); '
+                              'on the CPU use "filesystem"')
+        if cfg.orchestrator.continual.core_environments and cfg.orchestrator.continual.gate:
+            raise ConfigError('trainer.weight_transfer: "nccl" keeps no per-step weights on disk for the continual '
+                              'gate to restore; use "filesystem" or orchestrator.continual.gate = false')
 
 
 class DatasetConfig(_Section):
@@ -790,6 +814,7 @@ def validate(cfg: Config) -> None:
     _validate_judge_comparator(cfg)
     _validate_endpoint(cfg)
     _validate_env_args(cfg)
+    _validate_finetune(cfg)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
 

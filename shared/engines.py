@@ -26,6 +26,7 @@ def make_llm(
     enforce_eager: bool = True,
     gpu_memory_utilization: float = 0.85,
     lora_rank: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     """A ``vllm.LLM``; ``lora_rank > 0`` enables LoRA (never for a scoring engine: the CPU path
     crashes on ``prompt_logprobs`` with LoRA enabled)."""
@@ -44,10 +45,10 @@ def make_llm(
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     if lora_rank:
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
-    return LLM(**kwargs)
+    return LLM(**kwargs, **(extra or {}))
 
 
-def make_llm_from_spec(model_path: str, spec: dict, lora_rank: int = 0) -> Any:
+def make_llm_from_spec(model_path: str, spec: dict, lora_rank: int = 0, extra: dict[str, Any] | None = None) -> Any:
     """``make_llm`` from the spec dict the orchestrator sends each engine actor."""
     return make_llm(
         model_path,
@@ -58,6 +59,7 @@ def make_llm_from_spec(model_path: str, spec: dict, lora_rank: int = 0) -> Any:
         enforce_eager=spec.get("enforce_eager", True),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
         lora_rank=lora_rank,
+        extra=extra,
     )
 
 

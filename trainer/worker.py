@@ -5,10 +5,13 @@ same number of micro-batches so the collectives line up.  The loss is the policy
 terms the spec switches on (reference KL, lock-in / corrective NLL, entropy bonus; ``trainer/loss.py``),
 each divided by the batch's policy tokens.  After the optimizer step the LoRA weights
 are gathered (``full_tensor``) and rank 0 writes a peft adapter to ``broadcast/step_N`` atomically.
+With ``trainer.finetune = "full"`` every weight trains and ``broadcast/step_N`` is a whole model
+(``trainer/full.py``), or the weights go to the engines by NCCL broadcast (``shared/weight_sync.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -34,6 +37,7 @@ class TrainerRank:
         self.spec = spec
         self.output_dir = Path(output_dir)
         self.model = None
+        self.last_step = 0  # the step whose weights the model holds (set by train_step and load_checkpoint)
 
     def setup(self) -> float:
         """Join the process group, load and shard the model; returns seconds taken."""
@@ -55,21 +59,28 @@ class TrainerRank:
         dist.init_process_group(self.backend, init_method=self.init_method, rank=self.rank, world_size=self.world)
         mesh = init_device_mesh(device_type, (self.world,))
         dtype = getattr(torch, spec["dtype"])
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32, use_safetensors=True)
-        lora = LoraConfig(
-            r=spec["lora_rank"],
-            lora_alpha=spec["lora_alpha"],
-            lora_dropout=spec["lora_dropout"],
-            target_modules=spec["lora_targets"],
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-        if device_type == "cuda":
-            model = model.to("cuda")
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.reference = None  # full fine-tuning's frozen starting weights (trainer/full.py)
+        if spec.get("finetune") == "full":
+            from trainer import full
+
+            model, self.reference = full.build(self.model_path, mesh, mp, device_type,
+                                               reference=bool(spec.get("ref_kl_coef", 0.0)))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32, use_safetensors=True)
+            lora = LoraConfig(
+                r=spec["lora_rank"],
+                lora_alpha=spec["lora_alpha"],
+                lora_dropout=spec["lora_dropout"],
+                target_modules=spec["lora_targets"],
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+            if device_type == "cuda":
+                model = model.to("cuda")
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
         self.model = model
         self.device = torch.device(device_type)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -131,9 +142,9 @@ class TrainerRank:
             mask, lockin, corrective = mask * weight, lockin * weight, corrective * weight
             targets = ids[:, ids.shape[1] - keep + 1:]  # the tokens that logits[:, :-1] predict
             model.set_requires_gradient_sync(k == len(chunks) - 1)
-            if ref_coef:  # the frozen reference: the same weights with the LoRA adapter switched off
-                with torch.no_grad(), model.disable_adapter():
-                    ref_logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+            if ref_coef:  # the frozen reference: the LoRA adapter switched off, or full FT's frozen copy
+                with torch.no_grad(), self._reference() as ref:
+                    ref_logits = ref(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
                     ref_lp = token_logprobs(ref_logits[:, :-1], targets)
             logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
             logp = token_logprobs(logits, targets)
@@ -174,7 +185,7 @@ class TrainerRank:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()  # a skipped step still advances the schedule: it follows the step number
         train_seconds = time.perf_counter() - t0
-        adapter = self.save_adapter(batch.step)
+        adapter = self._publish(batch.step)
         metrics = {
             **totals,
             "grad_norm": grad_norm,
@@ -210,6 +221,9 @@ class TrainerRank:
             "python_rng": random.getstate(),
         }
         torch.save(extra, where / f"rank_{self.rank}.pt")
+        if self.spec.get("weight_transfer") == "nccl":  # the step's weights on disk too, for export and resume
+            if not (self.output_dir / "broadcast" / f"step_{self.last_step}" / ADAPTER_COMPLETE).exists():
+                self.save_adapter(self.last_step)
         return time.perf_counter() - t0
 
     def load_checkpoint(self, directory: str, step: int) -> float:
@@ -233,11 +247,19 @@ class TrainerRank:
             torch.cuda.set_rng_state(extra["cuda_rng"])
         version, internal, gauss = extra["python_rng"]
         random.setstate((version, tuple(internal), gauss))
+        self.last_step = step
         self.save_adapter(step)
         return time.perf_counter() - t0
 
     def save_adapter(self, step: int) -> Path:
-        """Gather the LoRA weights (a collective) and let rank 0 write ``broadcast/step_N`` atomically."""
+        """Gather the LoRA weights (a collective) and let rank 0 write ``broadcast/step_N`` atomically
+        (with full fine-tuning: every weight, as a model directory; ``trainer/full.py``)."""
+        if self.spec.get("finetune") == "full":
+            from trainer import full
+
+            return full.write_model_dir(self.model, self.model_path, self.output_dir / "broadcast" / f"step_{step}",
+                                        step, self.rank, getattr(torch, self.spec["dtype"]),
+                                        keep=self.spec.get("keep_full_steps", 0))
         state = {}
         for name, p in self.model.named_parameters():
             if "lora_" in name:
@@ -252,3 +274,53 @@ class TrainerRank:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         return final
+
+    # -- full fine-tuning (trainer/full.py) and its NCCL weight transfer (shared/weight_sync.py) ----------
+    @contextlib.contextmanager
+    def _reference(self):
+        """The model that gives the reference log-probs: full FT's frozen copy, or this one with LoRA off."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def _publish(self, step: int) -> Path:
+        """After a step: ``broadcast/step_N`` on disk.  With the NCCL transfer the engines get the weights from
+        :meth:`send_weights` instead, and only the last step's are written (for ``rl export``)."""
+        self.last_step = step
+        if self.spec.get("weight_transfer") == "nccl" and step < self.spec.get("total_steps", 0):
+            return self.output_dir / "broadcast" / f"step_{step}"
+        return self.save_adapter(step)
+
+    def weight_endpoint(self) -> tuple[str, int]:
+        """Rank 0: this node's address and a free port for the weight-update group's rendezvous."""
+        from shared.weight_sync import free_port, node_address
+
+        return node_address(), free_port()
+
+    def weight_metadata(self) -> list[tuple[str, str, list[int]]]:
+        from trainer import full
+
+        return full.metadata(self.model, getattr(torch, self.spec["dtype"]))
+
+    def join_weight_group(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0 opens the weight-update group as its rank 0 (the engines join concurrently); others do nothing."""
+        if self.rank == 0:
+            from shared.weight_sync import trainer_join
+
+            self.weight_group = trainer_join(address, port, world_size)
+
+    def send_weights(self, step: int) -> float:
+        """Every rank gathers each full parameter (a collective); rank 0 broadcasts it to the engines."""
+        from shared.weight_sync import broadcast_all
+        from trainer import full
+
+        t0 = time.perf_counter()
+        tensors = full.full_tensors(self.model, getattr(torch, self.spec["dtype"]))
+        if self.rank == 0:
+            broadcast_all(self.weight_group, tensors, self.weight_metadata())
+        else:
+            for _ in tensors:
+                pass
+        return time.perf_counter() - t0
