@@ -202,7 +202,9 @@ def test_one_node_job_runs_two_steps(slurm, tiny_pair, tmp_path):
     shutil.copy(EXPERIMENT, toml)
     out = tmp_path / "out dir" / "reverse_text"
     log = tmp_path / "job.out"
-    args = ["--job-name=opd-test", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+    # --time=30: the script asks for USR1 (a checkpointing stop) 300 s before the limit; with --time=10 a
+    # job slowed by other work was stopped that way after step 1 (exit 143, checkpoints/step_1 written).
+    args = ["--job-name=opd-test", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
             str(SLURM / "one_node.sbatch"), str(toml), "--max_steps", "2", "--output_dir", str(out), *TINY,
             "--orchestrator.eval_baseline", "true"]
     t0 = time.monotonic()
@@ -245,7 +247,7 @@ def test_multi_node_script_rl_joins_its_ray_cluster(slurm, tiny_pair, tmp_path):
     out = tmp_path / "multi out"
     log = tmp_path / "job.out"
     port = _free_port()
-    args = ["--job-name=opd-test", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10",
+    args = ["--job-name=opd-test", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
             str(SLURM / "multi_node.sbatch"), str(EXPERIMENT), "--max_steps", "1", "--output_dir", str(out),
             "--orchestrator.batch_size", "4", "--orchestrator.eval.num_prompts", "4", "--orchestrator.eval.interval",
             "0", "--wandb.mode", "disabled"]
@@ -301,7 +303,7 @@ def test_multi_node_script_on_two_slurm_nodes(slurm, tmp_path, rl_status):
     record = tmp_path / "record.txt"
     record.touch()
     log = tmp_path / "job.out"
-    args = ["--job-name=opd-test", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=5",
+    args = ["--job-name=opd-test", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30",
             str(SLURM / "multi_node.sbatch"), str(EXPERIMENT), "--max_steps", "1", "--output_dir", "out dir/x"]
     env = _job_env(slurm, OPD_RUN=str(shim), SHIM_LOG=str(record), SHIM_RL_STATUS=str(rl_status),
                    OPD_HEAD_ADDR="203.0.113.5", OPD_RAY_PORT="6390")
