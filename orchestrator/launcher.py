@@ -52,7 +52,12 @@ def preflight(cfg: Config) -> dict[str, str]:
     kept = check_prompt_lengths(cfg, env, s_tok, student)
     if kept is not None:
         paths["dataset"] = str(_write_kept_rows(out, kept))
-    _check_free_space(cfg, out, models.adapter_bytes(student, cfg.model.lora.rank, cfg.model.lora.target_modules))
+    if cfg.trainer.finetune == "full":  # each step writes a whole model; the newest two are kept (all with a gate)
+        cont = cfg.orchestrator.continual
+        _check_free_space(cfg, out, models.weights_bytes(student), "model", copies=3,
+                          every_step=bool(cont.core_environments and cont.gate))
+    else:
+        _check_free_space(cfg, out, models.adapter_bytes(student, cfg.model.lora.rank, cfg.model.lora.target_modules))
     return paths
 
 
@@ -96,18 +101,21 @@ def _check_gpus(cfg: Config) -> None:
             raise ConfigError(f"gpu ids {sorted(wanted)} requested but this machine has {have} CUDA device(s)")
 
 
-def _check_free_space(cfg: Config, out: Path, adapter: int) -> None:
-    """At least room for two adapters (the newest is written next to the previous one) and a margin."""
-    need, free = 2 * adapter + DISK_MARGIN, free_bytes(out)
+def _check_free_space(cfg: Config, out: Path, per_step: int, what: str = "adapter", copies: int = 2,
+                      every_step: bool = True) -> None:
+    """Room for ``copies`` of what a step writes (the newest is written next to the previous ones) and a
+    margin; a warning when the steps that are all kept (``every_step``) would not fit."""
+    need, free = copies * per_step + DISK_MARGIN, free_bytes(out)
     if free < need:
         raise ConfigError(
             f"output_dir: {out} has {free / MB:.0f} MB free; a run needs at least {need / MB:.0f} MB "
-            f"(2 x the {adapter / MB:.1f} MB adapter + {DISK_MARGIN // MB} MB); free space or choose another output_dir"
+            f"({copies} x the {per_step / MB:.1f} MB {what} + {DISK_MARGIN // MB} MB); free space or choose another "
+            "output_dir"
         )
-    every_step = cfg.max_steps * adapter + DISK_MARGIN
-    if free < every_step:
-        print(f"warning: output_dir: {out} has {free / MB:.0f} MB free, and keeping the adapter of every step takes "
-              f"about {every_step / MB:.0f} MB ({cfg.max_steps} x {adapter / MB:.1f} MB + margin); the run stops "
+    all_steps = cfg.max_steps * per_step + DISK_MARGIN
+    if every_step and free < all_steps:
+        print(f"warning: output_dir: {out} has {free / MB:.0f} MB free, and keeping the {what} of every step takes "
+              f"about {all_steps / MB:.0f} MB ({cfg.max_steps} x {per_step / MB:.1f} MB + margin); the run stops "
               "when the disk is full", file=sys.stderr)
 
 

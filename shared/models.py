@@ -96,6 +96,11 @@ def _module_dims(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
+def weights_bytes(model_dir: Path) -> int:
+    """Bytes of a model directory's safetensors files (what a full fine-tuning step writes again)."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
 def adapter_bytes(model_dir: Path, rank: int, targets: list[str]) -> int:
     """Size of one saved LoRA adapter (float32 A and B for every target module of every layer)."""
     try:

@@ -231,6 +231,14 @@ def test_too_little_free_space_is_one_line(tiny_pair, tmp_path, capsys, monkeypa
     assert float(m.group(2)) == pytest.approx(adapter_bytes(tiny_pair[1], lora.rank, lora.target_modules) / MB, abs=0.05)
     assert int(m.group(1)) == round(100 + 2 * float(m.group(2)))
 
+    # Full fine-tuning writes a whole model per step and keeps the newest two: room for three of them.
+    rc = main(["@", EXPERIMENT, "--model.name", str(tiny_pair[1]), "--teacher.name", str(tiny_pair[0]),
+               "--output_dir", str(tmp_path / "full"), "--trainer.finetune", "full", "--inference.lora_mode", "merge"])
+    err = capsys.readouterr().err
+    model_mb = sum(f.stat().st_size for f in tiny_pair[1].glob("*.safetensors")) / MB
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"(3 x the {model_mb:.1f} MB model + 100 MB)" in err, err
+
 
 def test_adapter_size_estimate_matches_peft(tiny_pair):
     import torch
