@@ -13,6 +13,7 @@ allocator growth).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -89,6 +90,40 @@ def rl_command(*args: str) -> tuple[list[str], dict[str, str]]:
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     return [sys.executable, "-m", "orchestrator.cli", *args], env
+
+
+def run_rl(out_dir: Path, *args: str) -> float:
+    """``rl *args --output_dir out_dir`` from the repository root (an old ``out_dir`` is removed first); its
+    wall seconds. A failed run raises RuntimeError with its last line of stderr."""
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd, env = rl_command(*args, "--output_dir", str(out_dir))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"rl {' '.join(args)}: exit {proc.returncode}: {tail} (logs in {out_dir}/logs)")
+    return time.monotonic() - t0
+
+
+def output_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """``--out`` (the committed results) and ``--work`` (the runs' own output folders) of a benchmark."""
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .md/.png/.json")
+    ap.add_argument("--work", type=Path, default=Path(f"outputs/bench_{name}"), help="folder for the run outputs")
+
+
+def write_results(out: Path, stem: str, title: str, text: str, data: dict, fig) -> Path:
+    """``out/stem.md`` (``# title`` then ``text``), ``.json`` (``data``) and ``.png`` (the matplotlib ``fig``)."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{text}")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=list))
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=100)
+    plt.close(fig)
+    return out / stem
 
 
 def ratio_stats(ratios: list[float]) -> dict[str, float]:

@@ -15,10 +15,8 @@ after every run. Writes ``throughput_<date>.md``, ``.png`` and ``.json`` into ``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_run  # noqa: E402
-from profile_run import ROLES, loadavg, machine, ratio_stats, rl_command, summarize  # noqa: E402
+from profile_run import ROLES, loadavg, machine, output_args, ratio_stats, run_rl, summarize, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -64,18 +62,8 @@ def schedule(rounds: int) -> list[int]:
 def run_one(setup: Setup, k: int, index: int, work: Path) -> dict:
     """One ``rl`` run; its summary, with its wall time and the load average before and after."""
     out_dir = (work / f"{Path(setup.toml).parent.name}_k{k}_{index}").resolve()
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    cmd, env = rl_command("@", setup.toml, *setup.overrides, *COMMON, "--orchestrator.max_async_level", str(k),
-                          "--output_dir", str(out_dir))
-    load_before, t0 = loadavg(), time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{' '.join(cmd[2:])}: exit {proc.returncode}: {tail} (logs in {out_dir}/logs)")
+    load_before = loadavg()
+    wall = run_rl(out_dir, "@", setup.toml, *setup.overrides, *COMMON, "--orchestrator.max_async_level", str(k))
     s = summarize(read_metrics(out_dir / "metrics.jsonl"), out_dir.name)
     if not s.get("step_s"):
         raise RuntimeError(f"{out_dir}: no step rows in metrics.jsonl")
@@ -141,8 +129,9 @@ def _load_span(rows: list[dict]) -> str:
     return f"{min(r['load'][0] for r in rows):.1f}–{max(r['load'][1] for r in rows):.1f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Per setup: the step time of K = 0 and K = 1 as bars, with the ideal (max) and no-overlap (sum) marks."""
+def plot(rows: list[dict]):
+    """Per setup: each role's busy seconds stacked (their sum: no overlap) beside the measured step time, with
+    the ideal (the slowest role) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,16 +154,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("seconds per step")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny pair only, 2 steps per run, one pair of runs")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .md/.png/.json")
-    ap.add_argument("--work", type=Path, default=Path("outputs/bench_throughput"), help="folder for the run outputs")
+    output_args(ap, "throughput")
     args = ap.parse_args(argv)
     setups = QUICK if args.quick else FULL
     t0 = time.monotonic()
@@ -191,12 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/throughput.py" + (" --quick" if args.quick else "")
     table = markdown(rows, paired_speedups(runs), command)
     stem = f"throughput_{time.strftime('%Y-%m-%d')}{'_quick' if args.quick else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text(f"# Throughput and overlap\n\n{table}")
-    (args.out / f"{stem}.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1, default=list))
-    plot(rows, args.out / f"{stem}.png")
+    path = write_results(args.out, stem, "Throughput and overlap", table, {"runs": runs, "rows": rows}, plot(rows))
     print(table)
-    print(f"wrote {args.out / stem}.md/.png/.json in {time.monotonic() - t0:.0f} s")
+    print(f"wrote {path}.md/.png/.json in {time.monotonic() - t0:.0f} s")
     return 0
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trl_env  # noqa: E402
-from profile_run import loadavg, machine, ratio_stats, rl_command, steady  # noqa: E402
+from profile_run import loadavg, machine, output_args, ratio_stats, run_rl, steady, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -104,15 +103,7 @@ def side_summary(step_s: list[float], tokens: list[float], acc_before: float, ac
 
 def run_ours(steps: int, seed: int, overrides: tuple[str, ...], work: Path) -> dict:
     out_dir = (work / f"ours_s{seed}").resolve()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cmd, env = rl_command("@", TOML, "--max_steps", str(steps), "--seed", str(seed), *overrides, *COMMON,
-                          "--output_dir", str(out_dir))
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    run_s = time.monotonic() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"ours (seed {seed}): exit {proc.returncode}: {tail} (logs in {out_dir}/logs)")
+    run_s = run_rl(out_dir, "@", TOML, "--max_steps", str(steps), "--seed", str(seed), *overrides, *COMMON)
     rows = read_metrics(out_dir / "metrics.jsonl")
     steps_rows = [r for r in rows if "time/step" in r and r.get("step", 0) > 0]
     evals = [r[EVAL_KEY] for r in rows if EVAL_KEY in r]
@@ -190,7 +181,7 @@ def markdown(pairs: list[dict], command: str, trl_python_versions: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(pairs: list[dict], path: Path) -> None:
+def plot(pairs: list[dict]):
     """Each pair's ratio ours/TRL per metric (log scale; the dashed line is parity)."""
     import matplotlib
 
@@ -208,9 +199,7 @@ def plot(pairs: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(METRICS)), [label.replace(" (s)", "") for _, label in METRICS], fontsize=8)
     ax.set_ylabel("ours / TRL")
     ax.set_title(f"tiny reverse-text pair, {len(pairs)} alternating pair(s); bar = median", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one pair of 2-step runs with 8 prompts x 4 per step")
     ap.add_argument("--pairs", type=int, help="pairs of runs (default 3; --quick 1)")
     ap.add_argument("--steps", type=int, help="steps per run (default 40; --quick 2)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .md/.png/.json")
-    ap.add_argument("--work", type=Path, default=Path("outputs/bench_vs_trl"), help="folder for the run outputs")
+    output_args(ap, "vs_trl")
     args = ap.parse_args(argv)
     mode = QUICK if args.quick else FULL
     steps, n_pairs = args.steps or mode["steps"], args.pairs or mode["pairs"]
@@ -252,12 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     versions = "TRL environment: " + " ".join(trl_env.PINS)
     table = markdown(pairs, command, versions)
     stem = f"vs_trl_{time.strftime('%Y-%m-%d')}{'_quick' if args.quick else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text(f"# Against TRL\n\n{table}\nWhat differs:\n\n{DIFFERENCES}")
-    (args.out / f"{stem}.json").write_text(json.dumps({"pairs": pairs, "env_s": env_s}, indent=1))
-    plot(pairs, args.out / f"{stem}.png")
+    path = write_results(args.out, stem, "Against TRL", f"{table}\nWhat differs:\n\n{DIFFERENCES}",
+                         {"pairs": pairs, "env_s": env_s}, plot(pairs))
     print(table)
-    print(f"wrote {args.out / stem}.md/.png/.json in {time.monotonic() - t0:.0f} s (TRL environment {env_s:.0f} s)")
+    print(f"wrote {path}.md/.png/.json in {time.monotonic() - t0:.0f} s (TRL environment {env_s:.0f} s)")
     return 0
 
 
