@@ -1,6 +1,6 @@
 """Throughput and overlap: tokens/s and busy fraction of each role, with max_async_level 0 and 1, alternated.
 
-    python benchmarks/throughput.py            # tiny pair + SmolLM2 (~15 min on 2 cores)
+    python benchmarks/throughput.py            # tiny pair + SmolLM2 (~12 min on 2 quiet cores)
     python benchmarks/throughput.py --quick    # tiny pair, 2 steps per run: checks the results are well-formed
 
 Each run is ``rl @ TOML --orchestrator.max_async_level K`` (the overrides below keep it short); the runs
@@ -41,11 +41,11 @@ class Setup:
 
 COMMON = ("--wandb.mode", "disabled", "--orchestrator.eval.interval", "0")
 FULL = (
-    Setup("tiny pair (reverse_text, 32 x 4 per step, 40 steps)", "experiments/reverse_text/rl.toml",
-          ("--max_steps", "40", "--orchestrator.eval.num_prompts", "16"), rounds=2),
-    # 4 prompts x 4 answers instead of 8 x 4, 5 steps, no baseline evaluation: ~4 min per run, one run at a time
-    Setup("SmolLM2-135M (context_distill, 4 x 4 per step, 5 steps)", "experiments/context_distill/rl.toml",
-          ("--max_steps", "5", "--orchestrator.batch_size", "4", "--orchestrator.eval_baseline", "false",
+    Setup("tiny pair (reverse_text, 32 x 4 per step, 30 steps)", "experiments/reverse_text/rl.toml",
+          ("--max_steps", "30", "--orchestrator.eval.num_prompts", "16"), rounds=1),
+    # 2 prompts x 4 answers instead of 8 x 4, 5 steps, no baseline evaluation: one run at a time (~11 GB)
+    Setup("SmolLM2-135M (context_distill, 2 x 4 per step, 5 steps)", "experiments/context_distill/rl.toml",
+          ("--max_steps", "5", "--orchestrator.batch_size", "2", "--orchestrator.eval_baseline", "false",
            "--orchestrator.eval.num_prompts", "4"), rounds=1),
 )
 QUICK = (
@@ -160,9 +160,12 @@ def plot(rows: list[dict]):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny pair only, 2 steps per run, one pair of runs")
+    ap.add_argument("--rounds", type=int, help="pairs of runs (K = 0 and 1) per setup (default 1)")
     output_args(ap, "throughput")
     args = ap.parse_args(argv)
     setups = QUICK if args.quick else FULL
+    if args.rounds:
+        setups = tuple(Setup(s.name, s.toml, s.overrides, args.rounds) for s in setups)
     t0 = time.monotonic()
     runs = []
     for setup in setups:

@@ -6,7 +6,8 @@ SPEC (written by vs_trl.py from the project's own config and environment, so bot
 prompts): ``student``/``teacher`` model folders, ``train_prompts`` (one list per step, each prompt already
 repeated ``group_size`` times), ``eval`` ([prompt, answer] pairs), ``steps``, ``max_tokens``,
 ``temperature``, ``seed``, ``micro_batch_size``, ``lr``, ``lr_multipliers`` (one per optimizer step),
-``max_grad_norm``, ``weight_decay`` and ``lora`` (rank, alpha, dropout, target_modules).
+``max_grad_norm``, ``weight_decay``, ``lora`` (rank, alpha, dropout, target_modules) and ``threads``
+(torch's intra-op threads).
 
 TRL's ``DistillationTrainer`` with ``beta = 1`` (reverse KL over the full vocabulary, on completions the
 student samples itself with ``transformers.generate``) trains a peft LoRA adapter of the same shape as ours.
@@ -79,7 +80,6 @@ class StepClock(TrainerCallback):
 def accuracy(model, tok, pairs: list[list[str]], max_tokens: int) -> float:
     """Greedy exact match (``completion.strip() == answer``, the reverse_text grade), batched, left-padded."""
     model.eval()
-    tok.padding_side = "left"
     correct = 0
     for i in range(0, len(pairs), 64):
         chunk = pairs[i:i + 64]
@@ -94,8 +94,9 @@ def accuracy(model, tok, pairs: list[list[str]], max_tokens: int) -> float:
 def main(spec_path: str, out_path: str) -> int:
     t0 = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    tok = AutoTokenizer.from_pretrained(spec["student"])
+    tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left")  # TRL wants prompts left-padded
     student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
     before = accuracy(student, tok, spec["eval"], spec["max_tokens"])

@@ -1,6 +1,6 @@
 """Ours against TRL's on-policy distillation on the tiny reverse-text pair, alternating runs, as ratios ours/TRL.
 
-    python benchmarks/vs_trl.py            # 3 pairs of 40-step runs (~15 min on 2 cores)
+    python benchmarks/vs_trl.py            # 3 pairs of 20-step runs (~10 min on 2 quiet cores)
     python benchmarks/vs_trl.py --quick    # 1 pair of 2-step runs: checks the results are well-formed
 
 Both sides get the same student and teacher (the tiny pair), the same prompts (drawn by our
@@ -37,7 +37,7 @@ from shared.metrics import read_metrics  # noqa: E402
 
 TOML = "experiments/reverse_text/rl.toml"
 COMMON = ("--wandb.mode", "disabled", "--orchestrator.eval.interval", "0")
-FULL = {"steps": 40, "pairs": 3, "overrides": ("--orchestrator.eval.num_prompts", "100")}
+FULL = {"steps": 20, "pairs": 3, "overrides": ("--orchestrator.eval.num_prompts", "100")}
 QUICK = {"steps": 2, "pairs": 1, "overrides": ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32")}
 EVAL_KEY = "eval/reverse_text/avg"
 METRICS = (("step_s", "wall time per step (s)"), ("tok_s", "student tokens/s"),
@@ -56,7 +56,11 @@ DIFFERENCES = """\
 - Teacher: ours scores with a separate vLLM engine (`prompt_logprobs`) in its own process; TRL runs the
   teacher forward in the training process on every micro-batch.
 - Processes: ours is four Ray actors (orchestrator, student engine, teacher engine, trainer with FSDP2 over
-  gloo, one rank) sharing the 2 cores; TRL is one process (torch's default 2 threads) plus nothing else.
+  gloo, one rank with 2 torch threads) sharing the 2 cores; TRL is one process.
+- Threads: TRL's process runs with 1 torch thread (`--trl-threads`). With torch's default of 2 (= the cores),
+  at a load average of 16 from other jobs, `generate` of 32 x 12 tokens on the tiny student took 7.1 s
+  against 0.09 s with 1 thread (OpenMP threads waiting on each other); that would have measured the load,
+  not TRL. Ours runs as shipped.
   Ours pays the engine start-ups (~30 s each, in parallel) before step 1; the per-step ratios leave start-up
   out, the whole-run ratio includes it (and both sides' two evaluations).
 - Prompts: TRL has no groups; each of our 32 prompts appears 4 times in a row in TRL's unshuffled
@@ -114,14 +118,14 @@ def run_ours(steps: int, seed: int, overrides: tuple[str, ...], work: Path) -> d
                         evals[0], evals[-1], run_s)
 
 
-def run_trl(python: Path, spec: dict, work: Path) -> dict:
+def run_trl(python: Path, spec: dict, work: Path, threads: int) -> dict:
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = work / f"trl_spec_s{spec['seed']}.json", work / f"trl_out_s{spec['seed']}.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps({**spec, "threads": threads}))
     out_path.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     t0 = time.monotonic()
     proc = subprocess.run([str(python), str(Path(__file__).with_name("trl_side.py")), str(spec_path), str(out_path)],
                           env=env, cwd=work, capture_output=True, text=True)
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one pair of 2-step runs with 8 prompts x 4 per step")
     ap.add_argument("--pairs", type=int, help="pairs of runs (default 3; --quick 1)")
     ap.add_argument("--steps", type=int, help="steps per run (default 40; --quick 2)")
+    ap.add_argument("--trl-threads", type=int, default=1,
+                    help="torch threads of the TRL process (default 1: see DIFFERENCES, 'Threads')")
     output_args(ap, "vs_trl")
     args = ap.parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(load {loadavg():.1f})", flush=True)
             try:
                 result[side] = (run_ours(steps, seed, mode["overrides"], args.work) if side == "ours"
-                                else run_trl(python, spec, args.work))
+                                else run_trl(python, spec, args.work, args.trl_threads))
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
