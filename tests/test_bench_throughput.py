@@ -6,6 +6,8 @@ vLLM, ~2 minutes), checking only that its table, JSON and plot are well-formed.
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -16,6 +18,27 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import profile_run  # noqa: E402
 import throughput  # noqa: E402
+
+
+def run_quick(script: str, tmp_path, limit: float = 1500.0) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> --quick`` in its own process group. Past ``limit`` seconds the whole group
+    (the ``rl`` run and its Ray actors too) gets SIGTERM, then SIGKILL, and the test fails: a plain timeout
+    would leave the run behind."""
+    cmd = [sys.executable, f"benchmarks/{script}", "--quick", "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        pytest.fail(f"{script} --quick took more than {limit:.0f} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _row(step, inf, tea, tra, step_s, tokens=100.0, overlap=0.0):
@@ -83,9 +106,9 @@ def test_ratio_stats_rejects_what_is_not_a_ratio():
 
 
 @pytest.mark.engine
+@pytest.mark.timeout(1800)  # ~2 min on a quiet machine; 10+ under other jobs' load (engine start-up ~170 s)
 def test_quick_mode_writes_well_formed_results(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--out", str(tmp_path / "out"),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_quick("throughput.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = next((tmp_path / "out").glob("throughput_*_quick.md")).read_text()
     table = [line for line in md.splitlines() if line.startswith("| tiny pair")]

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_bench_throughput import run_quick
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import trl_env  # noqa: E402
@@ -105,10 +106,10 @@ def _trl_python_or_skip():
 
 
 @pytest.mark.engine
+@pytest.mark.timeout(1800)  # ~2 min on a quiet machine; 10+ under other jobs' load
 def test_quick_mode_writes_well_formed_results(tmp_path):
     _trl_python_or_skip()
-    proc = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--quick", "--out", str(tmp_path / "out"),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_quick("vs_trl.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = next((tmp_path / "out").glob("vs_trl_*_quick.md")).read_text()
     rows = {}
