@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny pair only, 2 steps per run, one pair of runs")
     ap.add_argument("--rounds", type=int, help="pairs of runs (K = 0 and 1) per setup (default 1)")
+    ap.add_argument("--only", choices=("tiny", "smollm2"), help="run only this setup of the full benchmark")
     output_args(ap, "throughput")
     args = ap.parse_args(argv)
     setups = QUICK if args.quick else FULL
+    if args.only:
+        setups = tuple(s for s in setups if s.name.lower().startswith(args.only[:4]))
     if args.rounds:
         setups = tuple(Setup(s.name, s.toml, s.overrides, args.rounds) for s in setups)
     t0 = time.monotonic()
@@ -177,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
     rows = [aggregate([r for r in runs if r["setup"] == s.name and r["k"] == k]) for s in setups for k in (0, 1)]
-    command = "python benchmarks/throughput.py" + (" --quick" if args.quick else "")
+    flags = [f for f, on in (("--quick", args.quick), (f"--only {args.only}", args.only),
+                              (f"--rounds {args.rounds}", args.rounds)) if on]
+    command = " ".join(["python benchmarks/throughput.py", *flags])
     table = markdown(rows, paired_speedups(runs), command)
-    stem = f"throughput_{time.strftime('%Y-%m-%d')}{'_quick' if args.quick else ''}"
+    suffix = "_quick" if args.quick else f"_{args.only}" if args.only else ""
+    stem = f"throughput_{time.strftime('%Y-%m-%d')}{suffix}"
     path = write_results(args.out, stem, "Throughput and overlap", table, {"runs": runs, "rows": rows}, plot(rows))
     print(table)
     print(f"wrote {path}.md/.png/.json in {time.monotonic() - t0:.0f} s")

@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         pairs.append({"seed": seed, "order": order, **result, "ratio": pair_ratios(result["ours"], result["trl"]),
                       "load_before": load_before, "load_after": loadavg()})
-    command = "python benchmarks/vs_trl.py" + (" --quick" if args.quick else "")
+    flags = [f for f, on in (("--quick", args.quick), (f"--pairs {args.pairs}", args.pairs),
+                              (f"--steps {args.steps}", args.steps), (f"--trl-threads {args.trl_threads}",
+                                                                      args.trl_threads != 1)) if on]
+    command = " ".join(["python benchmarks/vs_trl.py", *flags])
     versions = "TRL environment: " + " ".join(trl_env.PINS)
     table = markdown(pairs, command, versions)
     stem = f"vs_trl_{time.strftime('%Y-%m-%d')}{'_quick' if args.quick else ''}"
