@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -200,7 +201,8 @@ def plot(pairs: list[dict]):
             ax.hlines(statistics.median(vals), j - 0.25, j + 0.25, color="black")
     ax.axhline(1.0, ls="--", color="grey")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(METRICS)), [label.replace(" (s)", "") for _, label in METRICS], fontsize=8)
+    ax.set_xticks(range(len(METRICS)), [textwrap.fill(label.replace(" (s)", ""), 20) for _, label in METRICS],
+                  fontsize=8)
     ax.set_ylabel("ours / TRL")
     ax.set_title(f"tiny reverse-text pair, {len(pairs)} alternating pair(s); bar = median", fontsize=9)
     return fig
