@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_run  # noqa: E402
-from profile_run import ROLES, loadavg, machine, output_args, ratio_stats, run_rl, summarize, write_results  # noqa: E402
+from profile_run import (ROLES, loadavg, machine, output_args, ratio_stats, run_rl, summarize,  # noqa: E402
+                         write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -100,7 +101,8 @@ def markdown(rows: list[dict], speedups: dict[str, list[float]], command: str) -
     lines = [
         f"`{command}` — {machine()}; load average (1 min) {_load_span(rows)} over the runs.",
         "",
-        "| setup | K | runs × steps | step (s) | ideal max (s) | sum (s) | step / ideal | step / sum | overlap realised "
+        "| setup | K | runs × steps | step (s) | ideal max (s) | sum (s) | step / ideal | step / sum "
+        "| overlap realised "
         "| student sampling tok/s | teacher scoring tok/s | trainer tok/s | busy: student / teacher / trainer "
         "| roles overlapping (s/step) | adapter load (s/step) | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

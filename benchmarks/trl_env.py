@@ -46,7 +46,8 @@ def find_links() -> str:
     links = os.environ.get("UV_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS") or ""
     if not links:
         raise TrlEnvError(
-            "trl env: torch==2.13.0+cpu is not on PyPI; set PIP_FIND_LINKS (or UV_FIND_LINKS) to the folder holding its wheel"
+            "trl env: torch==2.13.0+cpu is not on PyPI; set PIP_FIND_LINKS (or UV_FIND_LINKS) to the folder "
+            "holding its wheel"
         )
     return links
 

@@ -39,7 +39,8 @@ from shared.metrics import read_metrics  # noqa: E402
 TOML = "experiments/reverse_text/rl.toml"
 COMMON = ("--wandb.mode", "disabled", "--orchestrator.eval.interval", "0")
 FULL = {"steps": 20, "pairs": 3, "overrides": ("--orchestrator.eval.num_prompts", "100")}
-QUICK = {"steps": 2, "pairs": 1, "overrides": ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32")}
+QUICK = {"steps": 2, "pairs": 1,
+         "overrides": ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32")}
 EVAL_KEY = "eval/reverse_text/avg"
 METRICS = (("step_s", "wall time per step (s)"), ("tok_s", "student tokens/s"),
            ("acc_after", "held-out accuracy after training"), ("run_s", "wall time of the whole run (s)"))
@@ -86,14 +87,16 @@ def build_spec(steps: int, seed: int, overrides: tuple[str, ...]) -> dict:
     env = make(cfg)
     train = [[p.text for p in env.next_prompts(oc.batch_size) for _ in range(oc.group_size)] for _ in range(steps)]
     return {
-        "student": str(resolve(cfg.model.name, "model.name")), "teacher": str(resolve(cfg.teacher.name, "teacher.name")),
+        "student": str(resolve(cfg.model.name, "model.name")),
+        "teacher": str(resolve(cfg.teacher.name, "teacher.name")),
         "train_prompts": train, "eval": [[p.text, p.answer] for p in env.eval_prompts(oc.eval.num_prompts)],
         "steps": steps, "max_tokens": cfg.inference.max_tokens, "temperature": cfg.inference.temperature,
         "seed": seed, "micro_batch_size": tc.micro_batch_size, "lr": tc.lr,
         "lr_multipliers": [lr_multiplier(i, tc.lr_schedule, total=cfg.max_steps, warmup=tc.warmup_steps,
                                          min_ratio=tc.min_lr_ratio) for i in range(steps)],
         "max_grad_norm": tc.max_grad_norm, "weight_decay": tc.weight_decay,
-        "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)},
+        "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                 "target_modules": list(lora.target_modules)},
     }
 
 
@@ -126,7 +129,8 @@ def run_trl(python: Path, spec: dict, work: Path, threads: int) -> dict:
     spec_path.write_text(json.dumps({**spec, "threads": threads}))
     out_path.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     t0 = time.monotonic()
     proc = subprocess.run([str(python), str(Path(__file__).with_name("trl_side.py")), str(spec_path), str(out_path)],
                           env=env, cwd=work, capture_output=True, text=True)
@@ -175,13 +179,15 @@ def markdown(pairs: list[dict], command: str, trl_python_versions: str) -> str:
             continue
         note = f" ({undefined} undefined: TRL's figure 0)" if undefined else ""
         lines.append(f"| {label} | {st['min']:.2f} | {st['median']:.2f} | {st['max']:.2f} | {st['n']}{note} |")
-    lines += ["", "| pair (seed) | side | step (s) | completion tokens/step | student tok/s | accuracy before → after "
+    lines += ["", "| pair (seed) | side | step (s) | completion tokens/step | student tok/s "
+              "| accuracy before → after "
               "| run (s) | load avg |", "|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         for side in ("ours", "trl"):
             s = p[side]
             lines.append(f"| {p['seed']} | {'ours' if side == 'ours' else 'TRL'} | {s['step_s']:.3f} "
-                         f"| {s['tokens_per_step']:.0f} | {s['tok_s']:.0f} | {s['acc_before']:.3f} → {s['acc_after']:.3f} "
+                         f"| {s['tokens_per_step']:.0f} | {s['tok_s']:.0f} "
+                         f"| {s['acc_before']:.3f} → {s['acc_after']:.3f} "
                          f"| {s['run_s']:.0f} | {p['load_before']:.1f}–{p['load_after']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -61,8 +61,8 @@ def test_spec_holds_our_prompts_schedule_and_lora():
     # warm-up 10 steps over 3 (0.1, 0.2, 0.3) times a cosine to 0.05 over max_steps = 3
     cos = [0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / 3)) for i in range(3)]
     assert spec["lr_multipliers"] == pytest.approx([0.1 * cos[0], 0.2 * cos[1], 0.3 * cos[2]])
-    assert spec["lora"] == {"rank": 32, "alpha": 64.0, "dropout": 0.0,
-                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert spec["lora"] == {"rank": 32, "alpha": 64.0, "dropout": 0.0, "target_modules": targets}
     assert (spec["max_tokens"], spec["temperature"], spec["lr"], spec["micro_batch_size"]) == (12, 1.0, 2e-3, 64)
 
 
