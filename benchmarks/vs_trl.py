@@ -46,8 +46,8 @@ METRICS = (("step_s", "wall time per step (s)"), ("tok_s", "student tokens/s"),
            ("acc_after", "held-out accuracy after training"), ("run_s", "wall time of the whole run (s)"))
 
 DIFFERENCES = """\
-- Sampling: ours samples with vLLM (CPU engine, the LoRA merged into the weights after every step) in its own
-  process; TRL samples with `transformers.generate` on the training model (peft LoRA unmerged) in the
+- Sampling: ours samples with vLLM (CPU engine, the newest LoRA loaded as a vLLM adapter after every step) in
+  its own process; TRL samples with `transformers.generate` on the training model (peft LoRA unmerged) in the
   training process. Both at temperature 1 with no top-k/top-p, up to 12 tokens, stopping at EOS.
 - Loss: ours is a policy gradient whose per-token advantage is the sampled reverse-KL term
   `logp_teacher(t) - logp_student(t)` (one-sample estimate, importance ratio and ratio masking as in
@@ -58,13 +58,13 @@ DIFFERENCES = """\
 - Teacher: ours scores with a separate vLLM engine (`prompt_logprobs`) in its own process; TRL runs the
   teacher forward in the training process on every micro-batch.
 - Processes: ours is four Ray actors (orchestrator, student engine, teacher engine, trainer with FSDP2 over
-  gloo, one rank with 2 torch threads) sharing the 2 cores; TRL is one process.
+  gloo, one rank with 2 torch threads) sharing the 2 cores; TRL is one process. Ours pays the engine
+  start-ups (in parallel; ~30 s on a quiet machine) before step 1; the per-step ratios leave start-up out,
+  the whole-run ratio includes it (and both sides' two evaluations).
 - Threads: TRL's process runs with 1 torch thread (`--trl-threads`). With torch's default of 2 (= the cores),
   at a load average of 16 from other jobs, `generate` of 32 x 12 tokens on the tiny student took 7.1 s
   against 0.09 s with 1 thread (OpenMP threads waiting on each other); that would have measured the load,
   not TRL. Ours runs as shipped.
-  Ours pays the engine start-ups (~30 s each, in parallel) before step 1; the per-step ratios leave start-up
-  out, the whole-run ratio includes it (and both sides' two evaluations).
 - Prompts: TRL has no groups; each of our 32 prompts appears 4 times in a row in TRL's unshuffled
   dataset, so a step sees the same 128 (prompt, sample) slots. TRL's default sampler is used otherwise.
 - Learning rate: identical per step (TRL's scheduler is replaced by ours, `trainer/schedule.py`); both use
