@@ -13,6 +13,9 @@ allocator growth).
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import platform
 import statistics
 import subprocess
@@ -27,12 +30,40 @@ ROLES = ("inference", "teacher", "trainer")
 
 
 def profile(run: Path) -> dict:
-    rows = read_metrics(run / "metrics.jsonl")  # skips a torn last line of a killed run
-    steps = [r for r in rows if "time/step" in r and r.get("step", 0) > 0]
-    if len(steps) > 4:
-        steps = steps[2:]
+    """:func:`summarize` of a run directory's ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
+    return summarize(read_metrics(run / "metrics.jsonl"), run.name)
+
+
+def steady(steps: list) -> list:
+    """The steps that count for averages: all of them, less steps 1..2 (warm-up) when there are more than 4."""
+    return steps[2:] if len(steps) > 4 else steps
+
+
+def overlap(step_s: float, role_s: dict[str, float]) -> dict[str, float]:
+    """A step's time against perfect overlap (``max`` of the role times) and none (their ``sum``).
+
+    ``realised`` is the fraction of the possible saving achieved: ``(sum - step) / (sum - max)`` (1 = the
+    step took only as long as its slowest role, 0 = as long as all roles one after another; it can leave
+    [0, 1] when the step also holds work outside the roles, e.g. loading the adapter, or roles slow each
+    other down). NaN when there is nothing to save (a single busy role).
+    """
+    ideal, total = max(role_s.values()), sum(role_s.values())
+    return {"ideal_overlap_s": ideal, "no_overlap_s": total,
+            "step_over_ideal": step_s / ideal if ideal else float("nan"),
+            "step_over_sum": step_s / total if total else float("nan"),
+            "overlap_realised": (total - step_s) / (total - ideal) if total > ideal else float("nan")}
+
+
+def summarize(rows: list[dict], name: str = "run") -> dict:
+    """Start-up, per-role busy seconds, tokens/s and busy fractions, and the overlap figures of a run's rows.
+
+    Step rows are those with ``time/step`` and ``step > 0`` (evaluation rows carry no ``time/step``);
+    averages are over :func:`steady` steps. A role's tokens/s is the step's completion tokens over the
+    role's busy seconds; its busy fraction is its busy seconds over the step time.
+    """
+    steps = steady([r for r in rows if "time/step" in r and r.get("step", 0) > 0])
     start = next((r for r in rows if "time/startup_inference" in r), {})
-    out: dict = {"run": run.name, "steps": len(steps)}
+    out: dict = {"run": name, "steps": len(steps)}
     for role in ROLES:
         out[f"startup_{role}_s"] = start.get(f"time/startup_{role}", float("nan"))
     if not steps:
@@ -41,18 +72,81 @@ def profile(run: Path) -> dict:
     tokens = statistics.fmean(r.get("tokens/step", 0.0) for r in steps)
     out["step_s"] = step_s
     out["tokens_per_step"] = tokens
-    total_busy = 0.0
     for role in ROLES:
         busy = statistics.fmean(r.get(f"time/{role}", 0.0) for r in steps)
-        total_busy += busy
         out[f"{role}_s"] = busy
         out[f"{role}_tok_s"] = tokens / busy if busy else float("nan")
         out[f"{role}_busy"] = busy / step_s
     out["weight_update_s"] = statistics.fmean(r.get("time/weight_update", 0.0) for r in steps)
-    out["ideal_overlap_s"] = max(out[f"{role}_s"] for role in ROLES)
-    out["no_overlap_s"] = total_busy
+    out["overlap_s"] = statistics.fmean(r.get("time/overlap", 0.0) for r in steps)
+    out.update(overlap(step_s, {role: out[f"{role}_s"] for role in ROLES}))
     out["slowest_role"] = max(ROLES, key=lambda role: out[f"{role}_s"])
     return out
+
+
+def rl_command(*args: str) -> tuple[list[str], dict[str, str]]:
+    """The ``rl`` command line of this checkout (``python -m orchestrator.cli``, so the code next to this
+    script runs, not an installed copy) and its environment."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    return [sys.executable, "-m", "orchestrator.cli", *args], env
+
+
+def run_rl(out_dir: Path, *args: str) -> float:
+    """``rl *args --output_dir out_dir`` from the repository root (an old ``out_dir`` is removed first); its
+    wall seconds. A failed run raises RuntimeError with its last line of stderr."""
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd, env = rl_command(*args, "--output_dir", str(out_dir))
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"rl {' '.join(args)}: exit {proc.returncode}: {tail} (logs in {out_dir}/logs)")
+    return time.monotonic() - t0
+
+
+def output_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """``--out`` (the committed results) and ``--work`` (the runs' own output folders) of a benchmark."""
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the .md/.png/.json")
+    ap.add_argument("--work", type=Path, default=Path(f"outputs/bench_{name}"), help="folder for the run outputs")
+
+
+def write_results(out: Path, stem: str, title: str, text: str, data: dict, fig) -> Path:
+    """``out/stem.md`` (``# title`` then ``text``), ``.json`` (``data``) and ``.png`` (the matplotlib ``fig``)."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{text}")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=list))
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=100)
+    plt.close(fig)
+    return out / stem
+
+
+def ratio_stats(ratios: list[float]) -> dict[str, float]:
+    """``min``/``median``/``max`` of paired ratios; each must be positive and finite (a ValueError names the
+    first that is not: a ratio of a failed or empty measurement must not slip into a table)."""
+    if not ratios:
+        raise ValueError("no ratios")
+    for i, r in enumerate(ratios):
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise ValueError(f"ratio {i} is {r!r}, not a positive finite number")
+    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios), "n": len(ratios)}
+
+
+def machine() -> str:
+    """One line: date (UTC), architecture, usable cores, memory, GPU (none here)."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {platform.machine()}, {_cores()} cores, "
+            f"{mem:.0f} GiB, no GPU, Python {platform.python_version()}")
+
+
+def loadavg() -> float:
+    """The 1-minute load average (``uptime``'s first figure)."""
+    return os.getloadavg()[0]
 
 
 def markdown(profiles: list[dict]) -> str:
@@ -80,8 +174,6 @@ def markdown(profiles: list[dict]) -> str:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -94,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = list(args.runs)
     if args.run:
         out_dir = Path("benchmarks/results") / Path(args.run).parent.name
-        cmd = [str(Path(sys.executable).parent / "rl"), "@", args.run, "--output_dir", str(out_dir), *extra]
+        cmd, env = rl_command("@", args.run, "--output_dir", str(out_dir), *extra)
         print("running:", " ".join(cmd), flush=True)
-        if subprocess.call(cmd) != 0:
+        if subprocess.call(cmd, env=env) != 0:
             print(f"error: the run failed; see {out_dir}/logs", file=sys.stderr)
             return 1
         runs.append(out_dir)
