@@ -10,6 +10,11 @@ trainer works (Ray futures; :meth:`Orchestrator._fill`, ``_advance``, ``_await``
 bookkeeping in ``pipeline.py``).  Every ``ckpt.interval`` steps, and on SIGTERM/SIGINT, all roles' state is
 checkpointed (``checkpoint.py``); ``resume`` continues from it, and ``ckpt.on_failure = "restart"`` does the
 same in-process after a role fails.
+
+``orchestrator.sampler = "teacher"`` is off-policy distillation (SFT): the teacher samples the completions
+and the trainer fits them by NLL (:meth:`Orchestrator._sft_samples`); the student samples nothing.  A session
+(``orchestrator/api.py``) starts the roles once (``open_session``) and runs several configs on them
+(``run_in_session``), each from a fresh LoRA adapter (``_reset_roles``).
 """
 
 from __future__ import annotations

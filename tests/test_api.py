@@ -150,3 +150,17 @@ def test_session_runs_start_from_the_base_student_and_repeat_exactly(tiny_pair, 
     s = rows(sft)
     assert all(r["teacher_kl"] is None and r["loss/sft"] > 0 and r["loss/policy"] == 0 for r in s)
     assert all(r["time/inference"] == 0 and r["tokens/step"] > 0 for r in s)
+
+
+def test_sft_samples_put_each_teacher_sample_after_the_students_view_of_its_prompt():
+    from orchestrator.orchestrator import Orchestrator
+    from shared.wire import Rollout
+
+    student_view = [[1, 5, 6], [1, 7]]  # prompts 10 and 11 (base 10); the teacher saw them with a context
+    rollouts = [Rollout(prompt_index=11, prompt_ids=[1, 99, 7], completion_ids=[8, 2], logprobs=[-0.1, -0.2]),
+                Rollout(prompt_index=10, prompt_ids=[1, 99, 5, 6], completion_ids=[9, 9, 2], logprobs=[-1, -1, -1])]
+    built = Orchestrator._sft_samples(student_view, rollouts, base=10)
+    assert [s.input_ids for s in built.samples] == [[1, 7, 8, 2], [1, 5, 6, 9, 9, 2]]
+    assert [s.prompt_len for s in built.samples] == [2, 3] and built.lens == [2, 3]  # the loss divides by 5 tokens
+    assert all(s.policy is False and s.sft_weight == 1.0 and s.advantages == [] for s in built.samples)
+    assert built.kls == [] and built.rewards == []  # no student samples: nothing to score or reward

@@ -62,13 +62,15 @@ def test_summarize_and_markdown_on_hand_made_curves():
     assert opd["steps"] == [4, 8] and opd["median_steps"] == 6 and opd["median_tokens"] == 600
     assert opd["final_mean"] == pytest.approx(0.935) and opd["target"] == pytest.approx(0.9)
     assert rl["steps"] == [None, 8] and rl["median_steps"] == math.inf
-    ratios = {"t": se.step_ratio(rl["steps"], opd["steps"], 8)}
+    assert opd["half_target"] == pytest.approx(0.6) and opd["half_steps"] == [4, 8] and rl["half_steps"] == [None, 8]
+    ratios = se.ratios_of(rows, 8)
+    assert ratios == {"t": ((">", 8 / 6), (">", 8 / 6))}
     meta = {"date": "2026-01-01", "machine": "m", "load_before": "1", "load_after": "2", "wall_s": 3.0,
             "command": "c"}
     text = se.markdown(rows, ratios, meta, se.QUICK)
     table = [line for line in text.splitlines() if line.startswith("| t | ")]
     assert table[0].split(" | ")[6:8] == ["4, 8", "6"] and "| —, 8 | not reached |" in table[1]
-    assert "| t | > 1.33 |" in text  # RL not reached: at least budget 8 / OPD's 6
+    assert "| t | > 1.33 | > 1.33 |" in text  # RL not reached: at least budget 8 / OPD's 6
 
 
 def test_arithmetic_tokenizer_round_trips_the_prompts_with_the_pair_special_ids():
@@ -98,15 +100,17 @@ def test_quick_mode_writes_a_well_formed_table_json_and_plot(tiny_pair, tmp_path
     [md] = tmp_path.glob("sample_efficiency_*_quick.md")
     text = md.read_text()
     rows = _table_rows(text)
-    assert [r[1] for r in rows if len(r) == 11] == ["opd", "rl", "hybrid", "sft"]
+    assert [r[1] for r in rows if len(r) == 12] == ["opd", "rl", "hybrid", "sft"]
     for r in rows[:4]:
         teacher, target, start = float(r[2]), float(r[3]), float(r[4])
         final, sd = (float(x) for x in r[5].split(" ± "))
         assert 0.9 <= teacher <= 1.0 and target == pytest.approx(0.9 * teacher, abs=1e-3)
         assert 0 <= start <= 1 and 0 <= final <= 1 and 0 <= sd <= 0.5
         assert re.fullmatch(r"(\d+|—), (\d+|—)", r[6]) and (r[7] == "not reached" or 0 <= int(r[7]) <= 3)
-        assert float(r[9]) > 0 and float(r[10]) > 0  # sampled tokens per step, seconds per run
-    assert re.search(r"\| reverse_text \| (n/a \(neither reached\)|[<>]? ?\d+\.\d\d) \|", text)
+        assert re.fullmatch(r"(\d+|—), (\d+|—)", r[9])
+        assert float(r[10]) > 0 and float(r[11]) > 0  # sampled tokens per step, seconds per run
+    cell = r"(n/a \(neither reached\)|[<>]? ?\d+\.\d\d)"
+    assert re.search(rf"\| reverse_text \| {cell} \| {cell} \|", text)
 
     data = json.loads(md.with_suffix(".json").read_text())  # strict JSON: no NaN/Infinity
     assert len(data["curves"]) == 8 and data["budget"]["steps"] == 3
