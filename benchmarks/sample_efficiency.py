@@ -435,24 +435,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for task, (env, base) in task_configs(budget, runs, args.quick).items():
         task_curves, teachers[task], startup[task] = run_task(task, env, base, budget)
         curves += task_curves
-    rows = summarize(curves, teachers, budget)
-    ratios = ratios_of(rows, budget.steps)
-    date = time.strftime("%Y-%m-%d")
-    stem = f"sample_efficiency_{date}{'_quick' if args.quick else ''}"
-    meta = {"date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
+        md = write_results(args.out, curves, teachers, budget, {  # after each task: a late failure keeps the first
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
             "load_before": load_before, "load_after": _load(), "wall_s": time.perf_counter() - t0,
             "command": "python benchmarks/sample_efficiency.py" + (" --quick" if args.quick else ""),
-            "startup_s": startup}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text(markdown(rows, ratios, meta, budget), encoding="utf-8")
-    (args.out / f"{stem}.json").write_text(json.dumps(_finite({
-        "meta": meta, "budget": asdict(budget), "teachers": teachers, "ratios": ratios, "rows": rows,
-        "curves": [asdict(c) for c in curves]}), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    plot(curves, teachers, args.out / f"{stem}.png")
+            "startup_s": startup}, args.quick)
     if args.runs is None:
         shutil.rmtree(runs, ignore_errors=True)
-    print((args.out / f"{stem}.md").read_text(encoding="utf-8"))
+    print(md.read_text(encoding="utf-8"))
     return 0
+
+
+def write_results(out: Path, curves: list[Curve], teachers: dict[str, float], budget: Budget, meta: dict[str, Any],
+                  quick: bool) -> Path:
+    """``sample_efficiency_<date>[_quick].md`` / ``.json`` / ``.png`` in ``out``; the path of the table."""
+    rows = summarize(curves, teachers, budget)
+    ratios = ratios_of(rows, budget.steps)
+    stem = f"sample_efficiency_{meta['date']}{'_quick' if quick else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown(rows, ratios, meta, budget), encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps(_finite({
+        "meta": meta, "budget": asdict(budget), "teachers": teachers, "ratios": ratios, "rows": rows,
+        "curves": [asdict(c) for c in curves]}), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    plot(curves, teachers, out / f"{stem}.png")
+    return out / f"{stem}.md"
 
 
 def _finite(x: Any) -> Any:
