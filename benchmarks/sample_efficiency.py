@@ -53,6 +53,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "hybrid": {"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 1.0},
     "sft": {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 0.0, "orchestrator.sampler": "teacher"},
 }
+TASKS = ("reverse_text", "arithmetic")
 REACH = 0.9  # a run reaches the teacher at accuracy >= REACH x the teacher's
 HALF = 0.5  # secondary target: the student's start plus HALF of its gap to the teacher
 
@@ -65,11 +66,12 @@ class Budget:
     eval_prompts: int = 100
     batch_size: int = 16
     group_size: int = 4
-    lr: float = 5e-3
+    lr: float = 2e-3  # as experiments/reverse_text/rl.toml; 5e-3 without warm-up collapsed every method (README)
+    warmup_steps: int = 10  # then constant: steps-to-target does not depend on the budget
 
 
-FULL = Budget(steps=40, eval_every=4, seeds=(0, 1, 2))
-QUICK = Budget(steps=3, eval_every=1, seeds=(0, 1), eval_prompts=16, batch_size=8)
+FULL = Budget(steps=60, eval_every=5, seeds=(0, 1, 2))
+QUICK = Budget(steps=3, eval_every=1, seeds=(0, 1), eval_prompts=16, batch_size=8, warmup_steps=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +255,8 @@ def build_arith_pair(root: Path | None = None) -> tuple[Path, Path]:
     torch.set_num_threads(1)  # as the reverse pair: one thread keeps the weights machine-independent
     try:
         for d, role in zip(dirs, ("teacher", "student")):
+            if (d / tp.BUILD_MARKER).is_file():  # built by an earlier, interrupted build
+                continue
             print(f"building the tiny arithmetic {role} (cached in {d})", file=sys.stderr, flush=True)
             model, info = _train_arith(ARITH_RECIPE[role], ARITH_RECIPE[f"{role}_stop"], seed=0)
             if role == "teacher" and info["heldout_accuracy"] < 0.9:
@@ -272,21 +276,21 @@ def build_arith_pair(root: Path | None = None) -> tuple[Path, Path]:
 # Running
 
 
-def task_configs(budget: Budget, out: Path, quick: bool) -> dict[str, tuple[str, dict[str, Any]]]:
+def task_configs(budget: Budget, out: Path, tasks: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Task name -> (environment name, the session's config as a dict on top of the reverse_text experiment)."""
     common = {"max_steps": budget.steps, "wandb": {"mode": "disabled"},
               "orchestrator": {"batch_size": budget.batch_size, "group_size": budget.group_size,
                                "eval": {"interval": budget.eval_every, "num_prompts": budget.eval_prompts}},
-              "trainer": {"lr": budget.lr, "lr_schedule": "constant", "warmup_steps": 0}}
-    tasks = {"reverse_text": ("reverse_text", {**common, "output_dir": str(out / "reverse_text")})}
-    if not quick:
+              "trainer": {"lr": budget.lr, "lr_schedule": "constant", "warmup_steps": budget.warmup_steps}}
+    configs = {"reverse_text": ("reverse_text", {**common, "output_dir": str(out / "reverse_text")})}
+    if "arithmetic" in tasks:
         teacher, student = build_arith_pair()
-        tasks["arithmetic"] = ("arithmetic", {
+        configs["arithmetic"] = ("arithmetic", {
             **common, "output_dir": str(out / "arithmetic"),
             "model": {"name": str(student), "max_model_len": 32}, "teacher": {"name": str(teacher)},
             "inference": {"max_tokens": 6},
             "orchestrator": {**common["orchestrator"], **ARITH_ENV}})
-    return tasks
+    return {task: configs[task] for task in tasks}
 
 
 def run_task(task: str, env: str, base: dict[str, Any], budget: Budget) -> tuple[list[Curve], float, dict]:
@@ -359,8 +363,8 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
     lines = [f"# Sample efficiency ({meta['date']})", "",
              f"Machine: {meta['machine']}; load average before / after: {meta['load_before']} / {meta['load_after']}; "
              f"wall time {meta['wall_s']:.0f} s; command: `{meta['command']}`.", "",
-             f"{budget.steps} steps of {budget.batch_size} prompts x {budget.group_size} samples, constant lr "
-             f"{budget.lr:g}, LoRA as in experiments/reverse_text/rl.toml; held-out accuracy (greedy, "
+             f"{budget.steps} steps of {budget.batch_size} prompts x {budget.group_size} samples, lr {budget.lr:g} "
+             f"(linear warm-up over {budget.warmup_steps} steps, then constant), LoRA as in experiments/reverse_text/rl.toml; held-out accuracy (greedy, "
              f"{budget.eval_prompts} prompts) every {budget.eval_every} steps; seeds {', '.join(map(str, budget.seeds))}. "
              f"'Reached' = first evaluation with accuracy >= {REACH} x the teacher's ('—': not within the budget).", "",
              "| task | method | teacher | target | start | final (mean ± sd) | steps to target, per seed | "
@@ -426,19 +430,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="reverse_text only, 2 seeds x 3 steps: a pipeline check")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the results go")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs' outputs go (default: a temporary dir)")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                    help="default: both (--quick: reverse_text); arithmetic builds its pair on first use")
     args = ap.parse_args(argv)
+    tasks = args.tasks or (TASKS[:1] if args.quick else TASKS)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     budget = QUICK if args.quick else FULL
     t0, load_before = time.perf_counter(), _load()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
     curves, teachers, startup = [], {}, {}
-    for task, (env, base) in task_configs(budget, runs, args.quick).items():
+    for task, (env, base) in task_configs(budget, runs, tasks).items():
         task_curves, teachers[task], startup[task] = run_task(task, env, base, budget)
         curves += task_curves
         md = write_results(args.out, curves, teachers, budget, {  # after each task: a late failure keeps the first
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
             "load_before": load_before, "load_after": _load(), "wall_s": time.perf_counter() - t0,
-            "command": "python benchmarks/sample_efficiency.py" + (" --quick" if args.quick else ""),
+            "command": " ".join(["python benchmarks/sample_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
             "startup_s": startup}, args.quick)
     if args.runs is None:
         shutil.rmtree(runs, ignore_errors=True)

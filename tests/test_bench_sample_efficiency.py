@@ -121,3 +121,19 @@ def test_quick_mode_writes_a_well_formed_table_json_and_plot(tiny_pair, tmp_path
     assert len({c["accuracy"][0] for c in data["curves"]}) == 1
     image = Image.open(md.with_suffix(".png"))
     assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 200
+
+
+def test_methods_are_valid_session_runs_with_the_intended_loss(tmp_path):
+    from orchestrator.api import _merged, session_run_config
+
+    env, base = se.task_configs(se.FULL, tmp_path, ["reverse_text"])["reverse_text"]
+    session = _merged(ROOT / "experiments" / "reverse_text" / "rl.toml", base)
+    loss = {}
+    for method, overrides in se.METHODS.items():
+        cfg = session_run_config(session, overrides=overrides, seed=2)
+        lc = cfg.trainer.loss
+        loss[method] = (lc.adv_tau, lc.teacher_tau, lc.student_tau, cfg.orchestrator.sampler)
+        assert (cfg.max_steps, cfg.seed, cfg.trainer.lr, cfg.orchestrator.batch_size) == (60, 2, 2e-3, 16)
+    assert loss == {"opd": (0.0, 1.0, 1.0, "student"), "rl": (1.0, 0.0, 0.0, "student"),
+                    "hybrid": (1.0, 1.0, 1.0, "student"), "sft": (0.0, 0.0, 0.0, "teacher")}
+    assert env == "reverse_text"
