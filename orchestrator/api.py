@@ -8,6 +8,16 @@
     result.metrics["teacher_kl"], result.eval_end, result.adapter, result.report, result.merged_model
     export_student(result.output_dir, "exported/api_demo_adapter", merged=False)
 
+Several runs that differ only in per-run keys (seed, loss weights, learning rate, sampler, environment,
+step budget; :data:`RUN_KEYS`) can share one start of the roles: a :class:`Session` (a sweep)::
+
+    from orchestrator.api import Session
+
+    with Session("experiments/reverse_text/rl.toml", output_dir="outputs/sweep") as session:
+        for seed in (0, 1, 2):
+            r = session.run(seed=seed, max_steps=20, output_dir=f"outputs/sweep/rl_s{seed}",
+                            overrides={"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 0.0})
+
 Mistakes raise :class:`shared.config.ConfigError` (one line naming the key, before anything starts); a
 role that fails raises ``RoleFailure``; too many bad steps in a row raise ``TrainingStopped``.
 """
@@ -27,7 +37,8 @@ from shared.config import Config, ConfigError, deep_merge, from_dict, load_toml
 
 Source = str | Path | Mapping[str, Any] | Config
 
-__all__ = ["RunResult", "export_student", "load_config", "run"]
+__all__ = ["RUN_KEYS", "RunResult", "Session", "export_student", "load_config", "run", "session_mismatch",
+           "session_run_config"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,11 @@ def load_config(*sources: Source, overrides: Mapping[str, Any] | None = None, **
     """A validated :class:`Config` from TOML paths, dicts and ``Config`` objects, deep-merged left to
     right, then ``overrides`` (dotted keys allowed: ``{"trainer.lr": 1e-3}``), then keyword arguments
     (top-level keys or whole sections: ``max_steps=2, trainer={"lr": 1e-3}``) — as ``rl @ a.toml --key v``."""
+    return from_dict(_merged(*sources, overrides=overrides, **keys))
+
+
+def _merged(*sources: Source, overrides: Mapping[str, Any] | None = None, **keys: Any) -> dict[str, Any]:
+    """:func:`load_config`'s merged dict, before validation (and before derived defaults are filled in)."""
     raw: dict[str, Any] = {}
     for src in sources:
         if isinstance(src, Config):
@@ -81,7 +97,7 @@ def load_config(*sources: Source, overrides: Mapping[str, Any] | None = None, **
             raise ConfigError(f"load_config: expected a TOML path, a dict or a Config, got {type(src).__name__}")
         raw = deep_merge(raw, part)
     raw = deep_merge(raw, _nested(overrides or {}, "overrides"))
-    return from_dict(deep_merge(raw, _nested(keys, "load_config")))
+    return deep_merge(raw, _nested(keys, "load_config"))
 
 
 def run(config: Source, *, export: str | Path | None = None, merged: bool = True, progress: bool = False) -> RunResult:
@@ -121,3 +137,131 @@ def _result(cfg: Config, summary: dict[str, Any], export: str | Path | None, mer
                      eval_end=summary.get("eval_end", math.nan),
                      adapter=adapter, report=Path(summary["report"]), merged_model=exported,
                      summary=summary)
+
+
+# What a session's runs may change: the keys the orchestrator and the trainer read per run.  Everything
+# else (models, engines, placement, the LoRA shape) was fixed when the session started its roles.
+RUN_KEYS = ("max_steps", "seed", "output_dir", "wandb", "orchestrator", "inference.temperature", "inference.top_p",
+            "inference.max_tokens", "trainer.lr", "trainer.lr_schedule", "trainer.warmup_steps", "trainer.min_lr_ratio",
+            "trainer.weight_decay", "trainer.max_grad_norm", "trainer.micro_batch_size", "trainer.max_bad_steps",
+            "trainer.loss", "ckpt.interval", "ckpt.keep", "ckpt.stop_timeout")
+FIXED_KEYS = ("orchestrator.env_args.answers", "orchestrator.env_args.answer_choice")  # the student engines' setup
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, f"{name}.") if isinstance(value, Mapping) else {name: value})
+    return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def session_mismatch(session: Config, run: Config) -> str | None:
+    """The first key (dotted) where ``run`` differs from ``session`` but must not (see :data:`RUN_KEYS`), or None."""
+    a, b = _flat(msgspec.to_builtins(session)), _flat(msgspec.to_builtins(run))
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) != b.get(key) and (not _under(key, RUN_KEYS) or _under(key, FIXED_KEYS)):
+            return key
+    return None
+
+
+def session_run_config(session: Mapping[str, Any], *sources: Source, overrides: Mapping[str, Any] | None = None,
+                       **keys: Any) -> Config:
+    """The config of a session's run: ``sources`` / ``overrides`` / ``keys`` (as :func:`load_config`) on top of
+    ``session`` (the session's merged, unvalidated sources).  A ConfigError names a key the run may not change.
+
+    Merging onto the sources rather than the resolved config keeps derived defaults live: a run that sets
+    ``trainer.loss.kl_coef = 0`` also sets ``teacher_tau`` and ``student_tau``, which default to it."""
+    base = from_dict(dict(session))
+    cfg = from_dict(deep_merge(dict(session), _merged(*sources, overrides=overrides, **keys)))
+    _check_session_config(cfg, "session's run")
+    key = session_mismatch(base, cfg)
+    if key is not None:
+        raise ConfigError(f"{key}: differs from the session's, whose roles are already started with it "
+                          "(a session's runs may change only orchestrator.api.RUN_KEYS)")
+    return cfg
+
+
+def _check_session_config(cfg: Config, what: str) -> None:
+    """What a session (``what = "session"``) or one of its runs cannot do."""
+    if cfg.dry_run:
+        raise ConfigError(f"dry_run: a {what} trains; print the plan with shared.placement.describe(plan(cfg))")
+    if cfg.resume:
+        raise ConfigError(f"resume: a {what} starts from the base student; resume with run() or rl")
+    if cfg.ckpt.on_failure == "restart":
+        raise ConfigError(f'ckpt.on_failure: "restart" starts new roles, which a {what} shares; use "stop"')
+    if cfg.trainer.finetune == "full":
+        raise ConfigError(f'trainer.finetune: a {what} resets a LoRA adapter between runs; full fine-tuning runs '
+                          "one at a time (run() or rl)")
+
+
+class Session:
+    """The roles of ``config`` started once, for several runs (:meth:`run`) that differ from it only in
+    per-run keys (:data:`RUN_KEYS`; anything else is a ConfigError naming the key).
+
+    Each run starts from the base student: the trainer draws a fresh LoRA adapter (B = 0) and optimizer from
+    the run's seed and the engines serve it before the first step, so a run's result does not depend on the
+    runs before it.  The actors' logs go to ``<config's output_dir>/logs``; each run writes its own
+    ``output_dir`` (metrics.jsonl, broadcast/, report.md) as ``run`` does.  Ray stops at :meth:`close`
+    (or the end of a ``with`` block)."""
+
+    def __init__(self, *sources: Source, overrides: Mapping[str, Any] | None = None, progress: bool = False,
+                 **keys: Any):
+        from shared.runtime import ray_env_defaults
+
+        from orchestrator.launcher import loopback_env_defaults, orchestrator_result, preflight, ray_init_kwargs
+
+        ray_env_defaults()  # before anything imports ray
+        loopback_env_defaults()
+        self.sources = _merged(*sources, overrides=overrides, **keys)  # a run's keys go on top (session_run_config)
+        self.config = from_dict(self.sources)
+        _check_session_config(self.config, "session")
+        self.progress = progress
+        self.paths = preflight(self.config)
+        import ray
+
+        from orchestrator.orchestrator import Orchestrator
+
+        ray.init(**ray_init_kwargs(self.config))
+        try:
+            self._orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2).remote(
+                msgspec.json.encode(self.config), self.paths)
+            self.startup: dict[str, float] = orchestrator_result(self._orch.open_session.remote())
+        except BaseException:
+            ray.shutdown()
+            raise
+
+    def run(self, *sources: Source, overrides: Mapping[str, Any] | None = None, export: str | Path | None = None,
+            merged: bool = True, **keys: Any) -> RunResult:
+        """Train the session's config changed by ``sources`` / ``overrides`` / ``keys`` (as :func:`load_config`)
+        to the end, on the session's roles; a :class:`RunResult` as :func:`run` returns."""
+        from orchestrator.launcher import await_run, prepare_output, preflight
+
+        if self._orch is None:
+            raise RuntimeError("this session is closed")
+        cfg = session_run_config(self.sources, *sources, overrides=overrides, **keys)
+        if export is not None and Path(export).exists():
+            raise ConfigError(f"{export}: already exists; choose a new export path")
+        paths = preflight(cfg)
+        run_cfg = prepare_output(cfg, paths)
+        ref = self._orch.run_in_session.remote(msgspec.json.encode(run_cfg), paths)
+        summary = await_run(self._orch, ref, cfg, self.progress)
+        return _result(cfg, summary, export, merged)
+
+    def close(self) -> None:
+        """Stop the roles and Ray (idempotent)."""
+        if self._orch is not None:
+            import ray
+
+            self._orch = None
+            ray.shutdown()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

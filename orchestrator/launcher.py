@@ -248,6 +248,29 @@ def loopback_env_defaults() -> None:
 def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cfg`` to the end; ``paths`` is :func:`preflight`'s result when the caller already ran it."""
     paths = paths if paths is not None else preflight(cfg)
+    run_cfg = prepare_output(cfg, paths)
+
+    from shared.runtime import ray_env_defaults
+
+    ray_env_defaults()
+    loopback_env_defaults()  # effective here only if nothing imported ray yet; `rl` sets it at its start
+    import ray
+
+    from orchestrator.orchestrator import Orchestrator
+
+    ray.init(**ray_init_kwargs(cfg))
+    try:
+        orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2).remote(
+            msgspec.json.encode(run_cfg), paths
+        )
+        return await_run(orch, orch.run.remote(), cfg, progress)
+    finally:
+        ray.shutdown()
+
+
+def prepare_output(cfg: Config, paths: dict[str, str]) -> Config:
+    """Write ``config.toml``, start a fresh ``metrics.jsonl`` (a resumed run keeps its rows); the config
+    the orchestrator runs (reading the kept rows of a dataset, when some were skipped for length)."""
     out = Path(cfg.output_dir)
     try:
         atomic_write_text(out / "config.toml", redacted_toml(cfg))
@@ -256,53 +279,56 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists() and not cfg.resume:
         metrics_path.unlink()  # a fresh run (a resumed one keeps the rows up to its checkpoint)
-    run_cfg = cfg
-    if "dataset" in paths:  # the orchestrator reads the rows that fit
-        ds = msgspec.structs.replace(cfg.orchestrator.dataset, path=paths["dataset"])
-        run_cfg = msgspec.structs.replace(cfg, orchestrator=msgspec.structs.replace(cfg.orchestrator, dataset=ds))
+    if "dataset" not in paths:
+        return cfg
+    ds = msgspec.structs.replace(cfg.orchestrator.dataset, path=paths["dataset"])
+    return msgspec.structs.replace(cfg, orchestrator=msgspec.structs.replace(cfg.orchestrator, dataset=ds))
 
-    from shared.runtime import first_line, ray_env_defaults
 
-    ray_env_defaults()
-    loopback_env_defaults()  # effective here only if nothing imported ray yet; `rl` sets it at its start
+def await_run(orch: Any, ref: Any, cfg: Config, progress: bool) -> dict[str, Any]:
+    """Wait for the orchestrator's run ``ref`` (a progress bar; SIGTERM/SIGINT ask it to checkpoint and
+    stop), turn a failure into RoleFailure / ConfigError / TrainingStopped, write the report; the summary."""
     import ray
 
-    from orchestrator.orchestrator import Orchestrator, RoleFailure
-
-    ray.init(**ray_init_kwargs(cfg))
-    try:
-        orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2).remote(
-            msgspec.json.encode(run_cfg), paths
-        )
-        ref = orch.run.remote()
-        bar = _Progress(cfg.max_steps, metrics_path) if progress else None
-        with _StopOnSignal(cfg.ckpt.stop_timeout) as stop:
-            while True:
-                done, _ = ray.wait([ref], timeout=0.5)
-                if bar:
-                    bar.update()
-                if done:
-                    break
-                stop.check(orch)
-        try:
-            summary = ray.get(ref)
-            summary["signal"] = stop.signum
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, (RoleFailure, ConfigError, TrainingStopped)):
-                raise cause from None
-            raise RoleFailure("orchestrator", first_line(e)) from None
-        except Exception as e:  # actor death, or an error Ray could not carry back intact
-            raise RoleFailure("orchestrator", first_line(e)) from None
-        finally:
+    out = Path(cfg.output_dir)
+    bar = _Progress(cfg.max_steps, out / "metrics.jsonl") if progress else None
+    with _StopOnSignal(cfg.ckpt.stop_timeout) as stop:
+        while True:
+            done, _ = ray.wait([ref], timeout=0.5)
             if bar:
-                bar.close()
-        from orchestrator.report import write_report
-
-        summary["report"] = str(write_report(out, summary, redacted_toml(cfg)))
-        return summary
+                bar.update()
+            if done:
+                break
+            stop.check(orch)
+    try:
+        summary = orchestrator_result(ref)
+        summary["signal"] = stop.signum
     finally:
-        ray.shutdown()
+        if bar:
+            bar.close()
+    from orchestrator.report import write_report
+
+    summary["report"] = str(write_report(out, summary, redacted_toml(cfg)))
+    return summary
+
+
+def orchestrator_result(ref: Any) -> Any:
+    """``ray.get`` of an orchestrator call; a failure becomes the RoleFailure, ConfigError or TrainingStopped
+    it raised (anything else: a RoleFailure of the orchestrator with the error's first line)."""
+    import ray
+
+    from orchestrator.orchestrator import RoleFailure
+    from shared.runtime import first_line
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        if isinstance(cause, (RoleFailure, ConfigError, TrainingStopped)):
+            raise cause from None
+        raise RoleFailure("orchestrator", first_line(e)) from None
+    except Exception as e:  # actor death, or an error Ray could not carry back intact
+        raise RoleFailure("orchestrator", first_line(e)) from None
 
 
 class Interrupted(RuntimeError):

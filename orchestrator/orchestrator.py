@@ -10,6 +10,11 @@ trainer works (Ray futures; :meth:`Orchestrator._fill`, ``_advance``, ``_await``
 bookkeeping in ``pipeline.py``).  Every ``ckpt.interval`` steps, and on SIGTERM/SIGINT, all roles' state is
 checkpointed (``checkpoint.py``); ``resume`` continues from it, and ``ckpt.on_failure = "restart"`` does the
 same in-process after a role fails.
+
+``orchestrator.sampler = "teacher"`` is off-policy distillation (SFT): the teacher samples the completions
+and the trainer fits them by NLL (:meth:`Orchestrator._sft_samples`); the student samples nothing.  A session
+(``orchestrator/api.py``) starts the roles once (``open_session``) and runs several configs on them
+(``run_in_session``), each from a fresh LoRA adapter (``_reset_roles``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import ray
@@ -39,6 +44,21 @@ from shared.runtime import first_line, redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, StepResult, TrainBatch, TrainSample, decode, encode
 from shared.wire import SUMMED_METRICS
 from trainer.loss import combined_advantages, group_advantages, sanitize_logprobs, subtract_baseline
+
+
+class StepSamples(NamedTuple):
+    """What a step trains on (``samples``) and what its row reports about them."""
+
+    samples: list[TrainSample]
+    lens: list[int]  # completion tokens of each sampled rollout; their sum normalises every loss term
+    rewards: list[float]
+    reward_metrics: dict[str, float]
+    groups: list[int]  # each rollout's prompt index (the task baseline's group)
+    kls: list[torch.Tensor]  # per-token logp_S - logp_T of each rollout
+    advs: list[torch.Tensor]
+    clipped: int  # teacher log-probs clipped to logprob_floor
+    lockin: list[float]
+    t_reward: float  # seconds spent on rewards (teacher time for a judge or comparator)
 
 
 class RoleFailure(RuntimeError):
@@ -69,14 +89,24 @@ class Orchestrator:
     ``request_stop`` (on SIGTERM/SIGINT) reaches it while ``run`` is busy."""
 
     def __init__(self, cfg_json: bytes, model_paths: dict[str, str]):
-        self.cfg: Config = msgspec.json.decode(cfg_json, type=Config)
-        self.out = Path(self.cfg.output_dir)
+        self._begin(msgspec.json.decode(cfg_json, type=Config), model_paths)
         redirect_output(str(self.out / "logs" / "orchestrator.log"))
-        self.paths = model_paths
         self.actors: dict[str, list] = {}
+        # Adapters are served under versions unique across a session's runs (vLLM caches a LoRA by its id):
+        # step N of the current run is version adapter_base + N.
+        self.adapter_base = 0
+        self.next_version = 1
+
+    def _begin(self, cfg: Config, model_paths: dict[str, str]) -> None:
+        """The state of one run (a session's next run starts from here again, with the same roles)."""
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.paths = model_paths
         self.role_seconds: dict[str, float] = {"inference": 0.0, "teacher": 0.0, "trainer": 0.0}
-        # An external teacher is asked for log-probs only when the advantage uses them (teacher/endpoint.py).
-        self.scores = not (self.cfg.teacher.endpoint and self.cfg.trainer.loss.teacher_tau == 0)
+        # An external teacher is asked for log-probs only when the advantage uses them (teacher/endpoint.py);
+        # the teacher's own samples (sampler = "teacher") need no scoring.
+        self.scores = not (cfg.teacher.endpoint and cfg.trainer.loss.teacher_tau == 0) and \
+            cfg.orchestrator.sampler == "student"
         self.score_failed = 0
         self.inflight: dict[Any, tuple[str, float]] = {}  # ref -> (role, submitted at): see _submit / _poll
         self.results: dict[Any, Any] = {}
@@ -135,17 +165,7 @@ class Orchestrator:
                 actor = ray.remote(TeacherEngine).options(**opts(a, engine_env(cfg.teacher.kv_cache_gib)))
                 self.actors.setdefault("teacher", []).append(actor.remote(self.paths["teacher"], spec, log))
             elif a.role == "trainer":
-                t, m = cfg.trainer, cfg.model
-                spec = dict(
-                    seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                    lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
-                    total_steps=cfg.max_steps,
-                    lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-                    lora_targets=list(m.lora.target_modules),
-                    mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
-                    ref_kl_coef=t.loss.ref_kl_coef, ref_kl_estimator=t.loss.ref_kl_estimator,
-                    entropy_coef=t.loss.entropy_coef,
-                )
+                spec = self._trainer_spec()
                 world = sum(1 for b in actors if b.role == "trainer")
                 actor = ray.remote(TrainerRank).options(**opts(a, {"TOKENIZERS_PARALLELISM": "false"}))
                 self.actors.setdefault("trainer", []).append(
@@ -163,6 +183,49 @@ class Orchestrator:
             self._join_weight_group()
         return times
 
+    def _trainer_spec(self) -> dict[str, Any]:
+        cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
+        return dict(
+            seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+            lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+            total_steps=cfg.max_steps,
+            lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+            lora_targets=list(m.lora.target_modules),
+            mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
+            ref_kl_coef=t.loss.ref_kl_coef, ref_kl_estimator=t.loss.ref_kl_estimator,
+            entropy_coef=t.loss.entropy_coef,
+        )
+
+    def _serve_refs(self, adapter: str, step: int) -> list:
+        """Ask every student engine to serve ``adapter`` (this run's step ``step``); the refs of the calls."""
+        version = self.adapter_base + step
+        self.next_version = max(self.next_version, version + 1)
+        return self._weight_update_refs(adapter, version)
+
+    # -- sessions (orchestrator/api.py): roles started once, several runs ------------------------------
+    def open_session(self) -> dict[str, float]:
+        """Start the roles for the runs of a session; each role's start-up seconds."""
+        self.startup = self._start_roles()
+        self._write_pids()
+        return self.startup
+
+    def run_in_session(self, cfg_json: bytes, model_paths: dict[str, str]) -> dict[str, Any]:
+        """The session's next run: ``run`` with the roles already started (the caller checked that the
+        config differs from the session's only in per-run keys)."""
+        self._begin(msgspec.json.decode(cfg_json, type=Config), model_paths)
+        return self.run(fresh_roles=False)
+
+    def _reset_roles(self) -> dict[str, float]:
+        """Before a session's run: the trainer ranks start a new LoRA adapter and optimizer from this run's
+        seed and write ``broadcast/step_0`` (B = 0, so it computes exactly the base model), which the engines
+        then serve under a new version."""
+        t0 = time.perf_counter()
+        spec = self._trainer_spec()
+        adapter = _get("trainer", [r.reset.remote(spec, str(self.out)) for r in self.actors["trainer"]])[0]
+        self.adapter_base = self.next_version
+        _get("inference", self._serve_refs(adapter, 0))
+        return {"time/reset": time.perf_counter() - t0}
+
     # ------------------------------------------------------------------------------------------
     def _sample_refs(self, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
                      role: str = "inference", max_tokens: int | None = None) -> list:
@@ -177,14 +240,15 @@ class Orchestrator:
             if ids
         ]
 
-    @staticmethod
-    def _rollouts(replies: list[bytes]) -> tuple[list, dict[int, int]]:
-        """The engines' replies as rollouts sorted by prompt index, and the adapter step that sampled each prompt."""
+    def _rollouts(self, replies: list[bytes]) -> tuple[list, dict[int, int]]:
+        """The engines' replies as rollouts sorted by prompt index, and the adapter step (of this run) that
+        sampled each prompt."""
         rollouts, adapter_steps = [], {}
         for data in replies:
             batch = decode(data, RolloutBatch)
             rollouts.extend(batch.rollouts)
-            adapter_steps.update(dict.fromkeys((r.prompt_index for r in batch.rollouts), batch.adapter_step))
+            step = batch.adapter_step - self.adapter_base
+            adapter_steps.update(dict.fromkeys((r.prompt_index for r in batch.rollouts), step))
         rollouts.sort(key=lambda r: r.prompt_index)
         return rollouts, adapter_steps
 
@@ -299,8 +363,7 @@ class Orchestrator:
     def _restore(self, step: int) -> dict[str, float]:
         """The gate failed at ``step``: the engines serve the last passing adapter again, which becomes the final one."""
         path = self.suite.restore(step)
-        _get("inference", [e.load_adapter.remote(str(path), self.suite.last_pass_step)
-                           for e in self.actors["inference"]])
+        _get("inference", self._serve_refs(str(path), self.suite.last_pass_step))
         return {"continual/restored_step": float(self.suite.last_pass_step)}
 
     # -- the pipeline: remote calls in flight, and batches sampled ahead --------------------------------
@@ -342,8 +405,12 @@ class Orchestrator:
             batch.envs = [next(i for i, e in enumerate(envs) if e is env) for env in self.prompts.batch_envs]
             batch.replayed = self.prompts.replayed
         self._render(batch)
-        batch.sample_refs = self._submit("inference", self._sample_refs(
-            batch.prompt_ids, base, oc.group_size, self.cfg.inference.temperature))
+        if oc.sampler == "teacher":  # SFT: the teacher (with its context) writes the completions
+            batch.sample_refs = self._submit("teacher", self._sample_refs(
+                batch.teacher_ids, base, oc.group_size, self.cfg.inference.temperature, role="teacher"))
+        else:
+            batch.sample_refs = self._submit("inference", self._sample_refs(
+                batch.prompt_ids, base, oc.group_size, self.cfg.inference.temperature))
         return batch
 
     def _render(self, batch: Batch) -> None:
@@ -357,6 +424,8 @@ class Orchestrator:
         for b in self.queue:
             if b.rollouts is None and all(r in self.results for r in b.sample_refs):
                 rollouts, b.adapter_steps = self._rollouts([self.results.pop(r) for r in b.sample_refs])
+                if self.cfg.orchestrator.sampler == "teacher":  # no student adapter sampled them: never stale
+                    b.adapter_steps = {}
                 b.empty = sum(1 for r in rollouts if not r.completion_ids)
                 b.rollouts = [r for r in rollouts if r.completion_ids]
                 b.t_sampled = time.perf_counter()
@@ -364,7 +433,8 @@ class Orchestrator:
                     refs, b.score_parts = self._score_refs([b.teacher_ids[r.prompt_index - b.base] for r in b.rollouts],
                                                            [r.completion_ids for r in b.rollouts])
                     b.score_refs = self._submit("teacher", refs)
-                else:  # an endpoint with teacher_tau = 0 is never asked for log-probs; teacher_kl is logged as NaN
+                else:  # an endpoint with teacher_tau = 0 is never asked for log-probs (teacher_kl is logged as NaN),
+                    # nor are the teacher's own samples
                     b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
                     b.t_scored = b.t_sampled
             if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
@@ -456,7 +526,7 @@ class Orchestrator:
         state = checkpoint.read_state(directory)
         _get("trainer", [r.load_checkpoint.remote(str(directory), step) for r in self.actors["trainer"]])
         adapter = str(self.out / "broadcast" / f"step_{step}")
-        _get("inference", [e.load_adapter.remote(adapter, step) for e in self.actors["inference"]])
+        _get("inference", self._serve_refs(adapter, step))
         checkpoint.restore(self.prompts, state["stream"])
         self._teacher_calls = state["teacher_calls"]
         checkpoint.restore(self.reward, state["reward"])
@@ -493,7 +563,8 @@ class Orchestrator:
         return history
 
     # ------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, fresh_roles: bool = True) -> dict[str, Any]:
+        """Train ``self.cfg`` to the end; the roles are started here, or (a session's run) reset."""
         from transformers import AutoTokenizer
 
         from shared.metrics import BadSteps
@@ -514,8 +585,11 @@ class Orchestrator:
         key = f"eval/{env.name}/avg"
         restarts: list[dict[str, Any]] = []
         try:
-            startup = self._start_roles()
-            self._write_pids()
+            if fresh_roles:
+                startup = self._start_roles()
+                self._write_pids()
+            else:
+                startup = self._reset_roles()
             if resume is not None:
                 t0 = time.perf_counter()
                 history = self._load_checkpoint(*resume)
@@ -625,6 +699,49 @@ class Orchestrator:
                             sft_weight=weight, policy=False)
                 for i in failed if answers[i].completion_ids]
 
+    def _policy_samples(self, prompts: list, rollouts: list, teacher_lp: list, base: int) -> StepSamples:
+        """On-policy: the student's rollouts with per-token advantages (and lock-in weights)."""
+        lc = self.cfg.trainer.loss
+        # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);
+        # rollouts of one prompt share prompt_index, the group of the task baseline.
+        t_reward = time.perf_counter()  # the workflow's reward source (workflows.py): env score, judge, comparator
+        skip = self.cfg.orchestrator.skip_verification
+        rewards, reward_metrics = ([], {}) if skip else self.reward.rewards(prompts, rollouts, base)
+        keep = [i for i, rw in enumerate(rewards) if rw is not None]  # None: dropped (e.g. an unparseable verdict)
+        if len(keep) < len(rewards):
+            rollouts, teacher_lp, rewards = ([x[i] for i in keep] for x in (rollouts, teacher_lp, rewards))
+        groups = [r.prompt_index for r in rollouts]
+        t_reward = time.perf_counter() - t_reward
+        a_task = group_advantages(rewards, groups, lc.reward_std_scale) if lc.adv_tau else [0.0] * len(rollouts)
+        kls, advs, lens = [], [], []
+        clipped = 0
+        for r, tlp, a in zip(rollouts, teacher_lp, a_task):
+            t_lp, n_bad = sanitize_logprobs(torch.tensor(tlp, dtype=torch.float64), lc.logprob_floor)
+            clipped += n_bad
+            s_lp = torch.tensor(r.logprobs, dtype=torch.float64)
+            kls.append(s_lp - t_lp)
+            advs.append(combined_advantages(s_lp, t_lp, a, lc.adv_tau, lc.teacher_tau, lc.student_tau, lc.kl_level,
+                                            lc.kl_discount))
+            lens.append(len(r.completion_ids))
+        if lc.kl_baseline == "batch_mean":
+            advs = subtract_baseline(advs)
+        lockin = [lc.lockin_coef if rw > 0 else 0.0 for rw in rewards] or [0.0] * len(rollouts)
+        samples = [
+            TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
+                        inference_logprobs=r.logprobs, advantages=adv.tolist(), sft_weight=w)
+            for r, adv, w in zip(rollouts, advs, lockin)
+        ]
+        return StepSamples(samples, lens, rewards, reward_metrics, groups, kls, advs, clipped, lockin, t_reward)
+
+    @staticmethod
+    def _sft_samples(prompt_ids: list[list[int]], rollouts: list, base: int) -> StepSamples:
+        """Off-policy distillation (``sampler = "teacher"``): each teacher sample after the student's view of
+        its prompt, a supervised NLL term of weight 1 (``policy = False``; the loss divides by these tokens)."""
+        samples = [TrainSample(input_ids=prompt_ids[r.prompt_index - base] + r.completion_ids,
+                               prompt_len=len(prompt_ids[r.prompt_index - base]), inference_logprobs=[],
+                               advantages=[], sft_weight=1.0, policy=False) for r in rollouts]
+        return StepSamples(samples, [len(r.completion_ids) for r in rollouts], [], {}, [], [], [], 0, [], 0.0)
+
     def _train_step(self, env, step: int) -> dict[str, float]:
         cfg, oc, lc = self.cfg, self.cfg.orchestrator, self.cfg.trainer.loss
         t0 = time.perf_counter()
@@ -649,35 +766,12 @@ class Orchestrator:
             rollouts, teacher_lp = [rollouts[i] for i in scored], [teacher_lp[i] for i in scored]
         t2 = max(t1, batch.t_scored)
 
-        # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);
-        # rollouts of one prompt share prompt_index, the group of the task baseline.
-        t_reward = time.perf_counter()  # the workflow's reward source (workflows.py): env score, judge, comparator
-        rewards, reward_metrics = ([], {}) if oc.skip_verification else self.reward.rewards(prompts, rollouts, base)
-        keep = [i for i, rw in enumerate(rewards) if rw is not None]  # None: dropped (e.g. an unparseable verdict)
-        if len(keep) < len(rewards):
-            rollouts, teacher_lp, rewards = ([x[i] for i in keep] for x in (rollouts, teacher_lp, rewards))
-        groups = [r.prompt_index for r in rollouts]
-        t_reward = time.perf_counter() - t_reward
+        if oc.sampler == "teacher":
+            built = self._sft_samples(prompt_ids, rollouts, base)
+        else:
+            built = self._policy_samples(prompts, rollouts, teacher_lp, base)
+        samples, lens, rewards, reward_metrics, groups, kls, advs, clipped, lockin, t_reward = built
         t2 += t_reward  # judge and reference answers are teacher time
-        a_task = group_advantages(rewards, groups, lc.reward_std_scale) if lc.adv_tau else [0.0] * len(rollouts)
-        kls, advs, lens = [], [], []
-        clipped = 0
-        for r, tlp, a in zip(rollouts, teacher_lp, a_task):
-            t_lp, n_bad = sanitize_logprobs(torch.tensor(tlp, dtype=torch.float64), lc.logprob_floor)
-            clipped += n_bad
-            s_lp = torch.tensor(r.logprobs, dtype=torch.float64)
-            kls.append(s_lp - t_lp)
-            advs.append(combined_advantages(s_lp, t_lp, a, lc.adv_tau, lc.teacher_tau, lc.student_tau, lc.kl_level,
-                                            lc.kl_discount))
-            lens.append(len(r.completion_ids))
-        if lc.kl_baseline == "batch_mean":
-            advs = subtract_baseline(advs)
-        lockin = [lc.lockin_coef if rw > 0 else 0.0 for rw in rewards] or [0.0] * len(rollouts)
-        samples = [
-            TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
-                        inference_logprobs=r.logprobs, advantages=adv.tolist(), sft_weight=w)
-            for r, adv, w in zip(rollouts, advs, lockin)
-        ]
         t_corrective = time.perf_counter()
         if lc.corrective_coef:
             samples += self._corrective_samples(groups, rewards, teacher_ids, prompt_ids, base)
@@ -698,7 +792,7 @@ class Orchestrator:
         ]
         results = [decode(d, StepResult) for d in self._await(self._submit("trainer", refs))]
         t3 = time.perf_counter()
-        self._await(self._submit("weight_update", self._weight_update_refs(results[0].adapter_path, step)))
+        self._await(self._submit("weight_update", self._serve_refs(results[0].adapter_path, step)))
         t4 = time.perf_counter()
 
         tm = {k: sum(r.metrics.get(k, 0.0) for r in results) for k in SUMMED_METRICS}
@@ -716,9 +810,13 @@ class Orchestrator:
                           "corrective/samples": float(sum(1 for x in samples if not x.policy))})
         if lc.entropy_coef:
             extra.update({"loss/entropy": tm["loss/entropy"], "entropy/mean": tm["entropy_sum"] / n_policy})
+        if oc.sampler == "teacher":  # the trainer counts a non-policy sample's NLL as its corrective term
+            extra["loss/sft"] = tm["loss/corrective"]
         all_kl = torch.cat(kls) if kls else torch.zeros(1)
         all_adv = torch.cat(advs) if advs else torch.zeros(1)
-        if oc.max_async_level:  # roles overlap: each role's busy seconds in this step's wall time
+        if oc.sampler == "teacher":  # SFT: the teacher did the sampling (no scoring)
+            times = {"inference": 0.0, "teacher": t2 - t0, "trainer": t3 - t2}
+        elif oc.max_async_level:  # roles overlap: each role's busy seconds in this step's wall time
             busy = self.timeline.busy(t0, t4)
             times = {"inference": busy.get("inference", 0.0),
                      "teacher": busy.get("teacher", 0.0) + t_reward + t_corrective,
@@ -732,10 +830,12 @@ class Orchestrator:
                         "async/staleness_max": float(max(stale, default=0)),
                         "async/dropped_rollouts": float(n_dropped)}
         self.timeline.forget(t4)
+        no_kl = oc.sampler == "teacher"  # the student sampled nothing for the teacher to score
         return {
             "step": step,
-            "teacher_kl": float(all_kl.mean()),
-            "teacher_kl/seq": float(statistics.fmean(float(k.sum()) for k in kls)) if kls else 0.0,
+            "teacher_kl": float("nan") if no_kl else float(all_kl.mean()),
+            "teacher_kl/seq": float("nan") if no_kl else
+            float(statistics.fmean(float(k.sum()) for k in kls)) if kls else 0.0,
             "combined_advantage": float(all_adv.mean()),
             "loss/policy": tm["loss/policy"],
             **extra,

@@ -524,6 +524,11 @@ class OrchestratorConfig(_Section):
     skip_verification: _doc(
         bool, "compute no task reward (env.score is never called); needs trainer.loss.adv_tau = 0"
     ) = False
+    sampler: _doc(
+        Literal["student", "teacher"],
+        "who writes the training completions: student = on-policy (advantages of trainer.loss); teacher = SFT on "
+        "the teacher's samples (off-policy distillation: NLL of every completion token, no student sampling)",
+    ) = "student"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
@@ -756,6 +761,31 @@ def load(argv: list[str]) -> Config:
     return from_dict(raw)
 
 
+# Loss keys that act on the student's own samples (or the task reward), meaningless under sampler = "teacher".
+ON_POLICY_ONLY = ("adv_tau", "lockin_coef", "corrective_coef", "ref_kl_coef", "entropy_coef")
+
+
+def _validate_sampler(cfg: Config) -> None:
+    """``orchestrator.sampler = "teacher"`` (SFT on teacher samples): no on-policy term, the plain distill loop."""
+    oc = cfg.orchestrator
+    if oc.sampler == "student":
+        return
+    for key in ON_POLICY_ONLY:
+        if getattr(cfg.trainer.loss, key):
+            raise ConfigError(f"trainer.loss.{key}: must be 0 with orchestrator.sampler = \"teacher\" "
+                              "(SFT trains on the teacher's samples, not the student's)")
+    if oc.workflow != "distill":
+        raise ConfigError(f"orchestrator.sampler: \"teacher\" needs orchestrator.workflow = \"distill\", got "
+                          f"{json.dumps(oc.workflow)}")
+    if oc.max_async_level:
+        raise ConfigError("orchestrator.max_async_level: must be 0 with orchestrator.sampler = \"teacher\" "
+                          "(the teacher's samples do not depend on the student)")
+    if cfg.teacher.endpoint:
+        raise ConfigError("orchestrator.sampler: \"teacher\" needs the in-cluster teacher engine (teacher.endpoint is set)")
+    if oc.continual.core_environments:
+        raise ConfigError("orchestrator.sampler: \"teacher\" does not combine with orchestrator.continual")
+
+
 def _validate_ray_address(addr: str) -> None:
     if addr and addr != "auto" and not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}", addr):
         raise ConfigError(f"ray_address: expected host:port of a Ray head (10.0.0.5:6379) or auto, got {json.dumps(addr)}")
@@ -799,6 +829,7 @@ def validate(cfg: Config) -> None:
         for key in ("adv_tau", "lockin_coef", "corrective_coef"):  # each needs the task reward
             if getattr(lc, key):
                 raise ConfigError(f"trainer.loss.{key}: must be 0 when orchestrator.skip_verification is true")
+    _validate_sampler(cfg)
     if cfg.inference.max_tokens >= cfg.model.max_model_len:
         raise ConfigError(
             f"inference.max_tokens: {cfg.inference.max_tokens} leaves no room for a prompt in "

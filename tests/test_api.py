@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from orchestrator.api import RunResult, export_student, load_config, run
+from orchestrator.api import RunResult, Session, export_student, load_config, run, session_mismatch, session_run_config
 from shared.config import Config, ConfigError, load
 from tests.conftest import ROOT
 
@@ -111,3 +111,87 @@ def test_run_two_steps_from_python_and_load_the_exported_student(tiny_pair, tmp_
     with torch.no_grad():
         first = torch.log_softmax(merged(input_ids=prompt).logits[0, -1], -1)[served["merged"][0][0]]
     assert float(first) == pytest.approx(served["merged"][1][0], abs=1e-3)
+
+# -- Session: one start of the roles, several runs -------------------------------------------------------
+
+def test_session_mismatch_names_the_first_key_a_run_may_not_change():
+    base = load_config(TOML)
+    per_run = {"seed": 3, "max_steps": 5, "output_dir": "elsewhere", "trainer.lr": 1e-2, "trainer.loss.adv_tau": 1.0,
+               "orchestrator.sampler": "teacher", "orchestrator.environment": "arithmetic",
+               "inference.temperature": 0.7, "wandb.mode": "disabled"}
+    for key, value in per_run.items():
+        if key == "orchestrator.sampler":  # needs the on-policy terms off
+            value = load_config(base, overrides={key: value, "trainer.loss.adv_tau": 0.0})
+        else:
+            value = load_config(base, overrides={key: value})
+        assert session_mismatch(base, value) is None, key
+    for key, value in {"model.lora.rank": 8, "teacher.name": "x", "trainer.cpu_ranks": 2, "model.max_model_len": 48,
+                       "inference.lora_mode": "merge", "orchestrator.env_args.answers": ["a"]}.items():
+        try:
+            other = load_config(base, overrides={key: value})
+        except ConfigError:
+            continue
+        assert session_mismatch(base, other) == key
+
+
+def test_session_run_config_goes_on_the_sources_and_refuses_fixed_keys():
+    session = {"max_steps": 4, "trainer": {"loss": {"kl_coef": 1.0}}}
+    cfg = session_run_config(session, {"trainer.loss.kl_coef": 0.0}, seed=2)
+    # teacher_tau / student_tau default to kl_coef: a run that sets kl_coef moves them too
+    assert (cfg.trainer.loss.teacher_tau, cfg.trainer.loss.student_tau, cfg.seed, cfg.max_steps) == (0.0, 0.0, 2, 4)
+    with pytest.raises(ConfigError, match=r"^model\.lora\.rank: differs from the session's"):
+        session_run_config(session, overrides={"model.lora.rank": 4})
+    with pytest.raises(ConfigError, match=r"^resume: a session's run starts from the base student"):
+        session_run_config(session, resume=True)
+    with pytest.raises(ConfigError, match=r'^ckpt\.on_failure: "restart" starts new roles'):
+        session_run_config(session, overrides={"ckpt.on_failure": "restart"})
+    with pytest.raises(ConfigError, match=r"^trainer\.finetune: a session's run resets a LoRA adapter between runs"):
+        session_run_config(session, overrides={"trainer.finetune": "full", "inference.lora_mode": "merge"})
+
+
+@pytest.mark.engine
+def test_session_runs_start_from_the_base_student_and_repeat_exactly(tiny_pair, tmp_path):
+    """Three runs on one start of the roles: a run after others (seed 0 again) repeats the first exactly, so
+    the trainer's LoRA/optimizer and the engines' adapter really went back to the start; an SFT run trains on
+    the teacher's samples; a run that changes a fixed key is refused before it starts."""
+    from shared.metrics import read_metrics
+
+    small = {"orchestrator.batch_size": 8, "orchestrator.eval.num_prompts": 16, "orchestrator.eval.interval": 1,
+             "wandb.mode": "disabled"}
+    with Session(TOML, overrides=small, max_steps=2, output_dir=str(tmp_path / "session")) as session:
+        assert set(session.startup) == {"time/startup_inference", "time/startup_teacher", "time/startup_trainer"}
+        first = session.run(seed=0, output_dir=str(tmp_path / "a"))
+        sft = session.run(seed=1, output_dir=str(tmp_path / "sft"),
+                          overrides={"orchestrator.sampler": "teacher", "trainer.lr": 1e-2})
+        again = session.run(seed=0, output_dir=str(tmp_path / "b"))
+        with pytest.raises(ConfigError, match=r"^model\.lora\.rank: differs from the session's"):
+            session.run(overrides={"model.lora.rank": 8}, output_dir=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+    def rows(result):
+        return [r for r in read_metrics(result.output_dir / "metrics.jsonl") if "tokens/step" in r]
+
+    a, b = rows(first), rows(again)
+    assert [r["step"] for r in a] == [1, 2] and "time/reset" in read_metrics(first.output_dir / "metrics.jsonl")[0]
+    for ra, rb in zip(a, b):
+        assert ra["tokens/step"] == rb["tokens/step"]
+        assert ra["teacher_kl"] == pytest.approx(rb["teacher_kl"], abs=1e-5)
+    assert first.eval_start == again.eval_start and first.eval_end == again.eval_end
+    assert (tmp_path / "b" / "broadcast" / "step_0" / "COMPLETE").exists()
+    s = rows(sft)
+    assert all(r["teacher_kl"] is None and r["loss/sft"] > 0 and r["loss/policy"] == 0 for r in s)
+    assert all(r["time/inference"] == 0 and r["tokens/step"] > 0 for r in s)
+
+
+def test_sft_samples_put_each_teacher_sample_after_the_students_view_of_its_prompt():
+    from orchestrator.orchestrator import Orchestrator
+    from shared.wire import Rollout
+
+    student_view = [[1, 5, 6], [1, 7]]  # prompts 10 and 11 (base 10); the teacher saw them with a context
+    rollouts = [Rollout(prompt_index=11, prompt_ids=[1, 99, 7], completion_ids=[8, 2], logprobs=[-0.1, -0.2]),
+                Rollout(prompt_index=10, prompt_ids=[1, 99, 5, 6], completion_ids=[9, 9, 2], logprobs=[-1, -1, -1])]
+    built = Orchestrator._sft_samples(student_view, rollouts, base=10)
+    assert [s.input_ids for s in built.samples] == [[1, 7, 8, 2], [1, 5, 6, 9, 9, 2]]
+    assert [s.prompt_len for s in built.samples] == [2, 3] and built.lens == [2, 3]  # the loss divides by 5 tokens
+    assert all(s.policy is False and s.sft_weight == 1.0 and s.advantages == [] for s in built.samples)
+    assert built.kls == [] and built.rewards == []  # no student samples: nothing to score or reward

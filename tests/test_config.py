@@ -441,3 +441,26 @@ def test_arbitrary_toml_text_raises_only_config_error(tmp_path, text):
         load(["@", str(path)])
     except ConfigError as e:
         assert str(e)
+
+
+# -- orchestrator.sampler: who writes the training completions -----------------------------------------
+
+def test_sampler_defaults_to_the_student_and_teacher_loads_for_sft():
+    assert from_dict({}).orchestrator.sampler == "student"
+    cfg = load(["@", str(REPO / "experiments" / "reverse_text" / "rl.toml"), "--orchestrator.sampler", "teacher"])
+    assert cfg.orchestrator.sampler == "teacher" and cfg.trainer.loss.adv_tau == 0.0
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"orchestrator": {"sampler": "judge"}}, r'^orchestrator\.sampler: expected one of "student", "teacher", got "judge"$'),
+    ({"trainer": {"loss": {"adv_tau": 1.0}}}, r'^trainer\.loss\.adv_tau: must be 0 with orchestrator\.sampler = "teacher"'),
+    ({"trainer": {"loss": {"lockin_coef": 0.1}}}, r"^trainer\.loss\.lockin_coef: must be 0 with"),
+    ({"trainer": {"loss": {"entropy_coef": 0.1}}}, r"^trainer\.loss\.entropy_coef: must be 0 with"),
+    ({"orchestrator": {"max_async_level": 1}}, r"^orchestrator\.max_async_level: must be 0 with orchestrator\.sampler"),
+    ({"orchestrator": {"workflow": "judge"}}, r'^orchestrator\.sampler: "teacher" needs orchestrator\.workflow = "distill"'),
+    ({"teacher": {"endpoint": "http://127.0.0.1:8000/v1"}}, r"^orchestrator\.sampler: \"teacher\" needs the in-cluster"),
+])
+def test_sampler_teacher_refuses_on_policy_settings(raw, match):
+    raw = deep_merge({"orchestrator": {"sampler": "teacher"}}, raw)
+    with pytest.raises(ConfigError, match=match):
+        from_dict(raw)

@@ -83,13 +83,44 @@ class TrainerRank:
             fully_shard(model, mesh=mesh, mp_policy=mp)
         self.model = model
         self.device = torch.device(device_type)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self._make_optimizer()
+        self.pad_id = 0
+        return time.perf_counter() - t0
+
+    def _make_optimizer(self) -> None:
+        spec = self.spec
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
             lr_multiplier, kind=spec.get("lr_schedule", "constant"), total=spec.get("total_steps", 1),
             warmup=spec.get("warmup_steps", 0), min_ratio=spec.get("min_lr_ratio", 0.0)))
-        self.pad_id = 0
-        return time.perf_counter() - t0
+
+    def reset(self, spec: dict, output_dir: str) -> str:
+        """A session's next run (``orchestrator/api.py``): a fresh LoRA adapter drawn from ``spec["seed"]``, a
+        new optimizer and schedule from ``spec``, adapters written under ``output_dir``.  Returns the path of
+        ``broadcast/step_0`` (written here; B = 0, so it computes exactly the base model).
+
+        The draw is peft's default initialisation (``lora_A`` Kaiming-uniform with a = sqrt(5), ``lora_B``
+        zero) from a generator seeded by the run alone, so a run's start does not depend on the runs before
+        it.  Every rank draws the same full tensors and keeps its own shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        fixed = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "dtype")
+        changed = [k for k in fixed if spec.get(k) != self.spec.get(k)]
+        if changed:
+            raise ValueError(f"reset: {', '.join(changed)} cannot change after setup (the model is built with them)")
+        self.spec, self.output_dir = spec, Path(output_dir)
+        torch.manual_seed(spec["seed"])
+        gen = torch.Generator().manual_seed(spec["seed"])
+        fresh = {}
+        for name, p in self.model.named_parameters():
+            if "lora_A" in name:
+                fresh[name] = torch.nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5), generator=gen)
+            elif "lora_B" in name:
+                fresh[name] = torch.zeros(p.shape)
+        set_model_state_dict(self.model, fresh, options=StateDictOptions(full_state_dict=True, strict=False))
+        self._make_optimizer()
+        return str(self.save_adapter(0))
 
     # ------------------------------------------------------------------------------------------
     def _micro_batch(self, samples):
