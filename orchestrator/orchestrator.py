@@ -843,6 +843,7 @@ class Orchestrator:
             "grad_norm": results[0].metrics["grad_norm"],
             "train/lr": results[0].metrics.get("lr", 0.0),
             "skipped_step": results[0].metrics["skipped_step"],
+            "zero_grad_step": results[0].metrics.get("zero_grad_step", 0.0),
             "masked/low_frac": tm["masked_low"] / max(tm["tokens"], 1),
             "masked/high_frac": tm["masked_high"] / max(tm["tokens"], 1),
             "masked/low": tm["masked_low"],

@@ -432,3 +432,41 @@ def test_trainer_loss_terms(tiny_pair, tmp_path):
     assert steps[-1]["loss/lockin"] < 0.8 * first["loss/lockin"]
     assert steps[-1]["loss/corrective"] < 0.8 * first["loss/corrective"]
     assert (tmp_path / "broadcast" / "step_5" / "COMPLETE").exists()
+
+
+def test_a_step_with_an_exactly_zero_gradient_is_not_applied(tiny_pair, tmp_path):
+    """RL with no rewarded sample: every advantage is 0 and no other term is on, so the gradient is exactly
+    zero; AdamW would still move the weights on the momentum of the step before (and weight decay), so the
+    trainer does not step: the adapter it publishes is bit-identical to the previous one."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from shared.wire import StepResult
+    from trainer.worker import TrainerRank
+
+    _, student = tiny_pair
+    tok = AutoTokenizer.from_pretrained(str(student))
+    spec = dict(seed=0, dtype="float32", lr=0.01, weight_decay=0.1, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
+                lora_dropout=0.0, lora_targets=["q_proj", "v_proj"], mask_ratio_low=0.125, mask_ratio_high=8.0,
+                ref_kl_coef=0.0, ref_kl_estimator="k3", entropy_coef=0.0)
+    p, c = tok("abcd=").input_ids, tok("dcba").input_ids[1:] + [tok.eos_token_id]
+
+    def batch(step, adv):
+        return encode(TrainBatch(step=step, total_tokens=len(c), samples=[TrainSample(
+            input_ids=p + c, prompt_len=len(p), inference_logprobs=[-1.0] * len(c), advantages=[adv] * len(c))]))
+
+    rank = TrainerRank(0, 1, "gloo", f"tcp://127.0.0.1:{_port()}", str(student), spec, str(tmp_path), None)
+    try:
+        rank.setup()
+        moved = decode(rank.train_step(batch(1, 1.0)), StepResult).metrics
+        still = decode(rank.train_step(batch(2, 0.0)), StepResult).metrics
+        again = decode(rank.train_step(batch(3, 1.0)), StepResult).metrics
+    finally:
+        dist.destroy_process_group()
+    assert moved["grad_norm"] > 0 and moved["zero_grad_step"] == 0.0
+    assert still["grad_norm"] == 0.0 and still["zero_grad_step"] == 1.0 and still["skipped_step"] == 0.0
+    assert again["zero_grad_step"] == 0.0
+    w = {s: load_file(tmp_path / "broadcast" / f"step_{s}" / "adapter_model.safetensors") for s in (1, 2, 3)}
+    assert all(torch.equal(w[1][k], w[2][k]) for k in w[1])  # step 2 applied nothing
+    assert any(not torch.equal(w[2][k], w[3][k]) for k in w[2])  # and step 3 learns again

@@ -208,7 +208,10 @@ class TrainerRank:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         skipped = not math.isfinite(grad_norm)  # global (all-reduced): every rank decides alike
-        if skipped:
+        # Nothing to learn (every advantage 0 and no other term, e.g. RL with no rewarded sample): AdamW would
+        # still move the weights on its momentum and weight decay, so the step is not applied.
+        zero = grad_norm == 0.0
+        if skipped or zero:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
@@ -222,6 +225,7 @@ class TrainerRank:
             "grad_norm": grad_norm,
             "lr": lr,
             "skipped_step": float(skipped),
+            "zero_grad_step": float(zero),
             "time/trainer_compute": train_seconds,
             "time/adapter_save": time.perf_counter() - t0 - train_seconds,
         }
