@@ -77,11 +77,12 @@ def node_address() -> str:
 
 
 def free_port() -> int:
-    """A port free on this node now (bound on every interface, as the rendezvous store will be)."""
+    """A port free on this node now, probed on loopback (nothing the project opens listens on every
+    interface, even for a moment; a port free on loopback is, in practice, free on the node's address)."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
