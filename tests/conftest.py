@@ -17,3 +17,20 @@ def tiny_pair():
     from shared.tiny_pair import build_pair
 
     return build_pair()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    """A test that runs a trainer rank in-process and fails (or whose engine shares the group) can leave
+    torch's default process group behind; the next in-process rank would then fail to initialise its own."""
+    yield
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (ValueError, RuntimeError):
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d._world = c10d._World()  # a group torch no longer knows how to destroy: forget it
