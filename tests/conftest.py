@@ -34,3 +34,16 @@ def _no_leftover_process_group():
             import torch.distributed.distributed_c10d as c10d
 
             c10d._world = c10d._World()  # a group torch no longer knows how to destroy: forget it
+
+
+def stop_process_group(proc, grace: float) -> None:
+    """SIGTERM to ``proc``'s process group (started with ``start_new_session=True``), SIGKILL after ``grace`` s."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()

@@ -6,14 +6,12 @@ vLLM, ~2 minutes), checking only that its table, JSON and plot are well-formed.
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_process_group
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import profile_run  # noqa: E402
@@ -31,12 +29,7 @@ def run_quick(script: str, tmp_path, limit: float = 1500.0) -> subprocess.Comple
     try:
         out, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_process_group(proc, 60)
         pytest.fail(f"{script} --quick took more than {limit:.0f} s")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

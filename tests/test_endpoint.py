@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 from shared.config import ConfigError, load
 from shared.wire import TEACHER_FAILED, RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 from teacher.endpoint import PROBE_TEXT, EndpointError, EndpointTeacher, probe
-from tests.conftest import RL, ROOT
+from tests.conftest import RL, ROOT, stop_process_group
 
 KEY_VAR = "OPD_TEST_TEACHER_API_KEY"
 KEY = "sk-test-0123456789abcdef"
@@ -390,12 +389,7 @@ def vllm_serve(tiny_pair, tmp_path_factory):
             time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, 30)
 
 
 class FaultProxy(ThreadingHTTPServer):
