@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
-from shared.config import Config, ConfigError
+from shared.config import Config, ConfigError, gpu_slots
 from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
-from shared.placement import plan
+from shared.placement import ActorPlan, node_order, plan
 from shared.redact import redacted_toml
 
 # Prompts rendered from a generating environment to find the longest (a dataset file is checked whole).
@@ -44,7 +44,7 @@ def preflight(cfg: Config) -> dict[str, str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:  # the actors get the entries of rl's own list (shared/placement.py)
         paths["cuda_visible_devices"] = visible
-    plan(cfg, visible)  # an id beyond what rl sees is a one-line error now, not in an actor later
+    _check_nodes(cfg, plan(cfg, visible))  # an id beyond what rl sees is a one-line error now, not in an actor later
     if cfg.teacher.endpoint:  # an external teacher: reachable, model served, tokenizer and log-probs as the run needs
         from teacher.endpoint import probe
 
@@ -92,13 +92,26 @@ def _check_resume(cfg: Config) -> None:
 
 
 def _check_gpus(cfg: Config) -> None:
-    wanted = cfg.inference.gpu_ids + cfg.teacher.gpu_ids + cfg.trainer.gpu_ids
+    """The ids of this node (node 0) against the GPUs torch sees here; other nodes' GPUs are not visible from
+    here (an id too high there fails in its actor)."""
+    wanted = [g for role in ("inference", "teacher", "trainer")
+              for node, g in gpu_slots(getattr(cfg, role).gpu_ids, f"{role}.gpu_ids") if node == 0]
     if wanted:
         import torch
 
         have = torch.cuda.device_count()
         if max(wanted) >= have:
             raise ConfigError(f"gpu ids {sorted(wanted)} requested but this machine has {have} CUDA device(s)")
+
+
+def _check_nodes(cfg: Config, actors: list[ActorPlan]) -> None:
+    """Ids on other nodes (``N:G``) need a cluster to join: a private Ray is this one node."""
+    if cfg.ray_address:
+        return
+    for a in actors:
+        if a.node:
+            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but without ray_address rl starts a "
+                              "private one-node Ray; join a cluster with --ray_address (slurm/multi_node.sbatch)")
 
 
 def _check_free_space(cfg: Config, out: Path, per_step: int, what: str = "adapter", copies: int = 2,
@@ -227,6 +240,62 @@ def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
     )
 
 
+# paths[NODES_KEY]: the Ray node ids of the run's nodes 0, 1, ... (comma-separated), set when the cluster has
+# several; every actor's .options() then carry node_affinity(plan, paths).
+NODES_KEY = "ray_nodes"
+
+
+def _node_list(nodes: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{i} = {n.get('NodeManagerHostname', '?')} ({n.get('NodeManagerAddress', '?')})"
+                     for i, n in enumerate(nodes))
+
+
+def node_ids(actors: list[ActorPlan], nodes: list[dict[str, Any]]) -> list[str]:
+    """The Ray node ids of ``nodes`` (in the run's order, ``placement.node_order``); an actor planned on a
+    node past them is a one-line ConfigError naming its role's key, before any engine starts."""
+    for a in actors:
+        if a.node >= len(nodes):
+            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
+                              f"{len(nodes)} alive node(s): {_node_list(nodes)} (0 = the node rl runs on)")
+    return [n["NodeID"] for n in nodes]
+
+
+def with_nodes(actors: list[ActorPlan], paths: dict[str, str]) -> dict[str, str]:
+    """After ``ray.init``: ``paths`` with the Ray node id of each of the run's nodes (``NODES_KEY``) when the
+    cluster has several alive nodes, so that :func:`node_affinity` pins every actor (node 0 too: a plain id
+    means rl's node, not wherever Ray finds room); on one node, ``paths`` as it was."""
+    import ray
+
+    nodes = node_order(ray.nodes(), ray.get_runtime_context().get_node_id())
+    ids = node_ids(actors, nodes)
+    if len(ids) < 2:
+        return paths
+    print(f"placement: {len(ids)} Ray nodes: {_node_list(nodes)}", file=sys.stderr)
+    return {**paths, NODES_KEY: ",".join(ids)}
+
+
+def place_on_nodes(cfg: Config, paths: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """After ``ray.init``: ``paths`` with the node map (:func:`with_nodes`) and the orchestrator's ``.options()``
+    that keep it on node 0. Only a joined cluster (``ray_address``) can span nodes: a private Ray is skipped
+    without a call to Ray, so a single-node run starts exactly as before."""
+    if not cfg.ray_address:
+        return paths, {}
+    actors = plan(cfg, paths.get("cuda_visible_devices"))
+    paths = with_nodes(actors, paths)
+    return paths, node_affinity(actors[0], paths)  # actors[0]: the orchestrator
+
+
+def node_affinity(a: ActorPlan, paths: dict[str, str]) -> dict[str, Any]:
+    """``.options()`` that keep actor ``a`` on its plan's node (hard affinity: a lost node fails the actor rather
+    than moving it to a node where its GPU ids mean other GPUs); none on a single node, where nothing changes."""
+    ids = paths.get(NODES_KEY)
+    if not ids:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ids.split(",")[a.node], soft=False)}
+
+
 LOOPBACK_ENV_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Set before Ray is imported (unless the user set them); every actor inherits them.
 LOOPBACK_ENV = {
@@ -260,7 +329,8 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
 
     ray.init(**ray_init_kwargs(cfg))
     try:
-        orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2).remote(
+        paths, pin = place_on_nodes(cfg, paths)
+        orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2, **pin).remote(
             msgspec.json.encode(run_cfg), paths
         )
         return await_run(orch, orch.run.remote(), cfg, progress)

@@ -53,13 +53,20 @@ class ModelConfig(_Section):
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
+# A role's GPU ids: G is GPU G of the node rl runs on (node 0), "N:G" is GPU G of node N of a Ray cluster
+# (shared/placement.py numbers the nodes). Plain ints keep every single-node card as it was.
+GpuIds = list[int | str]
+
+
 class ParallelConfig(_Section):
     dp: _doc(int, "engines (data parallel); 0 = one per tp-sized group of ids (1 on CPU)", ge=0) = 0
     tp: _doc(int, "tensor-parallel size of each engine", ge=1) = 1
 
 
 class InferenceConfig(_Section):
-    gpu_ids: _doc(list[int], "GPU ids of the student engines; empty = CPU") = field(default_factory=list)
+    gpu_ids: _doc(GpuIds, "GPU ids of the student engines (G, or N:G on node N); empty = CPU") = field(
+        default_factory=list
+    )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     temperature: _doc(float, "sampling temperature", ge=0) = 1.0
     top_p: _doc(float, "nucleus sampling mass", gt=0, le=1) = 1.0
@@ -78,7 +85,9 @@ class TeacherConfig(_Section):
         "tiny-reverse-teacher"
     )
     dtype: _doc(Literal["float32", "bfloat16"], "teacher dtype") = "float32"
-    gpu_ids: _doc(list[int], "GPU ids of the teacher engines; empty = CPU") = field(default_factory=list)
+    gpu_ids: _doc(GpuIds, "GPU ids of the teacher engines (G, or N:G on node N); empty = CPU") = field(
+        default_factory=list
+    )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_cache_gib: _doc(int, "KV cache per teacher engine on CPU, GiB", ge=1) = 1
     gpu_memory_utilization: _doc(float, "fraction of GPU memory the teacher may use", gt=0, le=1) = 0.85
@@ -193,7 +202,7 @@ class LossConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    gpu_ids: _doc(list[int], "GPU ids of the trainer ranks (one FSDP2 rank each); empty = CPU") = field(
+    gpu_ids: _doc(GpuIds, "GPU ids of the trainer ranks (one FSDP2 rank each; G, or N:G on node N); empty = CPU") = field(
         default_factory=list
     )
     cpu_ranks: _doc(int, "FSDP2 ranks (gloo) when the trainer runs on the CPU", ge=1, le=64) = 1
@@ -744,6 +753,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"{key}: expected one of {', '.join(map(json.dumps, choices))}, got {json.dumps(got)}") from None
         msg = msg.replace("`", "")
         msg = msg[0].lower() + msg[1:]
+        if ".gpu_ids[" in key:  # GpuIds: say what a string id looks like, not msgspec's `int | str`
+            msg = msg.replace("expected int | str", 'expected int or "N:G"')
         if got is not None and not isinstance(got, (dict, list)):
             shown = json.dumps(got) if isinstance(got, str) else repr(got)
             msg = re.sub(r", got \w+$", "", msg) + f", got {shown}"
@@ -793,23 +804,55 @@ def _validate_ray_address(addr: str) -> None:
         raise ConfigError(f"ray_address: port out of range in {json.dumps(addr)}")
 
 
+_GPU_ID = re.compile(r"(?:([0-9]+):)?([0-9]+)")
+
+
+def gpu_slot(value: int | str, key: str) -> tuple[int, int]:
+    """``(node, gpu)`` of one entry of a role's ``gpu_ids``: ``G`` (an int, as every single-node card has it) is
+    GPU G of node 0, the node rl runs on; ``"N:G"`` is GPU G of node N.  One id names its own node, so a role
+    can span nodes and GPU 0 of node 1 is not GPU 0 of node 0 (no parallel list of nodes to keep in step)."""
+    if isinstance(value, int):
+        return 0, value
+    m = _GPU_ID.fullmatch(value.strip())
+    if m is None:
+        raise ConfigError(f"{key}: expected int, got {json.dumps(value)}; a GPU id is G (a GPU of the node rl runs "
+                          "on) or \"N:G\" (GPU G of node N)")
+    return int(m.group(1) or 0), int(m.group(2))
+
+
+def gpu_slots(ids: list[int | str], key: str) -> list[tuple[int, int]]:
+    """``(node, gpu)`` of every id of ``key`` (``inference.gpu_ids``); a malformed one is named by its index."""
+    return [gpu_slot(v, f"{key}[{i}]") for i, v in enumerate(ids)]
+
+
+def slot_name(slot: tuple[int, int]) -> str:
+    """An id as the user writes it: ``G`` on node 0, ``N:G`` elsewhere."""
+    return str(slot[1]) if slot[0] == 0 else f"{slot[0]}:{slot[1]}"
+
+
+def _validate_gpu_ids(cfg: Config) -> None:
+    """Ids are >= 0, well-formed, and name each (node, GPU) once across all roles."""
+    roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids}
+    slots: dict[str, list[tuple[int, int]]] = {}
+    for role, ids in roles.items():
+        if any(isinstance(i, int) and i < 0 for i in ids):
+            raise ConfigError(f"{role}.gpu_ids: GPU ids must be >= 0, got {ids}")
+        slots[role] = gpu_slots(ids, f"{role}.gpu_ids")
+        if len(set(slots[role])) != len(ids):
+            raise ConfigError(f"{role}.gpu_ids: duplicate GPU id in {ids}")
+    seen: dict[tuple[int, int], str] = {}
+    for role, role_slots in slots.items():
+        for slot in role_slots:
+            if slot in seen:
+                raise ConfigError(f"{role}.gpu_ids: GPU {slot_name(slot)} is also given to {seen[slot]}.gpu_ids; "
+                                  "roles may not share a device")
+            seen[slot] = role
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules that a type cannot express."""
     _validate_ray_address(cfg.ray_address)
-    roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids}
-    for role, ids in roles.items():
-        if any(i < 0 for i in ids):
-            raise ConfigError(f"{role}.gpu_ids: GPU ids must be >= 0, got {ids}")
-        if len(set(ids)) != len(ids):
-            raise ConfigError(f"{role}.gpu_ids: duplicate GPU id in {ids}")
-    seen: dict[int, str] = {}
-    for role, ids in roles.items():
-        for i in ids:
-            if i in seen:
-                raise ConfigError(
-                    f"{role}.gpu_ids: GPU {i} is also given to {seen[i]}.gpu_ids; roles may not share a device"
-                )
-            seen[i] = role
+    _validate_gpu_ids(cfg)
     for role, sec in (("inference", cfg.inference), ("teacher", cfg.teacher)):
         ids, par = sec.gpu_ids, sec.parallel
         if ids and len(ids) % par.tp:
