@@ -213,7 +213,8 @@ class Session:
                  **keys: Any):
         from shared.runtime import ray_env_defaults
 
-        from orchestrator.launcher import loopback_env_defaults, orchestrator_result, preflight, ray_init_kwargs
+        from orchestrator.launcher import (loopback_env_defaults, orchestrator_result, place_on_nodes, preflight,
+                                           ray_init_kwargs)
 
         ray_env_defaults()  # before anything imports ray
         loopback_env_defaults()
@@ -228,7 +229,8 @@ class Session:
 
         ray.init(**ray_init_kwargs(self.config))
         try:
-            self._orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2).remote(
+            self.paths, pin = place_on_nodes(self.config, self.paths)  # a node map when the cluster has several
+            self._orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2, **pin).remote(
                 msgspec.json.encode(self.config), self.paths)
             self.startup: dict[str, float] = orchestrator_result(self._orch.open_session.remote())
         except BaseException:

@@ -124,6 +124,8 @@ class Orchestrator:
         from teacher.engine import TeacherEngine
         from trainer.worker import TrainerRank
 
+        from orchestrator.launcher import node_affinity
+
         actors = plan(cfg, self.paths.get("cuda_visible_devices"))
         port = _free_port()
         # Trainer ranks meet through a file store, not a TCP store: torch's TCPStore listens on every
@@ -139,6 +141,7 @@ class Orchestrator:
                 num_gpus=0,
                 max_concurrency=1,
                 runtime_env={"env_vars": {**a.env, **extra_env}},
+                **node_affinity(a, self.paths),  # on the plan's node when the cluster has several (launcher.py)
             )
 
         base = dict(max_model_len=cfg.model.max_model_len, seed=cfg.seed, enforce_eager=cfg.inference.enforce_eager)
