@@ -3,13 +3,16 @@
     python benchmarks/throughput.py            # tiny pair + SmolLM2 (~12 min on 2 quiet cores)
     python benchmarks/throughput.py --quick    # tiny pair, 2 steps per run: checks the results are well-formed
 
-Each run is ``rl @ TOML --orchestrator.max_async_level K`` (the overrides below keep it short); the runs
-alternate K = 0 and K = 1 (0, 1, 1, 0, ...), so a load that drifts during the benchmark lands on both. Every
+Each setup starts its roles once (``orchestrator.api.Session`` on its TOML, with the overrides below that keep
+it short) and runs it with ``orchestrator.max_async_level`` K = 0 and K = 1 alternated (0, 1, 1, 0, ...), so a
+load that drifts during the benchmark lands on both and the engines' start-up is paid once per setup (each run
+still starts from the base student with a fresh adapter and optimizer). Every
 figure comes from the run's ``metrics.jsonl`` through ``profile_run.summarize``: per-role busy seconds per
 step, completion tokens per busy second, busy fractions, and the step time against the ideal of perfect
 overlap (``max`` of the role times) and no overlap (their ``sum``). The load average is recorded before and
 after every run. Writes ``throughput_<date>.md``, ``.png`` and ``.json`` into ``--out`` (default
-``benchmarks/results``); the run folders go to ``--work`` (default ``outputs/bench_throughput``).
+``benchmarks/results``); the run folders (and each session's actor logs) go to ``--work`` (default
+``outputs/bench_throughput``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_run  # noqa: E402
-from profile_run import (ROLES, loadavg, machine, output_args, ratio_stats, run_rl, summarize,  # noqa: E402
+from profile_run import (ROLES, loadavg, machine, output_args, ratio_stats, summarize,  # noqa: E402
                          write_results)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,22 +39,22 @@ from shared.metrics import read_metrics  # noqa: E402
 class Setup:
     name: str
     toml: str
-    overrides: tuple[str, ...]
+    overrides: dict  # dotted keys, as orchestrator.api takes them
     rounds: int  # pairs of runs (one with K = 0, one with K = 1)
 
 
-COMMON = ("--wandb.mode", "disabled", "--orchestrator.eval.interval", "0")
+COMMON = {"wandb.mode": "disabled", "orchestrator.eval.interval": 0}
 FULL = (
     Setup("tiny pair (reverse_text, 32 x 4 per step, 30 steps)", "experiments/reverse_text/rl.toml",
-          ("--max_steps", "30", "--orchestrator.eval.num_prompts", "16"), rounds=1),
+          {"max_steps": 30, "orchestrator.eval.num_prompts": 16}, rounds=1),
     # 2 prompts x 4 answers instead of 8 x 4, 5 steps, no baseline evaluation: one run at a time (~11 GB)
     Setup("SmolLM2-135M (context_distill, 2 x 4 per step, 5 steps)", "experiments/context_distill/rl.toml",
-          ("--max_steps", "5", "--orchestrator.batch_size", "2", "--orchestrator.eval_baseline", "false",
-           "--orchestrator.eval.num_prompts", "4"), rounds=1),
+          {"max_steps": 5, "orchestrator.batch_size": 2, "orchestrator.eval_baseline": False,
+           "orchestrator.eval.num_prompts": 4}, rounds=1),
 )
 QUICK = (
     Setup("tiny pair (reverse_text, 8 x 4 per step, 2 steps)", "experiments/reverse_text/rl.toml",
-          ("--max_steps", "2", "--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "4"), rounds=1),
+          {"max_steps": 2, "orchestrator.batch_size": 8, "orchestrator.eval.num_prompts": 4}, rounds=1),
 )
 
 
@@ -60,15 +63,33 @@ def schedule(rounds: int) -> list[int]:
     return [k for r in range(rounds) for k in ((0, 1) if r % 2 == 0 else (1, 0))]
 
 
-def run_one(setup: Setup, k: int, index: int, work: Path) -> dict:
-    """One ``rl`` run; its summary, with its wall time and the load average before and after."""
-    out_dir = (work / f"{Path(setup.toml).parent.name}_k{k}_{index}").resolve()
-    load_before = loadavg()
-    wall = run_rl(out_dir, "@", setup.toml, *setup.overrides, *COMMON, "--orchestrator.max_async_level", str(k))
-    s = summarize(read_metrics(out_dir / "metrics.jsonl"), out_dir.name)
-    if not s.get("step_s"):
-        raise RuntimeError(f"{out_dir}: no step rows in metrics.jsonl")
-    return {**s, "setup": setup.name, "k": k, "wall_s": wall, "load_before": load_before, "load_after": loadavg()}
+def run_setup(setup: Setup, work: Path, t0: float) -> tuple[list[dict], dict[str, float]]:
+    """The runs of ``setup`` (K as :func:`schedule` orders them) on one start of its roles; (each run's summary
+    with its wall time and the load average before and after, the roles' start-up seconds)."""
+    import shutil
+
+    from orchestrator.api import Session
+
+    name = Path(setup.toml).parent.name
+    work = work.resolve()
+    shutil.rmtree(work / f"{name}_session", ignore_errors=True)
+    runs = []
+    with Session(REPO / setup.toml, overrides={**setup.overrides, **COMMON},
+                 output_dir=str(work / f"{name}_session")) as session:
+        for i, k in enumerate(schedule(setup.rounds)):
+            print(f"[{time.monotonic() - t0:5.0f} s] {setup.name}: K = {k} (load {loadavg():.1f})", flush=True)
+            out_dir = work / f"{name}_k{k}_{i}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            load_before, start = loadavg(), time.monotonic()
+            session.run(overrides={"orchestrator.max_async_level": k}, output_dir=str(out_dir))
+            wall = time.monotonic() - start
+            s = summarize(read_metrics(out_dir / "metrics.jsonl"), out_dir.name)
+            if not s.get("step_s"):
+                raise RuntimeError(f"{out_dir}: no step rows in metrics.jsonl")
+            runs.append({**s, "setup": setup.name, "k": k, "wall_s": wall, "load_before": load_before,
+                         "load_after": loadavg()})
+        startup = {key: v for key, v in session.startup.items()}
+    return runs, startup
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -97,9 +118,13 @@ def paired_speedups(runs: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-def markdown(rows: list[dict], speedups: dict[str, list[float]], command: str) -> str:
+def markdown(rows: list[dict], speedups: dict[str, list[float]], command: str,
+             startup: dict[str, dict[str, float]] | None = None) -> str:
+    starts = "; ".join(f"{name}: " + " / ".join(f"{v:.0f} s" for v in times.values())
+                       for name, times in (startup or {}).items())
     lines = [
         f"`{command}` — {machine()}; load average (1 min) {_load_span(rows)} over the runs.",
+        *([f"One start of the roles per setup (student / teacher / trainer start-up): {starts}."] if starts else []),
         "",
         "| setup | K | runs × steps | step (s) | ideal max (s) | sum (s) | step / ideal | step / sum "
         "| overlap realised "
@@ -171,24 +196,27 @@ def main(argv: list[str] | None = None) -> int:
         setups = tuple(s for s in setups if s.name.lower().startswith(args.only[:4]))
     if args.rounds:
         setups = tuple(Setup(s.name, s.toml, s.overrides, args.rounds) for s in setups)
+    from orchestrator.orchestrator import RoleFailure
+    from shared.config import ConfigError
+
     t0 = time.monotonic()
-    runs = []
+    runs, startup = [], {}
     for setup in setups:
-        for i, k in enumerate(schedule(setup.rounds)):
-            print(f"[{time.monotonic() - t0:5.0f} s] {setup.name}: K = {k} (load {loadavg():.1f})", flush=True)
-            try:
-                runs.append(run_one(setup, k, i, args.work))
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+        try:
+            setup_runs, startup[setup.name] = run_setup(setup, args.work, t0)
+        except (RuntimeError, ConfigError, RoleFailure) as e:
+            print(f"error: {setup.name}: {e}", file=sys.stderr)
+            return 1
+        runs += setup_runs
     rows = [aggregate([r for r in runs if r["setup"] == s.name and r["k"] == k]) for s in setups for k in (0, 1)]
     flags = [f for f, on in (("--quick", args.quick), (f"--only {args.only}", args.only),
                               (f"--rounds {args.rounds}", args.rounds)) if on]
     command = " ".join(["python benchmarks/throughput.py", *flags])
-    table = markdown(rows, paired_speedups(runs), command)
+    table = markdown(rows, paired_speedups(runs), command, startup)
     suffix = "_quick" if args.quick else f"_{args.only}" if args.only else ""
     stem = f"throughput_{time.strftime('%Y-%m-%d')}{suffix}"
-    path = write_results(args.out, stem, "Throughput and overlap", table, {"runs": runs, "rows": rows}, plot(rows))
+    path = write_results(args.out, stem, "Throughput and overlap", table, {"runs": runs, "rows": rows, "startup_s": startup},
+                         plot(rows))
     print(table)
     print(f"wrote {path}.md/.png/.json in {time.monotonic() - t0:.0f} s")
     return 0

@@ -1,7 +1,7 @@
 """benchmarks/throughput.py and the reading it shares with benchmarks/profile_run.py.
 
 Pure logic against hand-made metrics rows; then ``--quick`` for real (4 tiny-pair steps through Ray and
-vLLM, ~2 minutes), checking only that its table, JSON and plot are well-formed.
+vLLM on one start of the roles), checking only that its table, JSON and plot are well-formed.
 """
 
 import json
@@ -114,6 +114,10 @@ def test_quick_mode_writes_well_formed_results(tmp_path):
         assert all(float(c) > 0 for c in cells[9:12])  # tokens/s of each role
     data = json.loads(next((tmp_path / "out").glob("throughput_*_quick.json")).read_text())
     assert [r["k"] for r in data["runs"]] == [0, 1] and all(r["steps"] == 2 for r in data["runs"])
+    (startup,) = data["startup_s"].values()  # one start of the roles for both runs
+    assert sorted(startup) == ["time/startup_inference", "time/startup_teacher", "time/startup_trainer"]
+    assert all(v > 0 for v in startup.values())
+    assert "One start of the roles per setup" in md
     for r in data["runs"]:
         assert r["tokens_per_step"] > 0 and 0 < r["inference_busy"] <= 1.0 + 1e-6
 
