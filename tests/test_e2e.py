@@ -34,8 +34,9 @@ def test_two_step_run(tiny_pair, tmp_path):
         for key in REQUIRED:
             assert key in r and r[key] is not None, key
         assert r["async/staleness"] <= 1  # max_async_level = 1: rollouts at most one adapter old
-        for role in ("inference", "teacher", "trainer"):
-            assert 0.0 < r[f"busy/{role}"] <= 1.0 + 1e-9, role
+        for role in ("inference", "teacher", "trainer"):  # step 2's batch may be sampled and scored in step 1
+            assert 0.0 <= r[f"busy/{role}"] <= 1.0 + 1e-9, role
+            assert train[0][f"busy/{role}"] > 0.0, role
         assert r["seq_len/mean"] > 0
         assert "reward/mean" not in r
     evals = [r for r in rows if "eval/reverse_text/avg" in r]
