@@ -88,7 +88,7 @@ def run_setup(setup: Setup, work: Path, t0: float) -> tuple[list[dict], dict[str
                 raise RuntimeError(f"{out_dir}: no step rows in metrics.jsonl")
             runs.append({**s, "setup": setup.name, "k": k, "wall_s": wall, "load_before": load_before,
                          "load_after": loadavg()})
-        startup = {key: v for key, v in session.startup.items()}
+        startup = dict(session.startup)
     return runs, startup
 
 

@@ -16,7 +16,7 @@ import msgspec
 from shared.config import Config, ConfigError, gpu_slots
 from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
-from shared.placement import ActorPlan, node_order, plan
+from shared.placement import NODES_KEY, ActorPlan, node_affinity, node_ids, node_list, node_order, plan
 from shared.redact import redacted_toml
 
 # Prompts rendered from a generating environment to find the longest (a dataset file is checked whole).
@@ -240,26 +240,6 @@ def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
     )
 
 
-# paths[NODES_KEY]: the Ray node ids of the run's nodes 0, 1, ... (comma-separated), set when the cluster has
-# several; every actor's .options() then carry node_affinity(plan, paths).
-NODES_KEY = "ray_nodes"
-
-
-def _node_list(nodes: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{i} = {n.get('NodeManagerHostname', '?')} ({n.get('NodeManagerAddress', '?')})"
-                     for i, n in enumerate(nodes))
-
-
-def node_ids(actors: list[ActorPlan], nodes: list[dict[str, Any]]) -> list[str]:
-    """The Ray node ids of ``nodes`` (in the run's order, ``placement.node_order``); an actor planned on a
-    node past them is a one-line ConfigError naming its role's key, before any engine starts."""
-    for a in actors:
-        if a.node >= len(nodes):
-            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
-                              f"{len(nodes)} alive node(s): {_node_list(nodes)} (0 = the node rl runs on)")
-    return [n["NodeID"] for n in nodes]
-
-
 def with_nodes(actors: list[ActorPlan], paths: dict[str, str]) -> dict[str, str]:
     """After ``ray.init``: ``paths`` with the Ray node id of each of the run's nodes (``NODES_KEY``) when the
     cluster has several alive nodes, so that :func:`node_affinity` pins every actor (node 0 too: a plain id
@@ -270,7 +250,7 @@ def with_nodes(actors: list[ActorPlan], paths: dict[str, str]) -> dict[str, str]
     ids = node_ids(actors, nodes)
     if len(ids) < 2:
         return paths
-    print(f"placement: {len(ids)} Ray nodes: {_node_list(nodes)}", file=sys.stderr)
+    print(f"placement: {len(ids)} Ray nodes: {node_list(nodes)}", file=sys.stderr)
     return {**paths, NODES_KEY: ",".join(ids)}
 
 
@@ -283,17 +263,6 @@ def place_on_nodes(cfg: Config, paths: dict[str, str]) -> tuple[dict[str, str], 
     actors = plan(cfg, paths.get("cuda_visible_devices"))
     paths = with_nodes(actors, paths)
     return paths, node_affinity(actors[0], paths)  # actors[0]: the orchestrator
-
-
-def node_affinity(a: ActorPlan, paths: dict[str, str]) -> dict[str, Any]:
-    """``.options()`` that keep actor ``a`` on its plan's node (hard affinity: a lost node fails the actor rather
-    than moving it to a node where its GPU ids mean other GPUs); none on a single node, where nothing changes."""
-    ids = paths.get(NODES_KEY)
-    if not ids:
-        return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ids.split(",")[a.node], soft=False)}
 
 
 LOOPBACK_ENV_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

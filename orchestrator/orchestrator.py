@@ -39,7 +39,7 @@ from orchestrator.prompts import Renderer
 from shared.config import Config
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
-from shared.placement import ActorPlan, plan
+from shared.placement import ActorPlan, node_affinity, plan
 from shared.runtime import first_line, redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, StepResult, TrainBatch, TrainSample, decode, encode
 from shared.wire import SUMMED_METRICS
@@ -124,8 +124,6 @@ class Orchestrator:
         from teacher.engine import TeacherEngine
         from trainer.worker import TrainerRank
 
-        from orchestrator.launcher import node_affinity
-
         actors = plan(cfg, self.paths.get("cuda_visible_devices"))
         port = _free_port()
         # Trainer ranks meet through a file store, not a TCP store: torch's TCPStore listens on every
@@ -141,7 +139,7 @@ class Orchestrator:
                 num_gpus=0,
                 max_concurrency=1,
                 runtime_env={"env_vars": {**a.env, **extra_env}},
-                **node_affinity(a, self.paths),  # on the plan's node when the cluster has several (launcher.py)
+                **node_affinity(a, self.paths),  # on the plan's node when the cluster has several
             )
 
         base = dict(max_model_len=cfg.model.max_model_len, seed=cfg.seed, enforce_eager=cfg.inference.enforce_eager)

@@ -125,6 +125,38 @@ def node_order(nodes: list[dict[str, Any]], here: str) -> list[dict[str, Any]]:
     return sorted((n for n in nodes if n.get("Alive")), key=key)
 
 
+# paths[NODES_KEY]: the Ray node ids of the run's nodes 0, 1, ... (comma-separated), set when the cluster has
+# several; every actor's .options() then carry node_affinity(plan, paths).
+NODES_KEY = "ray_nodes"
+
+
+def node_list(nodes: list[dict[str, Any]]) -> str:
+    """``0 = host (address), 1 = ...``: the run's node numbering as rl prints it."""
+    return ", ".join(f"{i} = {n.get('NodeManagerHostname', '?')} ({n.get('NodeManagerAddress', '?')})"
+                     for i, n in enumerate(nodes))
+
+
+def node_ids(actors: list[ActorPlan], nodes: list[dict[str, Any]]) -> list[str]:
+    """The Ray node ids of ``nodes`` (in the run's order, :func:`node_order`); an actor planned on a
+    node past them is a one-line ConfigError naming its role's key, before any engine starts."""
+    for a in actors:
+        if a.node >= len(nodes):
+            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
+                              f"{len(nodes)} alive node(s): {node_list(nodes)} (0 = the node rl runs on)")
+    return [n["NodeID"] for n in nodes]
+
+
+def node_affinity(a: ActorPlan, paths: dict[str, str]) -> dict[str, Any]:
+    """``.options()`` that keep actor ``a`` on its plan's node (hard affinity: a lost node fails the actor rather
+    than moving it to a node where its GPU ids mean other GPUs); none on a single node, where nothing changes."""
+    ids = paths.get(NODES_KEY)
+    if not ids:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ids.split(",")[a.node], soft=False)}
+
+
 def describe(actors: list[ActorPlan]) -> str:
     """One TOML comment line per actor; ``node N`` leads each line when the plan spans nodes (a single-node
     plan reads as it always did)."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.launcher import LOOPBACK_ENV, NODES_KEY, node_affinity, place_on_nodes, ray_init_kwargs
+from orchestrator.launcher import LOOPBACK_ENV, place_on_nodes, ray_init_kwargs
 from shared.config import ConfigError, load
-from shared.placement import plan
+from shared.placement import NODES_KEY, node_affinity, plan
 
 # Every Ray process on 127.0.0.1; no CPUs to offer, so Ray prestarts no idle workers (the probes ask for none).
 NODE = dict(node_ip_address="127.0.0.1", num_cpus=0, include_dashboard=False, dashboard_host="127.0.0.1")

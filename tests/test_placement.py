@@ -258,7 +258,7 @@ def test_node_order_is_rl_s_node_then_hostnames_in_natural_order():
 
 
 def test_a_node_past_the_cluster_is_one_line_naming_the_key():
-    from orchestrator.launcher import node_ids
+    from shared.placement import node_ids
 
     actors = plan(load(["--inference_gpu_ids", "0", "--trainer_gpu_ids", "2:0", *CLUSTER]))
     nodes = [_node("a", "gpu01", "10.0.0.1"), _node("b", "gpu02", "10.0.0.2")]
