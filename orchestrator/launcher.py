@@ -278,9 +278,15 @@ LOOPBACK_ENV = {
 
 
 def loopback_env_defaults() -> None:
-    """Keep every socket of the run on loopback: call before anything imports ``ray``."""
+    """Keep every socket of the run on loopback. Best before anything imports ``ray``; when something did (a
+    notebook, a test process), Ray's import-time reading of the cluster switch is brought in line with the
+    environment, since otherwise this driver would look for a loopback cluster's GCS on the host's address and
+    wait ten minutes for it."""
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV_CLUSTER].lower() in ("1", "true")
 
 
 def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = None) -> dict[str, Any]:
@@ -291,7 +297,7 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
     from shared.runtime import ray_env_defaults
 
     ray_env_defaults()
-    loopback_env_defaults()  # effective here only if nothing imported ray yet; `rl` sets it at its start
+    loopback_env_defaults()  # `rl` already called it at its start; Session and tests come straight here
     import ray
 
     from orchestrator.orchestrator import Orchestrator

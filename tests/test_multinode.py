@@ -25,12 +25,14 @@ def cluster():
         for key, value in LOOPBACK_ENV.items():  # as rl sets them before importing ray (Ray's no-cluster mode)
             mp.setenv(key, value)
         import ray
+        import ray._private.ray_constants as constants
         from ray.cluster_utils import Cluster
 
-        try:  # measured once in a full-suite run: the head's GCS timed out after ~40 engine tests (not reproduced alone)
-            c = Cluster(initialize_head=True, head_node_args=NODE)
-        except RuntimeError as e:
-            pytest.skip(f"a 2-node Ray cluster did not start on this machine: {str(e).splitlines()[0]}")
+        # Earlier tests of a full run imported ray before the variable was set; as loopback_env_defaults does,
+        # bring Ray's import-time reading of it in line (without this, ray.init waits 10 min for a GCS on the
+        # host's address).
+        mp.setattr(constants, "ENABLE_RAY_CLUSTER", False)
+        c = Cluster(initialize_head=True, head_node_args=NODE)
         try:
             c.add_node(**NODE)
             c.wait_for_nodes()
@@ -89,3 +91,19 @@ def test_one_node_changes_nothing():
     cfg = load(["--inference_gpu_ids", "0"])
     assert place_on_nodes(cfg, {"student": "s"}) == ({"student": "s"}, {})
     assert all(node_affinity(a, {"student": "s"}) == {} for a in plan(cfg))
+
+
+def test_loopback_defaults_correct_a_ray_imported_before_them(monkeypatch):
+    """A process that imported ray before the loopback switch was set (a notebook, an earlier test) would look
+    for a loopback cluster's GCS on the host's address; loopback_env_defaults brings Ray's reading in line."""
+    import ray._private.ray_constants as constants
+
+    from orchestrator.launcher import LOOPBACK_ENV_CLUSTER, loopback_env_defaults
+
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", True)  # as read at import with the variable unset
+    monkeypatch.delenv(LOOPBACK_ENV_CLUSTER, raising=False)
+    loopback_env_defaults()
+    assert constants.ENABLE_RAY_CLUSTER is False
+    monkeypatch.setenv(LOOPBACK_ENV_CLUSTER, "1")  # slurm/multi_node.sbatch: a cluster across hosts
+    loopback_env_defaults()
+    assert constants.ENABLE_RAY_CLUSTER is True
