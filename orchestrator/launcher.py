@@ -270,7 +270,7 @@ LOOPBACK_ENV_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK_ENV = {
     # Ray's "no cluster" mode (the variable's name dates from when that meant Windows/macOS): the node's
     # address is 127.0.0.1, so GCS, raylet and workers listen on loopback instead of on every interface.
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    LOOPBACK_ENV_CLUSTER: "0",
     "GLOO_SOCKET_IFNAME": "lo",  # the trainer's gloo collectives (CPU)
     "NCCL_SOCKET_IFNAME": "lo",  # NCCL's bootstrap (GPU)
     "VLLM_HOST_IP": "127.0.0.1",  # vLLM's own process group
@@ -286,7 +286,7 @@ def loopback_env_defaults() -> None:
         os.environ.setdefault(key, value)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV_CLUSTER].lower() in ("1", "true")
+        constants.ENABLE_RAY_CLUSTER = constants.env_bool(LOOPBACK_ENV_CLUSTER, True)  # as Ray read it at import
 
 
 def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.launcher import LOOPBACK_ENV, place_on_nodes, ray_init_kwargs
+from orchestrator.launcher import LOOPBACK_ENV, loopback_env_defaults, place_on_nodes, ray_init_kwargs
 from shared.config import ConfigError, load
 from shared.placement import NODES_KEY, node_affinity, plan
 
@@ -28,10 +28,11 @@ def cluster():
         import ray._private.ray_constants as constants
         from ray.cluster_utils import Cluster
 
-        # Earlier tests of a full run imported ray before the variable was set; as loopback_env_defaults does,
-        # bring Ray's import-time reading of it in line (without this, ray.init waits 10 min for a GCS on the
-        # host's address).
-        mp.setattr(constants, "ENABLE_RAY_CLUSTER", False)
+        # Earlier tests of a full run imported ray before the variable was set: loopback_env_defaults brings
+        # Ray's import-time reading in line (without it, ray.init waits 10 min for a GCS on the host's address);
+        # the setattr only records the old reading for the end of the module.
+        mp.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)
+        loopback_env_defaults()
         c = Cluster(initialize_head=True, head_node_args=NODE)
         try:
             c.add_node(**NODE)
@@ -98,7 +99,7 @@ def test_loopback_defaults_correct_a_ray_imported_before_them(monkeypatch):
     for a loopback cluster's GCS on the host's address; loopback_env_defaults brings Ray's reading in line."""
     import ray._private.ray_constants as constants
 
-    from orchestrator.launcher import LOOPBACK_ENV_CLUSTER, loopback_env_defaults
+    from orchestrator.launcher import LOOPBACK_ENV_CLUSTER
 
     monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", True)  # as read at import with the variable unset
     monkeypatch.delenv(LOOPBACK_ENV_CLUSTER, raising=False)
