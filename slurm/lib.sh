@@ -4,7 +4,7 @@
 # Environment read (all optional):
 #   OPD_ROOT   the project checkout (default: the directory sbatch was called from, SLURM_SUBMIT_DIR)
 #   OPD_RUN    how to run the project's commands, split on spaces
-#              (default: "uv run --no-group cpu --extra gpu", the README's GPU command; a CPU-only
+#              (default: "uv run --project gpu", the README's GPU command; a CPU-only
 #              cluster sets OPD_RUN="uv run")
 
 opd_die() { echo "error: $*" >&2; exit 2; }
@@ -15,7 +15,7 @@ opd_setup() {
   [[ -f $root/pyproject.toml && -d $root/orchestrator ]] \
     || opd_die "$root is not the opd checkout; submit from the checkout's root or set OPD_ROOT"
   cd "$root" || opd_die "cannot cd to $root"
-  read -r -a OPD_RUN_CMD <<<"${OPD_RUN:-uv run --no-group cpu --extra gpu}"
+  read -r -a OPD_RUN_CMD <<<"${OPD_RUN:-uv run --project gpu}"
   [[ ${#OPD_RUN_CMD[@]} -gt 0 ]] || opd_die "OPD_RUN is empty"
   # Ray: no token-auth warning; workers run the venv's interpreter instead of re-resolving with `uv run`.
   export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 RAY_DEDUP_LOGS=0

@@ -62,7 +62,8 @@ def test_image_command_is_the_quickstart(kind, tmp_path):
     cmd = json.loads([args for word, args in steps if word == "CMD"][-1])
     assert cmd[:2] == ["rl", "@"], cmd
     assert (ROOT / cmd[2]).is_file(), cmd
-    assert any(w == "ENV" and "PATH=/app/.venv/bin:$PATH" in a for w, a in steps), "the venv's rl is not on PATH"
+    venv = {"cpu": "/app/.venv", "cuda": "/app/gpu/.venv"}[kind]
+    assert any(w == "ENV" and f"PATH={venv}/bin:$PATH" in a for w, a in steps), "the venv's rl is not on PATH"
     p = subprocess.run([RL, *cmd[1:], "--dry_run", "--output_dir", str(tmp_path / "out")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -74,14 +75,17 @@ def test_image_command_is_the_quickstart(kind, tmp_path):
 
 
 def test_sync_flags_match_the_project():
-    """The CPU image syncs the default groups with the wheel folder mounted; the CUDA image swaps the CPU
-    engine for the `gpu` extra. Both groups/extras exist in pyproject.toml, and neither image keeps uv.lock."""
+    """The CPU image syncs the default groups with the wheel folder mounted; the CUDA image syncs the GPU
+    project (gpu/pyproject.toml, exactly the install tests/test_gpu_install.py resolves) and runs its venv.
+    Neither image keeps uv.lock."""
+    from tests.test_gpu_install import GPU_SYNC
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "cpu" in project["dependency-groups"] and "gpu" in project["project"]["optional-dependencies"]
+    assert "cpu" in project["dependency-groups"]
     runs = {k: " ".join(a for w, a in _instructions(p) if w == "RUN") for k, p in DOCKERFILES.items()}
     assert re.search(r"--mount=type=bind,from=wheels,target=/wheels\s+UV_FIND_LINKS=/wheels uv sync", runs["cpu"])
-    assert "--extra gpu" not in runs["cpu"]
-    assert "uv sync" in runs["cuda"] and "--no-group cpu --extra gpu" in runs["cuda"]
+    assert "--project gpu" not in runs["cpu"]
+    assert " ".join(GPU_SYNC) in runs["cuda"]
     for kind, path in DOCKERFILES.items():
         ignore = path.with_name(path.name + ".dockerignore").read_text().split()
         for entry in (".venv", "outputs", "uv.lock", ".git"):

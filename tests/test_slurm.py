@@ -346,7 +346,7 @@ def test_multi_node_plan():
     lines = [ln for ln in p.stdout.splitlines() if not ln.startswith("#")]
     assert lines[0] == "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1"
     head, wait1, workers, wait2, rl = (shlex.split(ln.rstrip(" &")) for ln in lines[1:])
-    uv = ["uv", "run", "--no-group", "cpu", "--extra", "gpu"]
+    uv = ["uv", "run", "--project", "gpu"]
     assert head[:6] == ["srun", "--nodes=1", "--ntasks=1", "--nodelist=gpu01", "--overlap", "--kill-on-bad-exit=1"]
     assert head[6:] == [*uv, "ray", "start", "--head", "--block", "--node-ip-address=10.1.2.3", "--port=6379",
                         "--num-cpus=32", "--include-dashboard=false", "--disable-usage-stats"]
