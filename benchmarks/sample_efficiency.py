@@ -9,7 +9,7 @@ Methods (every other setting equal; ``trainer/loss.py`` has the algebra):
 - ``opd``: on-policy distillation, the per-token reverse-KL advantage ``logp_T - logp_S`` (kl_coef 1);
 - ``rl``: the task's verifiable reward only, ``A = R - mean of R over the prompt's group`` (adv_tau 1, kl 0);
 - ``hybrid``: both (adv_tau 1, kl_coef 1);
-- ``sft``: off-policy distillation, the NLL of the teacher's own samples (``orchestrator.sampler = "teacher"``).
+- ``sft``: off-policy distillation, the NLL of the teacher's own samples (``orchestrator.workflow = "sft"``).
 
 Tasks: ``reverse_text`` on the tiny reverse pair (``experiments/reverse_text/rl.toml``), and two-digit
 addition (the ``arithmetic`` environment) on a tiny arithmetic pair built here on first use and cached
@@ -51,7 +51,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "opd": {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 1.0},
     "rl": {"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 0.0},
     "hybrid": {"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 1.0},
-    "sft": {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 0.0, "orchestrator.sampler": "teacher"},
+    "sft": {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 0.0, "orchestrator.workflow": "sft"},
 }
 TASKS = ("reverse_text", "arithmetic")
 REACH = 0.9  # a run reaches the teacher at accuracy >= REACH x the teacher's

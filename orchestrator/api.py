@@ -8,7 +8,7 @@
     result.metrics["teacher_kl"], result.eval_end, result.adapter, result.report, result.merged_model
     export_student(result.output_dir, "exported/api_demo_adapter", merged=False)
 
-Several runs that differ only in per-run keys (seed, loss weights, learning rate, sampler, environment,
+Several runs that differ only in per-run keys (seed, loss weights, learning rate, workflow, environment,
 step budget; :data:`RUN_KEYS`) can share one start of the roles: a :class:`Session` (a sweep)::
 
     from orchestrator.api import Session

@@ -1,5 +1,9 @@
 """Continual learning without forgetting (``[orchestrator.continual]``; composes with every workflow).
 
+The loop holds a :class:`Continual` (or, when the section is off, the no-op :class:`Off`): a prompt source
+around the workflow's (:class:`ReplayMix`), a row of core scores at each evaluation and a gate
+(:class:`CoreSuite`). It never asks which one it has.
+
 A run trains a new skill (``orchestrator.environment``) while holding on to core behaviours
 (``core_environments``, each an environment name):
 
@@ -56,18 +60,15 @@ def make_core_envs(cfg: Config) -> dict[str, Any]:
 
 
 class ReplayMix:
-    """Prompts of the new skill mixed with ``round(n * ratio)`` replayed core prompts per batch.
+    """The prompt source of a continual run: the main source's prompts with ``round(n * ratio)`` replayed core
+    prompts per batch (cores in turn). Each replayed prompt carries its environment's name (``Prompt.env``), so
+    whoever scores it finds that environment (:meth:`score`) without any per-batch state."""
 
-    ``next_prompts(n)``: the new skill's prompts first, then the replayed ones (cores in turn);
-    ``score(i, prompt, text)`` scores the batch's ``i``-th prompt with the environment it came from.
-    """
-
-    def __init__(self, main: Any, cores: dict[str, Any], ratio: float):
-        self.main, self.cores, self.ratio = main, list(cores.values()), ratio
+    def __init__(self, main: Any, env: Any, cores: dict[str, Any], ratio: float):
+        self.main, self.env, self.ratio = main, env, ratio  # main: the prompt source; env: the run's environment
+        self.names, self.cores = list(cores), list(cores.values())
         self.position = 0
         self.turn = 0
-        self.batch_envs: list[Any] = []
-        self.replayed = 0  # prompts of the last batch that came from a core environment
 
     @property
     def bad_rows(self) -> int:
@@ -76,18 +77,18 @@ class ReplayMix:
     def next_prompts(self, n: int) -> list[Prompt]:
         k = min(n - 1, round(n * self.ratio)) if self.cores else 0
         prompts = list(self.main.next_prompts(n - k))
-        envs = [self.main] * len(prompts)
         for _ in range(k):
-            env = self.cores[self.turn % len(self.cores)]
+            i = self.turn % len(self.cores)
             self.turn += 1
-            prompts += env.next_prompts(1)
-            envs.append(env)
-        self.batch_envs, self.replayed = envs, k
+            prompts += [msgspec.structs.replace(p, env=self.names[i]) for p in self.cores[i].next_prompts(1)]
         self.position += n
         return prompts
 
-    def score(self, i: int, prompt: Prompt, text: str) -> float:
-        return self.batch_envs[i].score(prompt, text)
+    def score(self, prompt: Prompt, text: str) -> float:
+        return (self.cores[self.names.index(prompt.env)] if prompt.env else self.env).score(prompt, text)
+
+    def metrics(self, prompts: list[Prompt]) -> dict[str, float]:
+        return {"continual/replay_prompts": float(sum(1 for p in prompts if p.env))}
 
 
 class CoreSuite:
@@ -145,3 +146,88 @@ class CoreSuite:
             "step": step, "path": str(path), "gate_failed": gate_failed, "failed_step": failed_step,
             "regressions": self.regressions, "start": self.start,
         }, indent=1) + "\n")
+
+
+class Off:
+    """No continual learning: the workflow's prompt source as is, no core scores, a gate that always passes."""
+
+    keeps_step_0 = False  # whether broadcast/step_0 (the untouched student) must be saved as a fallback
+
+    def source(self, source: Any, env: Any) -> Any:
+        return source
+
+    def scorer(self, env: Any) -> Any:
+        """Who scores a training prompt's completion (``score(prompt, text)``)."""
+        return env
+
+    def evaluate(self, evaluate: Callable[[Any], float], step: int, gate: bool = True) -> tuple[dict[str, float], bool]:
+        return {}, True
+
+    def metrics(self, prompts: list[Prompt]) -> dict[str, float]:
+        return {}
+
+    def finish(self, final: Path) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def state(self) -> Any:
+        return None
+
+    def restore_state(self, state: Any) -> None:
+        pass
+
+
+class Continual(Off):
+    """``[orchestrator.continual]``: replay (:class:`ReplayMix`), the capability suite and its gate (:class:`CoreSuite`)."""
+
+    keeps_step_0 = True
+
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg = cfg
+        self.cores = make_core_envs(cfg)
+        self.suite = CoreSuite(cfg, self.cores, out)
+        self.mix: ReplayMix | None = None
+
+    def source(self, source: Any, env: Any) -> Any:
+        ratio = self.cfg.orchestrator.continual.replay_ratio
+        if ratio:
+            self.mix = ReplayMix(source, env, self.cores, ratio)
+        return self.mix or source
+
+    def scorer(self, env: Any) -> Any:
+        return self.mix or env  # a replayed prompt is scored by the core environment it came from
+
+    def evaluate(self, evaluate: Callable[[Any], float], step: int, gate: bool = True) -> tuple[dict[str, float], bool]:
+        return self.suite.evaluate(evaluate, step, gate)
+
+    def metrics(self, prompts: list[Prompt]) -> dict[str, float]:
+        return self.mix.metrics(prompts) if self.mix else {}
+
+    def restore(self, failed_step: int) -> tuple[Path, int]:
+        """The gate failed at ``failed_step``: (the last passing adapter, its step), now the run's final one."""
+        return self.suite.restore(failed_step), self.suite.last_pass_step
+
+    def finish(self, final: Path) -> None:
+        """The run ended without a failed gate: ``final`` is the run's final adapter."""
+        if not self.suite.regressions:
+            self.suite.write_final(final, gate_failed=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {"continual": self.suite.summary()}
+
+    def state(self) -> Any:
+        from orchestrator import checkpoint
+
+        return checkpoint.state_of(self.suite)
+
+    def restore_state(self, state: Any) -> None:
+        from orchestrator import checkpoint
+
+        if state is not None:
+            checkpoint.restore(self.suite, state)
+
+
+def make(cfg: Config, out: Path) -> Off:
+    return Continual(cfg, out) if enabled(cfg) else Off()

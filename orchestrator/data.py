@@ -16,6 +16,7 @@ class Prompt(Struct, kw_only=True):
     text: str
     answer: str | None = None
     meta: dict[str, Any] | None = None  # what an environment needs to score it (e.g. a reasoning-gym entry)
+    env: str = ""  # the environment that drew it when it is not the run's own (a continual replay's core)
 
 
 class DatasetError(ConfigError):

@@ -7,20 +7,27 @@ the policy that sampled them and the one the trainer updates: 0 in the synchrono
 The importance ratio ``exp(logp_trainer - logp_inference)`` in the policy loss corrects for that lag;
 rollouts staler than ``k`` (e.g. a buffer restored under a smaller ``k``) are dropped and counted.
 
-:class:`Timeline` records when each role was busy (a remote call from submission until the orchestrator
+:class:`Pipeline` keeps the batches sampled ahead and every remote call in flight (the loop asks it for a step's
+batch and hands it the trainer's and the engines' calls to track).  :class:`Timeline` records when each role was busy (a remote call from submission until the orchestrator
 saw its result), so a step's row can say how much of its wall time each role worked and how much of
 that overlapped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import ray
 
+from orchestrator import checkpoint
 from orchestrator.data import Prompt
+from orchestrator.roles import Roles, get, rollouts_of, scores_of
 from shared.wire import Rollout
 
 
@@ -33,10 +40,8 @@ class Batch:
     prompts: list[Prompt]
     base: int  # global index of the first prompt (sampling seeds follow it)
     stream: Any = None  # the prompt stream's state before these prompts were drawn (checkpoint.state_of)
-    envs: list[int] | None = None  # a replay mix: each prompt's environment (0 = main, 1.. = cores)
-    replayed: int = 0
-    prompt_ids: list[list[int]] = field(default_factory=list)
-    teacher_ids: list[list[int]] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)  # the student's view of each prompt
+    teacher_ids: list[list[int]] = field(default_factory=list)  # the teacher's (with its context, if any)
     sample_refs: list = field(default_factory=list)
     score_refs: list = field(default_factory=list)
     score_parts: list[list[int]] = field(default_factory=list)
@@ -50,13 +55,17 @@ class Batch:
     def state(self) -> dict[str, Any]:
         """A complete batch as plain data for a checkpoint (msgpack keeps the floats exact)."""
         return {"step": self.step, "prompts": msgspec.to_builtins(self.prompts), "base": self.base,
-                "envs": self.envs, "replayed": self.replayed, "rollouts": msgspec.to_builtins(self.rollouts),
+                "rollouts": msgspec.to_builtins(self.rollouts),
                 "adapter_steps": self.adapter_steps, "empty": self.empty, "teacher_lp": self.teacher_lp}
+
+    def view(self, role: str) -> list[list[int]]:
+        """The prompts as ``role`` sees them: the student engines' view, or the teacher's."""
+        return self.teacher_ids if role == "teacher" else self.prompt_ids
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> Batch:
         return cls(step=s["step"], prompts=msgspec.convert(s["prompts"], list[Prompt]), base=s["base"],
-                   envs=s["envs"], replayed=s["replayed"], rollouts=msgspec.convert(s["rollouts"], list[Rollout]),
+                   rollouts=msgspec.convert(s["rollouts"], list[Rollout]),
                    adapter_steps={int(k): v for k, v in s["adapter_steps"].items()}, empty=s["empty"],
                    teacher_lp=s["teacher_lp"])
 
@@ -131,3 +140,147 @@ class Timeline:
         row = {f"busy/{role}": busy.get(role, 0.0) / wall for role in roles}
         row["time/overlap"] = self.overlap(t0, t1, roles)
         return row
+
+
+class Pipeline:
+    """The batches of the next ``k = max_async_level`` steps, sampled and scored while the trainer works, and
+    every remote call in flight (:meth:`submit` / :meth:`wait`).
+
+    A batch moves sampled -> scoring submitted -> scored as its calls finish (:meth:`advance`, never blocking);
+    ``sampler`` is the role whose engines write the completions, ``scores`` whether the teacher scores them
+    (otherwise their log-probs stand in for the teacher's: a KL of 0, reported as NaN by the loop)."""
+
+    def __init__(self, cfg: Any, roles: Roles, source: Any, render: Callable[[Prompt, bool], list[int]],
+                 has_context: bool, sampler: str, scores: bool, adapter_base: int):
+        self.cfg, self.roles, self.source, self.render = cfg, roles, source, render
+        self.has_context, self.sampler, self.scores, self.adapter_base = has_context, sampler, scores, adapter_base
+        self.inflight: dict[Any, tuple[str, float]] = {}  # ref -> (role, submitted at)
+        self.results: dict[Any, Any] = {}
+        self.timeline = Timeline()
+        self.queue: deque[Batch] = deque()
+        self.next_draw = 1  # the step whose prompts are drawn next
+
+    # -- calls in flight ---------------------------------------------------------------------------
+    def submit(self, role: str, refs: list) -> list:
+        """Track ``refs`` (calls just made to ``role``): their results are collected by :meth:`poll`."""
+        now = time.perf_counter()
+        self.inflight.update(dict.fromkeys(refs, (role, now)))
+        return refs
+
+    def poll(self) -> None:
+        """Block until at least one tracked call finishes; collect every finished one (a failed call raises
+        RoleFailure at once, naming its role, even if it was work for a later step)."""
+        assert self.inflight, "nothing in flight to wait for"
+        ray.wait(list(self.inflight), num_returns=1)
+        ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        now = time.perf_counter()
+        for ref in ready:
+            label, start = self.inflight.pop(ref)
+            self.timeline.add(label, start, now)
+            self.results[ref] = get("inference" if label == "weight_update" else label, ref)
+
+    def wait(self, refs: list) -> list:
+        """The results of tracked ``refs``, in order; queued batches move on (sampled -> scored) meanwhile."""
+        while True:
+            self.advance()
+            if all(r in self.results for r in refs):
+                return [self.results.pop(r) for r in refs]
+            self.poll()
+
+    def drain(self, timeout: float) -> int:
+        """Wait at most ``timeout`` seconds for the calls in flight, then cancel the rest; how many were
+        cancelled.  Never raises: a failed call's result is simply not used."""
+        deadline = time.perf_counter() + timeout
+        while self.inflight and time.perf_counter() < deadline:
+            ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight),
+                                timeout=max(0.0, deadline - time.perf_counter()))
+            for ref in ready:
+                self.inflight.pop(ref)
+            if not ready:
+                break
+        left = list(self.inflight)
+        for ref in left:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        self.inflight.clear()
+        self.results.clear()
+        return len(left)
+
+    # -- batches -------------------------------------------------------------------------------------
+    def render_batch(self, batch: Batch) -> None:
+        batch.prompt_ids = [self.render(p, False) for p in batch.prompts]
+        batch.teacher_ids = [self.render(p, True) for p in batch.prompts] if self.has_context else batch.prompt_ids
+
+    def _start(self, step: int) -> Batch:
+        """Draw the prompts of ``step`` and submit their sampling (with whatever adapter the engines serve)."""
+        oc = self.cfg.orchestrator
+        stream = checkpoint.state_of(self.source)  # before the draw: a checkpoint can rewind to here
+        prompts = self.source.next_prompts(oc.batch_size)
+        base = self.source.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
+        batch = Batch(step=step, prompts=prompts, base=base, stream=stream)
+        self.render_batch(batch)
+        batch.sample_refs = self.submit(self.sampler, self.roles.sample_refs(
+            self.sampler, batch.view(self.sampler), base, oc.group_size, self.cfg.inference.temperature))
+        return batch
+
+    def advance(self) -> None:
+        """Move every queued batch whose calls have finished to its next stage.  Never blocks."""
+        for b in self.queue:
+            if b.rollouts is None and all(r in self.results for r in b.sample_refs):
+                rollouts, b.adapter_steps = rollouts_of([self.results.pop(r) for r in b.sample_refs], self.adapter_base)
+                if self.sampler != "inference":  # no student adapter sampled them: never stale
+                    b.adapter_steps = {}
+                b.empty = sum(1 for r in rollouts if not r.completion_ids)
+                b.rollouts = [r for r in rollouts if r.completion_ids]
+                b.t_sampled = time.perf_counter()
+                if self.scores:
+                    refs, b.score_parts = self.roles.score_refs([b.teacher_ids[r.prompt_index - b.base] for r in b.rollouts],
+                                                                [r.completion_ids for r in b.rollouts])
+                    b.score_refs = self.submit("teacher", refs)
+                else:  # nothing to score: the sampler's own log-probs stand in (a KL of 0, logged as NaN)
+                    b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
+                    b.t_scored = b.t_sampled
+            if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
+                b.teacher_lp = scores_of(b.score_parts, [self.results.pop(r) for r in b.score_refs], len(b.rollouts))
+                b.t_scored = time.perf_counter()
+
+    def next_batch(self, step: int) -> Batch:
+        """The batch of ``step``, sampled and scored: its sampling starts now (``k = 0``) or started ``k`` steps
+        ago; the batches of steps ``step + 1 .. step + k`` are queued behind it."""
+        k = self.cfg.orchestrator.max_async_level
+        while len(self.queue) <= k and self.next_draw <= self.cfg.max_steps:
+            self.queue.append(self._start(self.next_draw))
+            self.next_draw += 1
+        batch = self.queue[0]
+        while True:
+            self.advance()
+            if batch.teacher_lp is not None:
+                break
+            self.poll()
+        return self.queue.popleft()
+
+    def settle(self, timeout: float) -> tuple[list[dict[str, Any]], Any]:
+        """For a checkpoint: wait (at most ``timeout`` s) for the queued batches to be scored; the complete ones
+        as plain data, and the prompt stream's state after the last of them (a resumed run draws the rest
+        again)."""
+        deadline = time.perf_counter() + timeout
+        while self.inflight and any(b.teacher_lp is None for b in self.queue) and time.perf_counter() < deadline:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+            if ready:
+                self.poll()
+            self.advance()
+        buffer, stream = [], checkpoint.state_of(self.source)
+        for b in self.queue:
+            if b.teacher_lp is None:  # not ready in time: a resumed run draws these prompts again
+                stream = b.stream
+                break
+            buffer.append(b.state())
+        return buffer, stream
+
+    def load(self, buffer: list[dict[str, Any]], step: int) -> None:
+        """Queue a checkpoint's complete batches again (after ``step``)."""
+        for saved in buffer:
+            batch = Batch.from_state(saved)
+            self.render_batch(batch)
+            self.queue.append(batch)
+        self.next_draw = step + 1 + len(self.queue)

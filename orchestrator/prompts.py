@@ -65,3 +65,12 @@ class ChatIds(list):
 
     def __reduce__(self):  # pickled (Ray) with its messages
         return (ChatIds, (list(self), self.messages))
+
+
+def render_messages(tokenizer: Any, messages: list[dict[str, str]], chat: bool) -> list[int]:
+    """Token ids of chat ``messages``: the tokenizer's chat template (generation prompt added), or without
+    one the contents joined by blank lines as plain text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return ChatIds(tokenizer(text, add_special_tokens=False).input_ids, messages)
+    return ChatIds(tokenizer("\n\n".join(m["content"] for m in messages)).input_ids, messages)

@@ -129,7 +129,7 @@ def _validate_endpoint(cfg: Config) -> None:
         return
     oc = cfg.orchestrator
     if tc.endpoint_api == "chat":
-        if cfg.trainer.loss.teacher_tau > 0:
+        if kl_in_advantage(cfg):
             raise ConfigError(f"teacher.endpoint_api: \"chat\" returns text, not the per-token teacher log-probs that "
                               f"trainer.loss.teacher_tau = {cfg.trainer.loss.teacher_tau:g} needs; set "
                               "trainer.loss.kl_coef = 0 (judge, comparator) or use \"completions\" with a vLLM server")
@@ -533,18 +533,15 @@ class OrchestratorConfig(_Section):
     skip_verification: _doc(
         bool, "compute no task reward (env.score is never called); needs trainer.loss.adv_tau = 0"
     ) = False
-    sampler: _doc(
-        Literal["student", "teacher"],
-        "who writes the training completions: student = on-policy (advantages of trainer.loss); teacher = SFT on "
-        "the teacher's samples (off-policy distillation: NLL of every completion token, no student sampling)",
-    ) = "student"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
     workflow: _doc(
-        Literal["distill", "judge", "comparator"],
-        "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as references "
-        "(each composes with [orchestrator.continual])",
+        Literal["distill", "judge", "comparator", "sft"],
+        "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as "
+        "references; sft: the teacher samples the completions and the trainer fits them by NLL (off-policy "
+        "distillation; no student sampling). One module each in orchestrator/workflows/; all but sft compose with "
+        "[orchestrator.continual]",
     ) = "distill"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     comparator: ComparatorConfig = field(default_factory=ComparatorConfig)
@@ -772,29 +769,38 @@ def load(argv: list[str]) -> Config:
     return from_dict(raw)
 
 
-# Loss keys that act on the student's own samples (or the task reward), meaningless under sampler = "teacher".
+# Loss keys that act on the student's own samples (or the task reward), meaningless under workflow = "sft".
 ON_POLICY_ONLY = ("adv_tau", "lockin_coef", "corrective_coef", "ref_kl_coef", "entropy_coef")
 
 
-def _validate_sampler(cfg: Config) -> None:
-    """``orchestrator.sampler = "teacher"`` (SFT on teacher samples): no on-policy term, the plain distill loop."""
+def kl_in_advantage(cfg: Config) -> bool:
+    """Whether the advantage uses the teacher's log-probs of the student's rollouts (the reverse-KL term)."""
+    return cfg.orchestrator.workflow != "sft" and cfg.trainer.loss.teacher_tau > 0
+
+
+def needs_teacher_logprobs(cfg: Config) -> bool:
+    """Whether the run trains on any per-token teacher log-probs: the KL term, or a judge that decides by the
+    log-likelihoods of its replies (what an external teacher must then serve)."""
     oc = cfg.orchestrator
-    if oc.sampler == "student":
+    return kl_in_advantage(cfg) or (oc.workflow == "judge" and oc.judge.verdict == "loglik")
+
+
+def _validate_sft(cfg: Config) -> None:
+    """``orchestrator.workflow = "sft"`` (SFT on teacher samples): no on-policy term, no student sampling."""
+    oc = cfg.orchestrator
+    if oc.workflow != "sft":
         return
     for key in ON_POLICY_ONLY:
         if getattr(cfg.trainer.loss, key):
-            raise ConfigError(f"trainer.loss.{key}: must be 0 with orchestrator.sampler = \"teacher\" "
+            raise ConfigError(f"trainer.loss.{key}: must be 0 with orchestrator.workflow = \"sft\" "
                               "(SFT trains on the teacher's samples, not the student's)")
-    if oc.workflow != "distill":
-        raise ConfigError(f"orchestrator.sampler: \"teacher\" needs orchestrator.workflow = \"distill\", got "
-                          f"{json.dumps(oc.workflow)}")
     if oc.max_async_level:
-        raise ConfigError("orchestrator.max_async_level: must be 0 with orchestrator.sampler = \"teacher\" "
+        raise ConfigError("orchestrator.max_async_level: must be 0 with orchestrator.workflow = \"sft\" "
                           "(the teacher's samples do not depend on the student)")
     if cfg.teacher.endpoint:
-        raise ConfigError("orchestrator.sampler: \"teacher\" needs the in-cluster teacher engine (teacher.endpoint is set)")
+        raise ConfigError("orchestrator.workflow: \"sft\" needs the in-cluster teacher engine (teacher.endpoint is set)")
     if oc.continual.core_environments:
-        raise ConfigError("orchestrator.sampler: \"teacher\" does not combine with orchestrator.continual")
+        raise ConfigError("orchestrator.workflow: \"sft\" does not combine with orchestrator.continual")
 
 
 def _validate_ray_address(addr: str) -> None:
@@ -872,7 +878,7 @@ def validate(cfg: Config) -> None:
         for key in ("adv_tau", "lockin_coef", "corrective_coef"):  # each needs the task reward
             if getattr(lc, key):
                 raise ConfigError(f"trainer.loss.{key}: must be 0 when orchestrator.skip_verification is true")
-    _validate_sampler(cfg)
+    _validate_sft(cfg)
     if cfg.inference.max_tokens >= cfg.model.max_model_len:
         raise ConfigError(
             f"inference.max_tokens: {cfg.inference.max_tokens} leaves no room for a prompt in "

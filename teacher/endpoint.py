@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from shared.config import Config, ConfigError
+from shared.config import Config, ConfigError, needs_teacher_logprobs
 from shared.wire import TEACHER_FAILED, Rollout, RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 # The fixed text whose tokenization must match ours before token ids are sent (letters, digits,
@@ -140,13 +140,6 @@ def api_key(cfg: Config) -> str:
 # Preflight
 
 
-def needs_scores(cfg: Config) -> bool:
-    """Whether the run uses per-token teacher log-probs (the KL / distillation term, or a judge that
-    decides by the log-likelihoods of its replies)."""
-    oc = cfg.orchestrator
-    return cfg.trainer.loss.teacher_tau > 0 or (oc.workflow == "judge" and oc.judge.verdict == "loglik")
-
-
 def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
     """Check the endpoint before anything starts; returns what the teacher actor needs
     (``endpoint_model``, ``endpoint_prompts`` = ``ids`` | ``text``).  ``tokenizer`` is the local one
@@ -188,7 +181,7 @@ def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
             raise ConfigError(f"teacher.endpoint: {tc.endpoint}/chat/completions fails for {model} ({e})") from None
         return {"endpoint_model": model, "endpoint_prompts": "chat"}
     same, why = _same_tokenizer(client, model, tokenizer)
-    if needs_scores(cfg):
+    if needs_teacher_logprobs(cfg):
         if not same:
             _refuse_scoring(cfg, f"its tokenizer cannot be checked against ours: {why}")
         _check_prompt_logprobs(cfg, client, model, tokenizer)

@@ -117,10 +117,10 @@ def test_run_two_steps_from_python_and_load_the_exported_student(tiny_pair, tmp_
 def test_session_mismatch_names_the_first_key_a_run_may_not_change():
     base = load_config(TOML)
     per_run = {"seed": 3, "max_steps": 5, "output_dir": "elsewhere", "trainer.lr": 1e-2, "trainer.loss.adv_tau": 1.0,
-               "orchestrator.sampler": "teacher", "orchestrator.environment": "arithmetic",
+               "orchestrator.workflow": "sft", "orchestrator.environment": "arithmetic",
                "inference.temperature": 0.7, "wandb.mode": "disabled"}
     for key, value in per_run.items():
-        if key == "orchestrator.sampler":  # needs the on-policy terms off
+        if key == "orchestrator.workflow":  # needs the on-policy terms off
             value = load_config(base, overrides={key: value, "trainer.loss.adv_tau": 0.0})
         else:
             value = load_config(base, overrides={key: value})
@@ -162,7 +162,7 @@ def test_session_runs_start_from_the_base_student_and_repeat_exactly(tiny_pair, 
         assert set(session.startup) == {"time/startup_inference", "time/startup_teacher", "time/startup_trainer"}
         first = session.run(seed=0, output_dir=str(tmp_path / "a"))
         sft = session.run(seed=1, output_dir=str(tmp_path / "sft"),
-                          overrides={"orchestrator.sampler": "teacher", "trainer.lr": 1e-2})
+                          overrides={"orchestrator.workflow": "sft", "trainer.lr": 1e-2})
         again = session.run(seed=0, output_dir=str(tmp_path / "b"))
         with pytest.raises(ConfigError, match=r"^model\.lora\.rank: differs from the session's"):
             session.run(overrides={"model.lora.rank": 8}, output_dir=str(tmp_path / "never"))
@@ -184,14 +184,13 @@ def test_session_runs_start_from_the_base_student_and_repeat_exactly(tiny_pair, 
 
 
 def test_sft_samples_put_each_teacher_sample_after_the_students_view_of_its_prompt():
-    from orchestrator.orchestrator import Orchestrator
+    from orchestrator.workflows.sft import sft_samples
     from shared.wire import Rollout
 
     student_view = [[1, 5, 6], [1, 7]]  # prompts 10 and 11 (base 10); the teacher saw them with a context
     rollouts = [Rollout(prompt_index=11, prompt_ids=[1, 99, 7], completion_ids=[8, 2], logprobs=[-0.1, -0.2]),
                 Rollout(prompt_index=10, prompt_ids=[1, 99, 5, 6], completion_ids=[9, 9, 2], logprobs=[-1, -1, -1])]
-    built = Orchestrator._sft_samples(student_view, rollouts, base=10)
-    assert [s.input_ids for s in built.samples] == [[1, 7, 8, 2], [1, 5, 6, 9, 9, 2]]
-    assert [s.prompt_len for s in built.samples] == [2, 3] and built.lens == [2, 3]  # the loss divides by 5 tokens
-    assert all(s.policy is False and s.sft_weight == 1.0 and s.advantages == [] for s in built.samples)
-    assert built.kls == [] and built.rewards == []  # no student samples: nothing to score or reward
+    built = sft_samples(student_view, rollouts, base=10)
+    assert [s.input_ids for s in built] == [[1, 7, 8, 2], [1, 5, 6, 9, 9, 2]]
+    assert [s.prompt_len for s in built] == [2, 3]
+    assert all(s.policy is False and s.sft_weight == 1.0 and s.advantages == [] for s in built)

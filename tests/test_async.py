@@ -147,7 +147,7 @@ def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, **fake):
     classes = _fake_roles(tmp_path / "run", **fake)
 
     def start_roles():
-        orch.actors = {role: [ray.remote(c).options(num_cpus=0).remote()]
+        orch.roles.actors = {role: [ray.remote(c).options(num_cpus=0).remote()]
                        for role, c in zip(("inference", "teacher", "trainer"), classes)}
         return {}
 
@@ -173,7 +173,7 @@ def test_k2_pipeline_is_two_steps_stale_and_overlaps(local_ray, tiny_pair, tmp_p
     # left to sample (max_steps)
     assert all(r["time/overlap"] > 0.05 for r in train[:4]), [r["time/overlap"] for r in train]
     assert all(r["busy/trainer"] > 0.5 for r in train)
-    assert not orch.inflight and not orch.queue  # nothing sampled past max_steps, nothing left in flight
+    assert not orch.pipe.inflight and not orch.pipe.queue  # nothing sampled past max_steps, nothing left in flight
 
 
 def test_k0_is_synchronous(local_ray, tiny_pair, tmp_path, monkeypatch):
@@ -233,4 +233,4 @@ def test_failure_without_restart_names_the_role_and_cancels_in_flight_work(local
     with pytest.raises(RoleFailure) as e:
         orch.run()
     assert e.value.role == "trainer" and "\n" not in str(e.value)
-    assert not orch.inflight
+    assert not orch.pipe.inflight

@@ -132,8 +132,8 @@ def test_methods_are_valid_session_runs_with_the_intended_loss(tmp_path):
     for method, overrides in se.METHODS.items():
         cfg = session_run_config(session, overrides=overrides, seed=2)
         lc = cfg.trainer.loss
-        loss[method] = (lc.adv_tau, lc.teacher_tau, lc.student_tau, cfg.orchestrator.sampler)
+        loss[method] = (lc.adv_tau, lc.teacher_tau, lc.student_tau, cfg.orchestrator.workflow)
         assert (cfg.max_steps, cfg.seed, cfg.trainer.lr, cfg.orchestrator.batch_size) == (60, 2, 2e-3, 16)
-    assert loss == {"opd": (0.0, 1.0, 1.0, "student"), "rl": (1.0, 0.0, 0.0, "student"),
-                    "hybrid": (1.0, 1.0, 1.0, "student"), "sft": (0.0, 0.0, 0.0, "teacher")}
+    assert loss == {"opd": (0.0, 1.0, 1.0, "distill"), "rl": (1.0, 0.0, 0.0, "distill"),
+                    "hybrid": (1.0, 1.0, 1.0, "distill"), "sft": (0.0, 0.0, 0.0, "sft")}
     assert env == "reverse_text"

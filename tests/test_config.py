@@ -443,24 +443,35 @@ def test_arbitrary_toml_text_raises_only_config_error(tmp_path, text):
         assert str(e)
 
 
-# -- orchestrator.sampler: who writes the training completions -----------------------------------------
+# -- orchestrator.workflow = "sft": the teacher writes the training completions -----------------------------
 
-def test_sampler_defaults_to_the_student_and_teacher_loads_for_sft():
-    assert from_dict({}).orchestrator.sampler == "student"
-    cfg = load(["@", str(REPO / "experiments" / "reverse_text" / "rl.toml"), "--orchestrator.sampler", "teacher"])
-    assert cfg.orchestrator.sampler == "teacher" and cfg.trainer.loss.adv_tau == 0.0
+def test_workflow_defaults_to_distill_and_sft_loads():
+    assert from_dict({}).orchestrator.workflow == "distill"
+    cfg = load(["@", str(REPO / "experiments" / "reverse_text" / "rl.toml"), "--orchestrator.workflow", "sft"])
+    assert cfg.orchestrator.workflow == "sft" and cfg.trainer.loss.adv_tau == 0.0
+
+
+def test_workflow_choices_are_the_registered_workflows():
+    """The config's choices and the plug-in registry name the same workflows (a new module needs both)."""
+    import typing
+
+    from orchestrator.workflows import REGISTRY
+    from shared.config import OrchestratorConfig
+
+    tp = {f.name: f.type for f in msgspec.structs.fields(OrchestratorConfig)}["workflow"]
+    choices = typing.get_args(typing.get_args(tp)[0])
+    assert set(choices) == set(REGISTRY)
 
 
 @pytest.mark.parametrize("raw, match", [
-    ({"orchestrator": {"sampler": "judge"}}, r'^orchestrator\.sampler: expected one of "student", "teacher", got "judge"$'),
-    ({"trainer": {"loss": {"adv_tau": 1.0}}}, r'^trainer\.loss\.adv_tau: must be 0 with orchestrator\.sampler = "teacher"'),
+    ({"orchestrator": {"workflow": "teacher"}}, r'^orchestrator\.workflow: expected one of "distill", "judge", "comparator", "sft", got "teacher"$'),
+    ({"trainer": {"loss": {"adv_tau": 1.0}}}, r'^trainer\.loss\.adv_tau: must be 0 with orchestrator\.workflow = "sft"'),
     ({"trainer": {"loss": {"lockin_coef": 0.1}}}, r"^trainer\.loss\.lockin_coef: must be 0 with"),
     ({"trainer": {"loss": {"entropy_coef": 0.1}}}, r"^trainer\.loss\.entropy_coef: must be 0 with"),
-    ({"orchestrator": {"max_async_level": 1}}, r"^orchestrator\.max_async_level: must be 0 with orchestrator\.sampler"),
-    ({"orchestrator": {"workflow": "judge"}}, r'^orchestrator\.sampler: "teacher" needs orchestrator\.workflow = "distill"'),
-    ({"teacher": {"endpoint": "http://127.0.0.1:8000/v1"}}, r"^orchestrator\.sampler: \"teacher\" needs the in-cluster"),
+    ({"orchestrator": {"max_async_level": 1}}, r"^orchestrator\.max_async_level: must be 0 with orchestrator\.workflow"),
+    ({"teacher": {"endpoint": "http://127.0.0.1:8000/v1"}}, r"^orchestrator\.workflow: \"sft\" needs the in-cluster"),
 ])
-def test_sampler_teacher_refuses_on_policy_settings(raw, match):
-    raw = deep_merge({"orchestrator": {"sampler": "teacher"}}, raw)
+def test_sft_refuses_on_policy_settings(raw, match):
+    raw = deep_merge({"orchestrator": {"workflow": "sft"}}, raw)
     with pytest.raises(ConfigError, match=match):
         from_dict(raw)

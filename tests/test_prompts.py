@@ -76,7 +76,7 @@ def test_rendered_ids_remember_their_chat_messages_through_pickling(chat_tok, pl
     import pickle
 
     from orchestrator.prompts import ChatIds
-    from orchestrator.workflows import render_messages
+    from orchestrator.prompts import render_messages
     tok = chat_tok
     r = Renderer(tok, "auto", TeacherModelConfig(context="Answer in French.", context_mode="system"))
     ids = r.ids(Prompt(text="What is rain?"), teacher=True)

@@ -90,7 +90,8 @@ def test_prompt_stream_state_round_trip():
     assert fresh.position == 5 and [p.text for p in fresh.next_prompts(7)] == ahead
 
     def mix():
-        return ReplayMix(environments.make(cfg), {"fmt": environments.make(
+        main = environments.make(cfg)
+        return ReplayMix(main, main, {"fmt": environments.make(
             load(["--orchestrator.environment", "format_check", "--seed", "3"]))}, 0.25)
 
     a = mix()
@@ -116,7 +117,7 @@ def test_every_generated_environment_has_a_checkpointable_stream(name):
 
 def test_reward_sources_and_question_sources_snapshot():
     from orchestrator.question_sources import TeacherQuestions
-    from orchestrator.workflows import RewardSource
+    from orchestrator.workflows.base import RewardSource
 
     tq = TeacherQuestions(load([]).orchestrator.comparator, lambda m: "1. What is red?\n2. Why?\n3. How?")
     tq.next_prompts(1)
@@ -124,7 +125,7 @@ def test_reward_sources_and_question_sources_snapshot():
     other = TeacherQuestions(load([]).orchestrator.comparator, lambda m: "")
     checkpoint.restore(other, snap)
     assert other.buffer == ["Why?", "How?"] and other.seen == tq.seen and other.requests == 1
-    assert checkpoint.state_of(RewardSource(lambda i, p, t: 1.0)) == {"__obj__": "RewardSource"}
+    assert checkpoint.state_of(RewardSource(lambda p, t: 1.0)) == {"__obj__": "RewardSource"}
 
 
 def test_state_of_handles_sets_deques_and_refuses_unknown_objects():
@@ -143,14 +144,14 @@ def test_batch_state_keeps_every_float_exact():
     from orchestrator.pipeline import Batch
     from shared.wire import Rollout
 
-    b = Batch(step=3, prompts=[Prompt(text="abc=", answer="cba", meta={"k": [1, 2]})], base=16, envs=[0],
-               replayed=0, rollouts=[Rollout(prompt_index=16, prompt_ids=[1, 2], completion_ids=[5, 6],
+    b = Batch(step=3, prompts=[Prompt(text="abc=", answer="cba", meta={"k": [1, 2]})], base=16,
+               rollouts=[Rollout(prompt_index=16, prompt_ids=[1, 2], completion_ids=[5, 6],
                                              logprobs=[-0.1, -1e-300], text="cb")],
                adapter_steps={16: 1}, empty=1, teacher_lp=[[float("-inf"), float("nan")]])
     back = Batch.from_state(msgspec.msgpack.decode(msgspec.msgpack.encode(b.state())))
     assert back.prompts == b.prompts and back.rollouts == b.rollouts and back.adapter_steps == {16: 1}
     assert back.teacher_lp[0][0] == float("-inf") and math.isnan(back.teacher_lp[0][1])
-    assert (back.step, back.base, back.envs, back.empty) == (3, 16, [0], 1)
+    assert (back.step, back.base, back.empty) == (3, 16, 1)
 
 
 # -- the trainer, restored bit for bit ------------------------------------------------------------------

@@ -8,7 +8,11 @@ import math
 
 import pytest
 
-from orchestrator import continual, workflows
+from orchestrator import continual
+from orchestrator.prompts import render_messages
+from orchestrator.workflows.base import RewardSource
+from orchestrator.workflows.comparator import ComparatorReward
+from orchestrator.workflows.judge import JudgeReward
 from orchestrator.data import Prompt
 from shared.config import ConfigError, load
 from shared.metrics import read_metrics
@@ -40,7 +44,7 @@ def test_judge_reward_counts_unparseable_and_drops_with_skip():
     prompts = [Prompt(text="ab=", answer="ba"), Prompt(text="cd=", answer="dc")]
     rollouts = [_rollout(10, "ba"), _rollout(10, "ab"), _rollout(11, "dc")]
     teacher = FakeTeacher(["fine.\nVERDICT: PASS", "VERDICT: FAIL", "no idea"])
-    source = workflows.JudgeReward(cfg, lambda m: [1] * 10, teacher, check=lambda i, p, t: float(t == p.answer))
+    source = JudgeReward(cfg, lambda m: [1] * 10, teacher, check=lambda p, t: float(t == p.answer))
     rewards, m = source.rewards(prompts, rollouts, base=10)
     assert rewards == [1.0, -1.0, None]  # on_unparseable = "skip" (the default)
     assert m["judge/unparseable"] == 1 and m["judge/dropped"] == 1 and m["judge/too_long"] == 0
@@ -69,8 +73,8 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
     render = {"ba": [1] * 10, "ab": [2] * 10, "xy": [3] * 10, "toolong": [4] * 11}
     prompts = [Prompt(text="ab=", answer="ba")]
     rollouts = [_rollout(0, t) for t in ("ba", "ab", "xy", "toolong")]
-    source = workflows.JudgeReward(cfg, lambda m: render[m[-1]["content"].split("Answer to judge:\n")[1].split("\n")[0]],
-                                   FakeTeacher([]), check=lambda i, p, t: float(t == p.answer), score=score,
+    source = JudgeReward(cfg, lambda m: render[m[-1]["content"].split("Answer to judge:\n")[1].split("\n")[0]],
+                                   FakeTeacher([]), check=lambda p, t: float(t == p.answer), score=score,
                                    options=(yes, no))
     rewards, m = source.rewards(prompts, rollouts, base=0)
     assert rewards == [1.0, -1.0, None, None]  # too long + on_unparseable = skip -> dropped
@@ -81,14 +85,14 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
     sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     assert m["judge/p_yes"] == pytest.approx((sig(2.3) + sig(-2.0)) / 2, abs=1e-12)
     with pytest.raises(ValueError, match="needs score"):
-        workflows.JudgeReward(cfg, lambda m: [1], FakeTeacher([]))
+        JudgeReward(cfg, lambda m: [1], FakeTeacher([]))
 
 
 def test_judge_reward_too_long_prompt_is_unparseable_not_a_crash():
     cfg = load(["--orchestrator.workflow", "judge", "--orchestrator.judge.on_unparseable", "zero",
                 "--model.max_model_len", "32", "--inference.max_tokens", "8"])
     teacher = FakeTeacher([])
-    source = workflows.JudgeReward(cfg, lambda m: [1] * 40, teacher)
+    source = JudgeReward(cfg, lambda m: [1] * 40, teacher)
     rewards, m = source.rewards([Prompt(text="ab=")], [_rollout(0, "ba")], base=0)
     assert rewards == [0.0] and m["judge/too_long"] == 1 and m["judge/unparseable"] == 1 and not teacher.calls
 
@@ -102,7 +106,7 @@ def test_render_messages_plain_text_without_a_chat_template():
                 input_ids = list(text.encode())
             return R()
 
-    ids = workflows.render_messages(Tok(), [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], True)
+    ids = render_messages(Tok(), [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], True)
     assert bytes(ids) == b"s\n\nu"
 
 
@@ -111,7 +115,7 @@ def test_comparator_reward_uses_teacher_references_and_marks_wrong_prompts():
     prompts = [Prompt(text="ab="), Prompt(text="cd=")]
     rollouts = [_rollout(4, "ba"), _rollout(4, "xx"), _rollout(5, "dc"), _rollout(5, "dc")]
     teacher = FakeTeacher(["ba", "dc"])
-    source = workflows.ComparatorReward(cfg, lambda p: [len(p.text)], teacher, param_ratio=0.5)
+    source = ComparatorReward(cfg, lambda p: [len(p.text)], teacher, param_ratio=0.5)
     rewards, m = source.rewards(prompts, rollouts, base=4)
     assert rewards == [1.0, 0.0, 1.0, 1.0]
     assert len(teacher.calls) == 1 and teacher.calls[0][2] == 0.0  # one greedy reference per prompt
@@ -122,7 +126,7 @@ def test_comparator_reward_uses_teacher_references_and_marks_wrong_prompts():
 
 
 def test_env_reward_failed_prompts():
-    source = workflows.RewardSource(lambda i, p, t: float(t == p.answer))
+    source = RewardSource(lambda p, t: float(t == p.answer))
     rewards, m = source.rewards([Prompt(text="ab=", answer="ba")], [_rollout(3, "ba"), _rollout(3, "b")], base=3)
     assert rewards == [1.0, 0.0] and m == {} and source.failed_prompts([3, 3], rewards) == [3]
 
@@ -149,12 +153,16 @@ def test_replay_mix_draws_the_ratio_from_the_cores_and_scores_by_source():
                 "--orchestrator.continual.replay_ratio", "0.25"])
     from orchestrator import environments
 
-    mix = continual.ReplayMix(environments.make(cfg), continual.make_core_envs(cfg), 0.25)
+    env = environments.make(cfg)
+    mix = continual.ReplayMix(env, env, continual.make_core_envs(cfg), 0.25)
     prompts = mix.next_prompts(8)
     lengths = [len(p.answer) for p in prompts]
-    assert all(n >= 7 for n in lengths[:6]) and all(n <= 5 for n in lengths[6:]) and mix.replayed == 2
+    assert all(n >= 7 for n in lengths[:6]) and all(n <= 5 for n in lengths[6:])
+    assert [p.env for p in prompts] == [""] * 6 + ["reverse_text_short"] * 2  # each replayed prompt names its core
+    assert mix.metrics(prompts) == {"continual/replay_prompts": 2.0}
     assert mix.position == 8
-    assert mix.score(7, prompts[7], prompts[7].answer) == 1.0
+    assert mix.score(prompts[7], prompts[7].answer) == 1.0  # scored by its core environment
+    assert mix.score(prompts[0], prompts[0].answer) == 1.0 and mix.score(prompts[0], "") == 0.0
 
 
 def test_core_suite_gate_and_restore(tmp_path):

@@ -1,12 +1,6 @@
-"""Where a step's task reward comes from (``orchestrator.workflow``).
+"""Teacher as judge (RLAIF, ``orchestrator.workflow = "judge"``): the reward of each rollout is the teacher's
+verdict on it, through the on-policy loop of :class:`~orchestrator.workflows.base.PolicyWorkflow`.
 
-Every source has ``rewards(prompts, rollouts, base) -> (rewards, metrics)``: one reward per rollout
-(the prompt of rollout ``r`` is ``prompts[r.prompt_index - base]``), where ``None`` means the rollout is
-dropped from the step (counted by the source), and a dict of namespaced metrics for the step's row.
-
-``distill`` (:class:`EnvReward`)
-    The environment's verifiable score in [0, 1] (used only when ``trainer.loss.adv_tau``,
-    ``lockin_coef`` or ``corrective_coef`` need it, and never with ``skip_verification``).
 ``judge`` (:class:`JudgeReward`, RLAIF)
     The teacher, through the teacher role's ``generate``, reads ``orchestrator.judge`` 's rubric for each
     ``(question, answer)`` (with the prompt's ground-truth answer, or ``target_spec``, as the reference)
@@ -18,66 +12,19 @@ dropped from the step (counted by the source), and a dict of namespaced metrics 
     does not fit ``model.max_model_len`` is counted (``judge/too_long``) and treated the same way.  The messages are rendered with the teacher
     tokenizer's chat template when it has one (and ``model.chat_template`` is not ``off``), else as plain
     text (the tiny pair).
-``comparator`` (:class:`ComparatorReward`)
-    The teacher's greedy answer to each prompt (with its context, generated once per prompt) is the
-    reference; each student answer is compared with ``orchestrator.comparator`` (exact | bleu |
-    semantic, ``reward_threshold``); correct -> ``reward_correct``, wrong -> ``reward_wrong``, and the
-    prompts with a wrong answer are the ones whose teacher answer becomes a corrective supervised sample
-    (``trainer.loss.corrective_coef``), reusing the reference already generated.
-
-The teacher's generation is a callable given by the orchestrator (``generate(ids, max_tokens,
-temperature) -> list[Rollout]`` in the order of ``ids``), so this module starts no engine.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from orchestrator.comparator import compare_batch, outcome_reward
 from orchestrator.data import Prompt
-from orchestrator.prompts import ChatIds
 from orchestrator.judge import apply_unparseable, judge_messages, loglik_verdict, parse_verdict
-from orchestrator.transfer import TransferTracker
+from orchestrator.prompts import render_messages
+from orchestrator.workflows.base import Generate, PolicyWorkflow, RewardSource, Rewards, Score
 from shared.config import Config
 from shared.wire import TEACHER_FAILED, Rollout
-
-Generate = Callable[[list[list[int]], int, float], list[Rollout]]
-Score = Callable[[list[list[int]], list[list[int]]], list[list[float] | None]]  # teacher log-probs; None: failed
-Rewards = tuple[list[float | None], dict[str, float]]
-
-
-class RewardSource:
-    """The environment's verifiable score; the base of the other sources."""
-
-    name = "env"
-
-    def __init__(self, score: Callable[[int, Prompt, str], float]):
-        self.score = score  # score(batch-local prompt index, prompt, completion text)
-
-    def rewards(self, prompts: Sequence[Prompt], rollouts: Sequence[Rollout], base: int) -> Rewards:
-        return [self.score(r.prompt_index - base, prompts[r.prompt_index - base], r.text) for r in rollouts], {}
-
-    def failed_prompts(self, groups: Sequence[int], rewards: Sequence[float]) -> list[int]:
-        """Global indices of prompts with a failed rollout (r <= 0): the corrective step's targets."""
-        return sorted({g for g, rw in zip(groups, rewards) if rw <= 0})
-
-    def references(self) -> dict[int, Rollout]:
-        """Teacher answers already generated this step, by global prompt index (reused as corrective targets)."""
-        return {}
-
-
-EnvReward = RewardSource
-
-
-def render_messages(tokenizer: Any, messages: list[dict[str, str]], chat: bool) -> list[int]:
-    """Token ids of chat ``messages``: the tokenizer's chat template (generation prompt added), or without
-    one the contents joined by blank lines as plain text."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return ChatIds(tokenizer(text, add_special_tokens=False).input_ids, messages)
-    return ChatIds(tokenizer("\n\n".join(m["content"] for m in messages)).input_ids, messages)
 
 
 class JudgeReward(RewardSource):
@@ -87,7 +34,7 @@ class JudgeReward(RewardSource):
     MIN_REPLY_TOKENS = 4  # a judge prompt leaving less room than this in max_model_len counts as too long
 
     def __init__(self, cfg: Config, render: Callable[[list[dict[str, str]]], list[int]], generate: Generate,
-                 check: Callable[[int, Prompt, str], float] | None = None, score: Score | None = None,
+                 check: Callable[[Prompt, str], float] | None = None, score: Score | None = None,
                  options: tuple[list[int], list[int]] | None = None):
         self.jc = cfg.orchestrator.judge
         self.max_model_len = cfg.model.max_model_len
@@ -162,53 +109,23 @@ class JudgeReward(RewardSource):
         if loglik:
             metrics["judge/p_yes"] = statistics.fmean(self.p_yes) if self.p_yes else float("nan")
         if self.check is not None:  # how often a parsed verdict agrees with the verifiable score
-            agree = [(v > 0) == (self.check(r.prompt_index - base, prompts[r.prompt_index - base], r.text) > 0.5)
+            agree = [(v > 0) == (self.check(prompts[r.prompt_index - base], r.text) > 0.5)
                      for r, v in zip(rollouts, verdicts) if v is not None]
             if agree:
                 metrics["judge/agreement"] = statistics.fmean(float(a) for a in agree)
         return rewards, metrics
 
 
-class ComparatorReward(RewardSource):
-    """Student answers against the teacher's greedy reference answers (see the module docstring)."""
+class Judge(PolicyWorkflow):
+    name = "judge"
 
-    name = "comparator"
+    def make_reward(self) -> RewardSource:
+        from transformers import AutoTokenizer
 
-    def __init__(self, cfg: Config, teacher_ids: Callable[[Prompt], list[int]], generate: Generate,
-                 param_ratio: float | None = None):
-        self.cc = cfg.orchestrator.comparator
-        self.max_tokens = cfg.inference.max_tokens
-        self.teacher_ids, self.generate = teacher_ids, generate
-        self.tracker = TransferTracker(param_ratio=param_ratio)
-        self.refs: dict[int, Rollout] = {}
-        self.wrong: list[int] = []
-
-    def rewards(self, prompts: Sequence[Prompt], rollouts: Sequence[Rollout], base: int) -> Rewards:
-        wanted = sorted({r.prompt_index for r in rollouts})
-        refs = self.generate([self.teacher_ids(prompts[i - base]) for i in wanted], self.max_tokens, 0.0)
-        self.refs = dict(zip(wanted, refs))  # this step's prompts only
-        results = compare_batch(self.cc, [r.text for r in rollouts], [self.refs[r.prompt_index].text for r in rollouts])
-        correct = [ok for _, ok in results]
-        rewards: list[float | None] = [outcome_reward(self.cc, ok) for ok in correct]
-        # An external teacher gave no reference (after retries): those rollouts are dropped and counted.
-        failed = {i for i, ref in self.refs.items() if ref.finish_reason == TEACHER_FAILED}
-        if failed:
-            rewards = [None if r.prompt_index in failed else rw for r, rw in zip(rollouts, rewards)]
-            correct = [ok for r, ok in zip(rollouts, correct) if r.prompt_index not in failed]
-        kept = [r for r in rollouts if r.prompt_index not in failed]
-        self.wrong = sorted({r.prompt_index for r, ok in zip(kept, correct) if not ok})
-        metrics = self.tracker.update(correct, [rw for rw in rewards if rw is not None])
-        metrics["comparator/score_mean"] = statistics.fmean(s for s, _ in results) if results else float("nan")
-        metrics["comparator/wrong_prompts"] = float(len(self.wrong))
-        metrics["comparator/reference_empty"] = float(sum(1 for x in refs if not x.completion_ids))
-        metrics["comparator/teacher_failed"] = float(len(failed))
-        return list(rewards), metrics
-
-    def failed_prompts(self, groups: Sequence[int], rewards: Sequence[float]) -> list[int]:
-        return [i for i in self.wrong if i in set(groups)]
-
-    def references(self) -> dict[int, Rollout]:
-        return self.refs
-
-
-__all__ = ["ComparatorReward", "EnvReward", "JudgeReward", "RewardSource", "render_messages"]
+        cfg, jc = self.cfg, self.cfg.orchestrator.judge
+        tok = AutoTokenizer.from_pretrained(self.ctx.teacher_dir)
+        chat = cfg.model.chat_template != "off"
+        options = tuple(tok(w, add_special_tokens=False).input_ids for w in (jc.yes, jc.no)) \
+            if jc.verdict == "loglik" else None
+        return JudgeReward(cfg, lambda m: render_messages(tok, m, chat), self.ctx.generate, check=self.ctx.env_score,
+                           score=self.ctx.score, options=options)

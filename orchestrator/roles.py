@@ -1,0 +1,272 @@
+"""The run's actors, started from the placement plan, and the calls the loop makes to them.
+
+:class:`Roles` starts every actor of the plan (student engines, the teacher, trainer ranks), hands out their
+sampling and scoring calls, and moves new weights to the engines. The teacher is one of two backends that
+implement :class:`TeacherBackend` (its actor and its metrics): the in-cluster vLLM engine
+(teacher/engine.py) or an external OpenAI-compatible server (teacher/endpoint.py). Both actors answer the same
+calls (``ready``, ``generate``, ``score``), so nothing else asks which one runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ray
+
+from shared.config import Config
+from shared.fsutil import atomic_write_text
+from shared.placement import ActorPlan, node_affinity, plan
+from shared.runtime import first_line
+from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
+
+ROLES = ("inference", "teacher", "trainer")
+
+
+class RoleFailure(RuntimeError):
+    """A role's actor died or raised; ``role`` names it, the message is the cause's first line."""
+
+    def __init__(self, role: str, cause: str):
+        super().__init__(role, cause)  # args stay (role, cause) so the error survives Ray's pickling
+        self.role = role
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"{self.role} failed: {self.cause}"
+
+
+def get(role: str, refs: Any) -> Any:
+    """``ray.get`` that turns a dead actor or a raised method into :class:`RoleFailure` naming ``role``."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as e:  # the actor died (killed, out of memory) or its method raised
+        raise RoleFailure(role, first_line(e)) from None
+
+
+def split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the teacher's backends -------------------------------------------------------------------------
+class TeacherBackend:
+    """How the teacher role runs: its actor, whether it scores rollouts only for a metric, its step metrics."""
+
+    scores_for_metrics = True  # score the student's rollouts even when only teacher_kl uses them (cheap here)
+
+    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
+        raise NotImplementedError
+
+    def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
+        return {}
+
+
+class EngineTeacher(TeacherBackend):
+    """The in-cluster vLLM engine without LoRA (teacher/engine.py)."""
+
+    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
+        from shared.engines import engine_env
+        from teacher.engine import TeacherEngine
+
+        spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp, gpu_memory_utilization=cfg.teacher.gpu_memory_utilization)
+        options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib))
+        return ray.remote(TeacherEngine).options(**options).remote(paths["teacher"], spec, log)
+
+
+class EndpointTeacher(TeacherBackend):
+    """An external OpenAI-compatible server (teacher/endpoint.py): every request costs, so rollouts are scored
+    only when the advantage uses the log-probs; its request counts join each step's row."""
+
+    scores_for_metrics = False
+
+    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
+        from teacher.endpoint import EndpointTeacher as Actor
+
+        options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
+        return ray.remote(Actor).options(**options).remote(
+            msgspec.json.encode(cfg), paths["endpoint_model"], paths["endpoint_prompts"], paths["teacher"], log)
+
+    def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
+        return {**get("teacher", actors[0].stats.remote()), "teacher/score_failed": float(score_failed)}
+
+
+def teacher_backend(cfg: Config) -> TeacherBackend:
+    """The one place that reads which backend runs the teacher."""
+    return EndpointTeacher() if cfg.teacher.endpoint else EngineTeacher()
+
+
+# -- the actors ---------------------------------------------------------------------------------------
+class Roles:
+    """Every actor of the run by role (``actors``); started by :meth:`start`, stopped by :meth:`kill`."""
+
+    def __init__(self, cfg: Config, out: Path, paths: dict[str, str], started: Roles | None = None):
+        """``started``: a session's roles, already running, that this run's config now drives."""
+        self.cfg, self.out, self.paths = cfg, out, paths
+        self.teacher = teacher_backend(cfg)
+        self.actors: dict[str, list] = started.actors if started else {}
+        self.weight_info: dict | None = started.weight_info if started else None
+
+    def start(self) -> dict[str, float]:
+        """Create every planned actor, wait until all are ready; each role's start-up seconds."""
+        from inference.engine import InferenceEngine
+        from shared.engines import engine_env
+        from trainer.worker import TrainerRank
+
+        cfg, out = self.cfg, self.out
+        actors = plan(cfg, self.paths.get("cuda_visible_devices"))
+        port = free_port()
+        # Trainer ranks meet through a file store, not a TCP store: torch's TCPStore listens on every
+        # interface whatever address it is given. (Ranks on several nodes need a shared filesystem.)
+        rendezvous = out / ".rendezvous" / f"trainer-{port}"
+        rendezvous.parent.mkdir(parents=True, exist_ok=True)
+        rendezvous.unlink(missing_ok=True)
+        world = sum(1 for b in actors if b.role == "trainer")
+        base = dict(max_model_len=cfg.model.max_model_len, seed=cfg.seed, enforce_eager=cfg.inference.enforce_eager)
+        self.actors = {role: [] for role in ROLES}
+        for a in actors:
+            if a.role == "orchestrator":
+                continue
+            log = str(out / "logs" / f"{a.name}.log")
+            options = dict(name=f"{out.name}-{a.name}-{port}", num_cpus=0, num_gpus=0, max_concurrency=1,
+                           runtime_env={"env_vars": dict(a.env)},
+                           **node_affinity(a, self.paths))  # on the plan's node when the cluster has several
+            if a.role == "teacher":
+                self.actors["teacher"].append(self.teacher.actor(cfg, self.paths, a, options, base, log))
+            elif a.role == "inference":
+                inf = cfg.inference
+                spec = dict(base, dtype=cfg.model.dtype, tp=a.tp, lora_rank=cfg.model.lora.rank,
+                            lora_mode=inf.lora_mode, answers=list(cfg.orchestrator.env_args.answers),
+                            answer_choice=cfg.orchestrator.env_args.answer_choice,
+                            gpu_memory_utilization=inf.gpu_memory_utilization,
+                            finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer)
+                options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib))
+                self.actors["inference"].append(
+                    ray.remote(InferenceEngine).options(**options).remote(self.paths["student"], spec, log))
+            else:
+                options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
+                self.actors["trainer"].append(ray.remote(TrainerRank).options(**options).remote(
+                    a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"],
+                    {**self.trainer_spec(), **self.finetune_spec()}, str(out), log))
+        # Start everything at once; report each role's start-up time.
+        refs = {role: [x.setup.remote() if role == "trainer" else x.ready.remote() for x in self.actors[role]]
+                for role in ROLES}
+        times = {f"time/startup_{role}": max(get(role, r)) for role, r in refs.items()}
+        if cfg.trainer.weight_transfer == "nccl":
+            self._join_weight_group()
+        self.write_pids()
+        return times
+
+    def kill(self) -> None:
+        for actors in self.actors.values():
+            for actor in actors:
+                try:
+                    ray.kill(actor)
+                except Exception:  # already gone
+                    pass
+        self.actors = {}
+
+    def trainer_spec(self) -> dict[str, Any]:
+        cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
+        return dict(
+            seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+            lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+            total_steps=cfg.max_steps,
+            lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+            lora_targets=list(m.lora.target_modules),
+            mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
+            ref_kl_coef=t.loss.ref_kl_coef, ref_kl_estimator=t.loss.ref_kl_estimator,
+            entropy_coef=t.loss.entropy_coef,
+        )
+
+    def finetune_spec(self) -> dict[str, Any]:
+        """The trainer's full fine-tuning keys (trainer/full.py); a whole model a step is big, so only the newest
+        two stay on disk, unless a continual gate may restore an older one."""
+        t, cont = self.cfg.trainer, self.cfg.orchestrator.continual
+        return dict(finetune=t.finetune, weight_transfer=t.weight_transfer,
+                    keep_full_steps=0 if cont.core_environments and cont.gate else 2)
+
+    # -- calls ---------------------------------------------------------------------------------------
+    def sample_refs(self, role: str, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
+                    max_tokens: int | None = None) -> list:
+        """Submit sampling to ``role``'s engines (prompts spread across them); the refs of their replies."""
+        engines = self.actors[role]
+        idx = list(range(first_index, first_index + len(prompt_ids)))
+        inf = self.cfg.inference
+        return [e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens or inf.max_tokens,
+                                  self.cfg.seed * 1_000_003)
+                for e, ids, ix in zip(engines, split(prompt_ids, len(engines)), split(idx, len(engines))) if ids]
+
+    def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
+        """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts)."""
+        engines = self.actors["teacher"]
+        parts = [p for p in split(list(range(len(prompt_ids))), len(engines)) if p]
+        refs = [e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
+                                                   completion_ids=[completion_ids[i] for i in part])))
+                for e, part in zip(engines, parts)]
+        return refs, parts
+
+    def weight_update_refs(self, adapter: str, version: int) -> list:
+        """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once."""
+        if self.cfg.trainer.weight_transfer != "nccl":
+            return [e.load_adapter.remote(adapter, version) for e in self.actors["inference"]]
+        return ([e.receive_weights.remote(self.weight_info, version) for e in self.actors["inference"]]
+                + [r.send_weights.remote(version) for r in self.actors["trainer"]])
+
+    def trainer_call(self, method: str, *args: Any) -> list:
+        """The same call on every trainer rank; their results."""
+        return get("trainer", [getattr(r, method).remote(*args) for r in self.actors["trainer"]])
+
+    def _join_weight_group(self) -> None:
+        """Trainer rank 0 and every engine open the NCCL weight-update group together (shared/weight_sync.py)."""
+        from shared.weight_sync import plan as group_plan, update_info
+
+        engines, trainers = self.actors["inference"], self.actors["trainer"]
+        self.weight_info = update_info(get("trainer", trainers[0].weight_metadata.remote()))  # the same every step
+        address, port = get("trainer", trainers[0].weight_endpoint.remote())
+        group = group_plan(address, port, get("inference", [e.node_address.remote() for e in engines]),
+                           self.cfg.inference.parallel.tp)
+        refs = ([trainers[0].join_weight_group.remote(group.master_address, port, group.world_size)]
+                + [e.join_weight_group.remote(group.engine_init(i)) for i, e in enumerate(engines)])
+        get("weight_update", refs)
+
+    def write_pids(self) -> None:
+        """``logs/pids.json``: the process of every actor, by name (what an operator, or a test, can watch)."""
+        names = {f"{role}-{i}": a for role, actors in self.actors.items() for i, a in enumerate(actors)}
+        pids = get("orchestrator", [a.__ray_call__.remote(lambda actor: os.getpid()) for a in names.values()]) \
+            if names else []
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "logs" / "pids.json",
+                          json.dumps({"orchestrator-0": os.getpid(), **dict(zip(names, pids))}, indent=1) + "\n")
+
+
+def rollouts_of(replies: list[bytes], adapter_base: int) -> tuple[list, dict[int, int]]:
+    """The engines' replies as rollouts sorted by prompt index, and the adapter step (of this run) that sampled
+    each prompt."""
+    rollouts, adapter_steps = [], {}
+    for data in replies:
+        batch = decode(data, RolloutBatch)
+        rollouts.extend(batch.rollouts)
+        adapter_steps.update(dict.fromkeys((r.prompt_index for r in batch.rollouts), batch.adapter_step - adapter_base))
+    rollouts.sort(key=lambda r: r.prompt_index)
+    return rollouts, adapter_steps
+
+
+def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> list[list[float] | None]:
+    """Teacher log-probs of each completion; None where an external teacher failed to score it."""
+    out: list[list[float] | None] = [[] for _ in range(n)]
+    for part, data in zip(parts, replies):
+        result = decode(data, ScoreResult)
+        for i, lps in zip(part, result.logprobs):
+            out[i] = lps
+        for k in result.failed:
+            out[part[k]] = None
+    return out
