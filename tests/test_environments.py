@@ -108,7 +108,7 @@ def test_unknown_environment_is_a_config_error():
 
 
 def test_reverse_text_training_skips_the_tiny_pairs_heldout_strings():
-    from shared import tiny_pair
+    from shared.builders import tiny_pair
 
     env = make(cfg_for("reverse_text"))
     excluded = {tiny_pair.prompt_for(s) for s in tiny_pair.heldout_strings(tiny_pair.HELDOUT_EXCLUDED)}
