@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from orchestrator import environments
 from orchestrator.data import DatasetError, Prompt
 from orchestrator.environments import REGISTRY, make
-from orchestrator.environments.answers import choose_by_loglik, match_answer, normalize
+from shared.answers import choose_by_loglik, match_answer, normalize
 from orchestrator.environments.arithmetic import evaluate, expression, last_integer
 from orchestrator.environments.base import HELDOUT_SEED, GeneratedEnvironment, is_heldout
 from orchestrator.environments.format_check import instruction, rule_score
