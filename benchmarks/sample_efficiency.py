@@ -4,7 +4,7 @@
     python benchmarks/sample_efficiency.py --quick    # reverse_text, 4 methods x 2 seeds x 3 steps: checks the
                                                       # pipeline writes well-formed results (<= 2 min)
 
-Methods (every other setting equal; ``trainer/loss.py`` has the algebra):
+Methods (every other setting equal; ``shared/advantages.py`` has the algebra):
 
 - ``opd``: on-policy distillation, the per-token reverse-KL advantage ``logp_T - logp_S`` (kl_coef 1);
 - ``rl``: the task's verifiable reward only, ``A = R - mean of R over the prompt's group`` (adv_tau 1, kl 0);

@@ -36,6 +36,7 @@ import torch
 from orchestrator import checkpoint, continual, environments, workflows
 from orchestrator.pipeline import Batch, Timeline, split_stale
 from orchestrator.prompts import Renderer
+from shared.advantages import combined_advantages, group_advantages, sanitize_logprobs, subtract_baseline
 from shared.config import Config
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
@@ -43,7 +44,6 @@ from shared.placement import ActorPlan, node_affinity, plan
 from shared.runtime import first_line, redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, StepResult, TrainBatch, TrainSample, decode, encode
 from shared.wire import SUMMED_METRICS
-from trainer.loss import combined_advantages, group_advantages, sanitize_logprobs, subtract_baseline
 
 
 class StepSamples(NamedTuple):
@@ -703,7 +703,7 @@ class Orchestrator:
     def _policy_samples(self, prompts: list, rollouts: list, teacher_lp: list, base: int) -> StepSamples:
         """On-policy: the student's rollouts with per-token advantages (and lock-in weights)."""
         lc = self.cfg.trainer.loss
-        # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (trainer/loss.py);
+        # A_t = adv_tau * A_task + teacher_tau * logp_T(t) - student_tau * logp_S(t) (shared/advantages.py);
         # rollouts of one prompt share prompt_index, the group of the task baseline.
         t_reward = time.perf_counter()  # the workflow's reward source (workflows.py): env score, judge, comparator
         skip = self.cfg.orchestrator.skip_verification
