@@ -4,7 +4,7 @@
     python benchmarks/sample_efficiency.py --quick    # reverse_text, 4 methods x 2 seeds x 3 steps: checks the
                                                       # pipeline writes well-formed results (<= 2 min)
 
-Methods (every other setting equal; ``trainer/loss.py`` has the algebra):
+Methods (every other setting equal; ``shared/advantages.py`` has the algebra):
 
 - ``opd``: on-policy distillation, the per-token reverse-KL advantage ``logp_T - logp_S`` (kl_coef 1);
 - ``rl``: the task's verifiable reward only, ``A = R - mean of R over the prompt's group`` (adv_tau 1, kl 0);
@@ -15,7 +15,7 @@ Tasks: ``reverse_text`` on the tiny reverse pair (``experiments/reverse_text/rl.
 addition (the ``arithmetic`` environment) on a tiny arithmetic pair built here on first use and cached
 next to the reverse pair: the reverse pair's character vocabulary has no digits and no capitals, so it
 cannot read ``What is 37 + 12?``, and SmolLM2-135M would take ~1 min a step (README), 24 runs far over
-budget.  The pair is built the way ``shared/tiny_pair.py`` builds its own: a teacher trained on the
+budget.  The pair is built the way ``shared/builders/tiny_pair.py`` builds its own: a teacher trained on the
 environment's training split until it solves the held-out split, a smaller student stopped early.
 
 All runs of a task share one start of the roles (``orchestrator.api.Session``): each run begins from the
@@ -153,7 +153,7 @@ def arith_tokenizer() -> Any:
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from shared import tiny_pair as tp
+    from shared.builders import tiny_pair as tp
 
     vocab = [*tp.SPECIAL_TOKENS, *ARITH_CHARS]
     vocab += [f"<extra_{i}>" for i in range(-len(vocab) % tp.VOCAB_MULTIPLE)]
@@ -179,7 +179,7 @@ def _arith_accuracy(model: Any, tok: Any, prompts: list) -> float:
     """Greedy answers scored by the environment itself, over ``prompts`` (batched by prompt length: no padding)."""
     import torch
 
-    from shared import tiny_pair as tp
+    from shared.builders import tiny_pair as tp
 
     env, right, by_len = _arith_env(), 0.0, {}
     for p in prompts:
@@ -202,7 +202,7 @@ def _train_arith(shape: tuple[int, int, int, int], stop_at: float, seed: int) ->
     import torch
     from transformers import LlamaForCausalLM
 
-    from shared import tiny_pair as tp
+    from shared.builders import tiny_pair as tp
 
     r = ARITH_RECIPE
     spec = tp.ModelSpec(hidden_size=shape[0], num_hidden_layers=shape[1], num_attention_heads=shape[2],
@@ -243,7 +243,7 @@ def build_arith_pair(root: Path | None = None) -> tuple[Path, Path]:
 
     import torch
 
-    from shared import tiny_pair as tp
+    from shared.builders import tiny_pair as tp
 
     root = root or tp.default_root()
     tag = hashlib.sha256(json.dumps(ARITH_RECIPE, sort_keys=True).encode()).hexdigest()[:8]

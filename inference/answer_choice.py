@@ -7,7 +7,7 @@ the served student, ``L(a) = sum_t log p(a_t | prompt, a_<t)``, and draws the gr
     pi(a) = exp(L(a) / T) / sum_b exp(L(b) / T)        (T = the sampling temperature)
 
 so a step's rollouts are on-policy samples of the student restricted to the answer set; at ``T = 0``
-(greedy evaluation) every draw is the arg-max, :func:`orchestrator.environments.answers.choose_by_loglik`.
+(greedy evaluation) every draw is the arg-max, :func:`shared.answers.choose_by_loglik`.
 Each rollout carries the per-token log-probs of its answer, the same quantity the trainer recomputes,
 so the importance ratio and every loss term apply unchanged. (REINFORCE on ``log p(a)`` rather than
 ``log pi(a)`` differs by ``grad log Z``, whose expectation under a group baseline is zero.)
@@ -19,7 +19,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from orchestrator.environments.answers import choose_by_loglik
+from shared.answers import choose_by_loglik
 
 
 def answer_distribution(loglik: Sequence[float], temperature: float) -> list[float]:

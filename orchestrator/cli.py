@@ -30,10 +30,10 @@ def _interrupted() -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.config import ConfigError, load
+    from shared.config import ConfigError, load, to_toml
     from shared.fsutil import WriteError
     from shared.metrics import TrainingStopped
-    from shared.redact import redacted_toml
+    from shared.redact import redact_toml
     from shared.runtime import ray_env_defaults
 
     from orchestrator.launcher import loopback_env_defaults
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from shared.placement import describe, plan
 
-            print(redacted_toml(cfg))
+            print(redact_toml(to_toml(cfg)))
             print(describe(plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES"))))
             return 0
         from orchestrator.api import run

@@ -17,7 +17,7 @@
     Cosine similarity of the mean-pooled (over the attention mask) last hidden states of a local model,
     loaded with transformers ``AutoModel`` on the CPU with ``local_files_only=True`` (never the hub).  The
     default is the converted SmolLM2-135M-Instruct folder (``smollm2-135m-instruct``, built by
-    ``shared/smollm2.py`` on first use); any local model directory works.  A causal LM is a coarse
+    ``shared/builders/smollm2.py`` on first use); any local model directory works.  A causal LM is a coarse
     embedder: unrelated sentences score ~0.6, paraphrases ~0.95, and single-word answers are poorly
     separated (``Paris`` vs ``London`` ~0.99), so prefer ``exact`` for short factual answers.
 """

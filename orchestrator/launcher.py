@@ -13,11 +13,11 @@ from typing import Any
 
 import msgspec
 
-from shared.config import Config, ConfigError, gpu_slots
+from shared.config import Config, ConfigError, gpu_slots, to_toml
 from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
 from shared.placement import NODES_KEY, ActorPlan, node_affinity, node_ids, node_list, node_order, plan
-from shared.redact import redacted_toml
+from shared.redact import redact_toml
 
 # Prompts rendered from a generating environment to find the longest (a dataset file is checked whole).
 LENGTH_SAMPLE = 256
@@ -318,7 +318,7 @@ def prepare_output(cfg: Config, paths: dict[str, str]) -> Config:
     the orchestrator runs (reading the kept rows of a dataset, when some were skipped for length)."""
     out = Path(cfg.output_dir)
     try:
-        atomic_write_text(out / "config.toml", redacted_toml(cfg))
+        atomic_write_text(out / "config.toml", redact_toml(to_toml(cfg)))
     except WriteError as e:
         raise ConfigError(f"output_dir: {e}") from None
     metrics_path = out / "metrics.jsonl"
@@ -353,7 +353,7 @@ def await_run(orch: Any, ref: Any, cfg: Config, progress: bool) -> dict[str, Any
             bar.close()
     from orchestrator.report import write_report
 
-    summary["report"] = str(write_report(out, summary, redacted_toml(cfg)))
+    summary["report"] = str(write_report(out, summary, redact_toml(to_toml(cfg))))
     return summary
 
 

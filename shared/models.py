@@ -22,11 +22,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 def resolve(name: str, key: str) -> Path:
     """A model directory for ``name`` (alias or path); ``key`` names the config key in errors."""
     if name in TINY_ALIASES:
-        from shared.tiny_pair import build_pair
+        from shared.builders.tiny_pair import build_pair
 
         return build_pair()[TINY_ALIASES[name]]
     if name.startswith("smollm2-"):
-        from shared import smollm2
+        from shared.builders import smollm2
 
         path = smollm2.resolve_alias(name)
         if path is None:

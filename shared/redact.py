@@ -3,7 +3,7 @@
 A secret is the value of an environment variable named ``WANDB_API_KEY``, ``*_API_KEY``, ``*_TOKEN``,
 ``*_SECRET`` or ``*_PASSWORD``, or a config value whose key ends in ``api_key`` (or ``secret``,
 ``password``).  Use :func:`redact_text` on text that is about to be printed or written,
-:func:`redact_config` on a config dict (e.g. W&B's run config), :func:`redacted_toml` for the resolved
+:func:`redact_config` on a config dict (e.g. W&B's run config), :func:`redact_toml` for the resolved
 config file.
 """
 
@@ -48,11 +48,12 @@ def redact_config(data: Any, environ: Mapping[str, str] | None = None) -> Any:
     return data
 
 
-def redacted_toml(cfg: Any) -> str:
-    """The resolved config as TOML (``shared.config.to_toml``) with every secret redacted."""
+def redact_toml(toml_text: str) -> str:
+    """``toml_text`` (e.g. ``shared.config.to_toml(cfg)``, the resolved config) with every secret redacted.
+
+    Takes the text rather than the config so that this module imports nothing of the project's: the
+    config imports :data:`SECRET_ENV` from here, and an import back would be a circle."""
     import tomli
     import tomli_w
 
-    from shared.config import to_toml
-
-    return tomli_w.dumps(redact_config(tomli.loads(to_toml(cfg))))
+    return tomli_w.dumps(redact_config(tomli.loads(toml_text)))

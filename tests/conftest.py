@@ -14,7 +14,7 @@ RL = str(Path(sys.executable).parent / "rl")
 @pytest.fixture(scope="session")
 def tiny_pair():
     """(teacher_dir, student_dir) of the locally built reverse-text pair (built once, cached)."""
-    from shared.tiny_pair import build_pair
+    from shared.builders.tiny_pair import build_pair
 
     return build_pair()
 

@@ -400,7 +400,7 @@ def test_secrets_never_reach_any_output(tiny_pair, tmp_path, monkeypatch):
     from orchestrator.report import write_report
     from shared.config import load, to_toml
     from shared.metrics import MetricsLogger
-    from shared.redact import REDACTED, redact_config, redacted_toml
+    from shared.redact import REDACTED, redact_config, redact_toml
 
     secrets = {"WANDB_API_KEY": FAKE_WANDB_KEY, "OPENAI_API_KEY": FAKE_API_KEY}
     # The secret typed into config values: the resolved config, a dry run and an error message.
@@ -413,7 +413,7 @@ def test_secrets_never_reach_any_output(tiny_pair, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     cfg = load(["@", EXPERIMENT, "--wandb.name", FAKE_API_KEY, "--output_dir", str(tmp_path)])
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "teacher_kl": 1.0}) + "\n")
-    write_report(tmp_path, {"wall_seconds": 1.0}, redacted_toml(cfg))
+    write_report(tmp_path, {"wall_seconds": 1.0}, redact_toml(to_toml(cfg)))
     (tmp_path / "raw").mkdir()
     write_report(tmp_path / "raw", {}, to_toml(cfg))  # the report redacts even an unredacted config
     # W&B (offline) gets the run config, including a judge-style `api_key` value.

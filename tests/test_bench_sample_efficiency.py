@@ -74,7 +74,7 @@ def test_summarize_and_markdown_on_hand_made_curves():
 
 
 def test_arithmetic_tokenizer_round_trips_the_prompts_with_the_pair_special_ids():
-    from shared import tiny_pair as tp
+    from shared.builders import tiny_pair as tp
 
     tok = se.arith_tokenizer()
     assert len(tok) % tp.VOCAB_MULTIPLE == 0

@@ -325,9 +325,10 @@ def test_the_api_key_goes_only_into_the_authorization_header(server, tiny_pair, 
     assert KEY not in str(e.value) and KEY not in repr(teacher.client)
     for _, headers, body in server.requests:
         assert headers["Authorization"] == f"Bearer {KEY}" and KEY not in json.dumps(body)
-    from shared.redact import redacted_toml
+    from shared.config import to_toml
+    from shared.redact import redact_toml
 
-    assert KEY not in redacted_toml(cfg) and KEY_VAR in redacted_toml(cfg)
+    assert KEY not in redact_toml(to_toml(cfg)) and KEY_VAR in redact_toml(to_toml(cfg))
 
 
 def test_rl_refuses_an_unreachable_endpoint_in_seconds(tiny_pair, tmp_path):

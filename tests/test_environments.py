@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from orchestrator import environments
 from orchestrator.data import DatasetError, Prompt
 from orchestrator.environments import REGISTRY, make
-from orchestrator.environments.answers import choose_by_loglik, match_answer, normalize
+from shared.answers import choose_by_loglik, match_answer, normalize
 from orchestrator.environments.arithmetic import evaluate, expression, last_integer
 from orchestrator.environments.base import HELDOUT_SEED, GeneratedEnvironment, is_heldout
 from orchestrator.environments.format_check import instruction, rule_score
@@ -108,7 +108,7 @@ def test_unknown_environment_is_a_config_error():
 
 
 def test_reverse_text_training_skips_the_tiny_pairs_heldout_strings():
-    from shared import tiny_pair
+    from shared.builders import tiny_pair
 
     env = make(cfg_for("reverse_text"))
     excluded = {tiny_pair.prompt_for(s) for s in tiny_pair.heldout_strings(tiny_pair.HELDOUT_EXCLUDED)}

@@ -6,22 +6,17 @@ import socket
 import pytest
 import torch
 
-from shared.config import ConfigError, LossConfig, from_dict, load, to_toml
-from shared.wire import TrainBatch, TrainSample, decode, encode
-from trainer.loss import (
-    CHUNK,
+from shared.advantages import (
     combined_advantages,
     discounted_sum,
-    entropy,
     group_advantages,
-    masked_nll,
-    policy_loss,
-    reference_kl,
     reverse_kl_advantages,
     sanitize_logprobs,
     subtract_baseline,
-    token_logprobs,
 )
+from shared.config import ConfigError, LossConfig, from_dict, load, to_toml
+from shared.wire import TrainBatch, TrainSample, decode, encode
+from trainer.loss import CHUNK, entropy, masked_nll, policy_loss, reference_kl, token_logprobs
 
 SQRT3 = math.sqrt(3.0)
 

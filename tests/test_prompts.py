@@ -10,7 +10,7 @@ from shared.config import ChatMessage, ConfigError, TeacherModelConfig
 
 @pytest.fixture(scope="module")
 def chat_tok():
-    from shared.smollm2 import prepare
+    from shared.builders.smollm2 import prepare
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(prepare()))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from shared import smollm2
+from shared.builders import smollm2
 from shared.config import ConfigError
 
 pytestmark = pytest.mark.engine

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared import tiny_pair as tiny_pair_module
-from shared.tiny_pair import (
+from shared.builders import tiny_pair as tiny_pair_module
+from shared.builders.tiny_pair import (
     ALPHABET,
     BOS_ID,
     BUILD_MARKER,

@@ -16,7 +16,7 @@ name               prompts                                              score (i
 
 Every environment is deterministic from ``cfg.seed`` and evaluates on held-out prompts that training
 never draws.  ``orchestrator.env_args.answers`` constrains any of them to a fixed answer set (see
-``answers.py``).  A new environment subclasses :class:`Environment` (or
+``shared/answers.py``).  A new environment subclasses :class:`Environment` (or
 :class:`GeneratedEnvironment`) and is added to ``REGISTRY``.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import random
 
-from orchestrator.environments.answers import choose_by_loglik, match_answer
 from orchestrator.environments.arithmetic import Arithmetic
 from orchestrator.environments.base import Environment, GeneratedEnvironment
 from orchestrator.environments.continual_tasks import TASKS as CONTINUAL_TASKS
@@ -45,7 +44,7 @@ REGISTRY: dict[str, type[Environment]] = {
     **CONTINUAL_TASKS,  # reverse_text_long, reverse_text_short
 }
 
-__all__ = ["REGISTRY", "Environment", "GeneratedEnvironment", "choose_by_loglik", "make", "match_answer"]
+__all__ = ["REGISTRY", "Environment", "GeneratedEnvironment", "make"]
 
 
 def make(cfg: Config) -> Environment:

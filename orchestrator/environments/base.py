@@ -14,7 +14,7 @@ import math
 import random
 
 from orchestrator.data import Prompt, load_jsonl
-from orchestrator.environments.answers import match_answer
+from shared.answers import match_answer
 from shared.config import Config, ConfigError
 
 HELDOUT_EVERY = 5  # a generated prompt is held out when the hash of its text is 0 mod this (~20%)

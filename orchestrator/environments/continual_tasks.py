@@ -1,6 +1,6 @@
 """Length bands of ``reverse_text``: a new skill and a core behaviour for continual learning on the tiny pair.
 
-The tiny pair was trained on strings of 3 to 8 letters (``shared/tiny_pair.py``); the partly trained
+The tiny pair was trained on strings of 3 to 8 letters (``shared/builders/tiny_pair.py``); the partly trained
 student reverses short strings far more often than long ones.  Splitting the task by length gives two
 behaviours with the same scoring and no new vocabulary:
 
@@ -21,7 +21,7 @@ import random
 
 from orchestrator.data import Prompt
 from orchestrator.environments.reverse_text import ReverseText, _prompt
-from shared import tiny_pair
+from shared.builders import tiny_pair
 
 
 class ReverseTextBand(ReverseText):

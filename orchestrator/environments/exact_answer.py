@@ -9,8 +9,8 @@ answer set (``orchestrator.env_args.answers``), every row's answer must be one o
 from __future__ import annotations
 
 from orchestrator.data import DatasetError, Prompt
-from orchestrator.environments.answers import normalize
 from orchestrator.environments.base import Environment, is_heldout
+from shared.answers import normalize
 
 
 class ExactAnswer(Environment):

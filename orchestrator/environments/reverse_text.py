@@ -4,7 +4,7 @@ import random
 
 from orchestrator.data import Prompt
 from orchestrator.environments.base import Environment
-from shared import tiny_pair
+from shared.builders import tiny_pair
 
 
 def _prompt(s: str) -> Prompt:

@@ -38,7 +38,7 @@ from orchestrator import checkpoint
 from orchestrator.data import Prompt
 from shared.config import Config
 from shared.wire import Rollout, TrainSample
-from trainer.loss import combined_advantages, group_advantages, sanitize_logprobs, subtract_baseline
+from shared.advantages import combined_advantages, group_advantages, sanitize_logprobs, subtract_baseline
 
 Generate = Callable[[list[list[int]], int, float], list[Rollout]]  # (prompt ids, max_tokens, temperature)
 Score = Callable[[list[list[int]], list[list[int]]], list[list[float] | None]]  # teacher log-probs; None: failed

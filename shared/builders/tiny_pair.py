@@ -17,7 +17,7 @@ builds a new pair. Builds are atomic (temporary sibling directories renamed into
 across processes with a file lock. Each finished directory holds a ``BUILD_OK`` JSON file recording the
 measured held-out accuracy, parameter count and timings (see ``read_build_info``).
 
-Command line: ``python -m shared.tiny_pair [--out DIR] [--seed N] [--force]``.
+Command line: ``python -m shared.builders.tiny_pair [--out DIR] [--seed N] [--force]``.
 
 Importing this module and finding a cached pair import nothing heavy (no torch or transformers).
 """
@@ -41,6 +41,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from shared.builders import default_root
 
 if TYPE_CHECKING:  # torch, tokenizers and transformers are imported where needed: a cache hit needs none
     import torch
@@ -392,12 +394,6 @@ BUILD_MARKER = "BUILD_OK"
 LOCK_FILE = ".tiny_pair.lock"
 
 
-def default_root() -> Path:
-    """``$OPD_CACHE/models`` if OPD_CACHE is set, else ``~/.cache/opd/models``."""
-    cache = os.environ.get("OPD_CACHE")
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "opd") / "models"
-
-
 def pair_dir_names(seed: int = 0) -> tuple[str, str]:
     """Directory names of the teacher and student for ``seed`` under the current recipe."""
     stem = f"v{RECIPE_VERSION}-{RECIPE_HASH}-s{seed}"
@@ -530,7 +526,7 @@ def build_pair(out_root: Path | None = None, seed: int = 0, force: bool = False)
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: build the pair and print the two paths with their held-out accuracies."""
-    parser = argparse.ArgumentParser(prog="python -m shared.tiny_pair", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shared.builders.tiny_pair", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help=f"cache root (default: {default_root()})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached pair exists")
