@@ -295,3 +295,20 @@ def test_judge_workflow_two_steps_smollm2(tmp_path):
         assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"])
         assert r["reward/mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
         assert 0.0 <= r["judge/agreement"] <= 1.0
+
+
+@pytest.mark.engine
+def test_sft_workflow_two_steps(tiny_pair, tmp_path):
+    """experiments/sft/rl.toml: the teacher writes the completions (the student engines sample nothing), the
+    trainer fits them by NLL; the KL is not measured (NaN, null in metrics.jsonl)."""
+    from tests.test_e2e import run_rl
+
+    out = tmp_path / "sft"
+    p = run_rl("@", "experiments/sft/rl.toml", "--output_dir", str(out), *SMALL, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "tokens/step" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["teacher_kl"] is None and r["loss/policy"] == 0.0 and r["loss/sft"] > 0
+        assert r["time/inference"] == 0.0 and r["time/teacher"] > 0 and r["tokens/step"] > 0
+    assert train[1]["loss/sft"] < train[0]["loss/sft"] * 1.5  # a step of NLL does not blow the next one up
