@@ -18,7 +18,7 @@ def _error(message: object) -> None:
 
 
 def _role_failure() -> type:
-    from orchestrator.orchestrator import RoleFailure
+    from orchestrator.failures import RoleFailure
 
     return RoleFailure
 

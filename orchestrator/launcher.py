@@ -45,10 +45,9 @@ def preflight(cfg: Config) -> dict[str, str]:
     if visible is not None:  # the actors get the entries of rl's own list (shared/placement.py)
         paths["cuda_visible_devices"] = visible
     _check_nodes(cfg, plan(cfg, visible))  # an id beyond what rl sees is a one-line error now, not in an actor later
-    if cfg.teacher.endpoint:  # an external teacher: reachable, model served, tokenizer and log-probs as the run needs
-        from teacher.endpoint import probe
+    from orchestrator.teachers import teacher_backend
 
-        paths.update(probe(cfg, t_tok))
+    paths.update(teacher_backend(cfg).preflight(cfg, t_tok))  # an endpoint: reachable, serves what the run needs
     kept = check_prompt_lengths(cfg, env, s_tok, student)
     if kept is not None:
         paths["dataset"] = str(_write_kept_rows(out, kept))
@@ -362,7 +361,7 @@ def orchestrator_result(ref: Any) -> Any:
     it raised (anything else: a RoleFailure of the orchestrator with the error's first line)."""
     import ray
 
-    from orchestrator.orchestrator import RoleFailure
+    from orchestrator.failures import RoleFailure
     from shared.runtime import first_line
 
     try:

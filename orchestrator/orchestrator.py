@@ -29,14 +29,15 @@ import msgspec
 from orchestrator import checkpoint, continual, environments, workflows
 from orchestrator.pipeline import Pipeline, split_stale
 from orchestrator.prompts import Renderer
-from orchestrator.roles import RoleFailure, Roles, get, rollouts_of, scores_of
+from orchestrator.failures import RoleFailure, get
+from orchestrator.roles import Roles, rollouts_of, scores_of
 from shared.config import Config, kl_in_advantage
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
 from shared.runtime import redirect_output
 from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode
 
-__all__ = ["Orchestrator", "RoleFailure"]
+__all__ = ["Orchestrator"]
 
 
 def loss_rows(lc: Any, tm: dict[str, float]) -> dict[str, float]:

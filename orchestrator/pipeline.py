@@ -27,7 +27,8 @@ import ray
 
 from orchestrator import checkpoint
 from orchestrator.data import Prompt
-from orchestrator.roles import Roles, get, rollouts_of, scores_of
+from orchestrator.failures import get
+from orchestrator.roles import Roles, rollouts_of, scores_of
 from shared.wire import Rollout
 
 

@@ -2,9 +2,9 @@
 
 :class:`Roles` starts every actor of the plan (student engines, the teacher, trainer ranks), hands out their
 sampling and scoring calls, and moves new weights to the engines. The teacher is one of two backends that
-implement :class:`TeacherBackend` (its actor and its metrics): the in-cluster vLLM engine
-(teacher/engine.py) or an external OpenAI-compatible server (teacher/endpoint.py). Both actors answer the same
-calls (``ready``, ``generate``, ``score``), so nothing else asks which one runs.
+implement :class:`orchestrator.teachers.TeacherBackend` (its preflight, actor and metrics): the in-cluster vLLM
+engine (teacher/engine.py) or an external OpenAI-compatible server (teacher/endpoint.py). Both actors answer the
+same calls (``ready``, ``generate``, ``score``), so nothing else asks which one runs.
 """
 
 from __future__ import annotations
@@ -18,33 +18,14 @@ from typing import Any
 import msgspec
 import ray
 
+from orchestrator.failures import RoleFailure, get
+from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
 from shared.placement import ActorPlan, node_affinity, plan
-from shared.runtime import first_line
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 ROLES = ("inference", "teacher", "trainer")
-
-
-class RoleFailure(RuntimeError):
-    """A role's actor died or raised; ``role`` names it, the message is the cause's first line."""
-
-    def __init__(self, role: str, cause: str):
-        super().__init__(role, cause)  # args stay (role, cause) so the error survives Ray's pickling
-        self.role = role
-        self.cause = cause
-
-    def __str__(self) -> str:
-        return f"{self.role} failed: {self.cause}"
-
-
-def get(role: str, refs: Any) -> Any:
-    """``ray.get`` that turns a dead actor or a raised method into :class:`RoleFailure` naming ``role``."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayError as e:  # the actor died (killed, out of memory) or its method raised
-        raise RoleFailure(role, first_line(e)) from None
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -55,53 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# -- the teacher's backends -------------------------------------------------------------------------
-class TeacherBackend:
-    """How the teacher role runs: its actor, whether it scores rollouts only for a metric, its step metrics."""
-
-    scores_for_metrics = True  # score the student's rollouts even when only teacher_kl uses them (cheap here)
-
-    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
-        raise NotImplementedError
-
-    def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
-        return {}
-
-
-class EngineTeacher(TeacherBackend):
-    """The in-cluster vLLM engine without LoRA (teacher/engine.py)."""
-
-    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
-        from shared.engines import engine_env
-        from teacher.engine import TeacherEngine
-
-        spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp, gpu_memory_utilization=cfg.teacher.gpu_memory_utilization)
-        options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib))
-        return ray.remote(TeacherEngine).options(**options).remote(paths["teacher"], spec, log)
-
-
-class EndpointTeacher(TeacherBackend):
-    """An external OpenAI-compatible server (teacher/endpoint.py): every request costs, so rollouts are scored
-    only when the advantage uses the log-probs; its request counts join each step's row."""
-
-    scores_for_metrics = False
-
-    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
-        from teacher.endpoint import EndpointTeacher as Actor
-
-        options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
-        return ray.remote(Actor).options(**options).remote(
-            msgspec.json.encode(cfg), paths["endpoint_model"], paths["endpoint_prompts"], paths["teacher"], log)
-
-    def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
-        return {**get("teacher", actors[0].stats.remote()), "teacher/score_failed": float(score_failed)}
-
-
-def teacher_backend(cfg: Config) -> TeacherBackend:
-    """The one place that reads which backend runs the teacher."""
-    return EndpointTeacher() if cfg.teacher.endpoint else EngineTeacher()
 
 
 # -- the actors ---------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_restart_after_the_trainer_dies(local_ray, tiny_pair, tmp_path, monkeypa
 
 def test_failure_without_restart_names_the_role_and_cancels_in_flight_work(local_ray, tiny_pair, tmp_path,
                                                                           monkeypatch):
-    from orchestrator.orchestrator import RoleFailure
+    from orchestrator.failures import RoleFailure
 
     orch = _orchestrator(tiny_pair, tmp_path, monkeypatch, "--max_steps", "5", "--orchestrator.max_async_level", "1",
                          fail_at=2)
