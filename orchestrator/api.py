@@ -115,8 +115,7 @@ def run(config: Source, *, export: str | Path | None = None, merged: bool = True
         raise ConfigError("dry_run: run() trains; print the plan with shared.placement.describe(plan(cfg)) instead")
     if export is not None and Path(export).exists():  # found out now, not after training
         raise ConfigError(f"{export}: already exists; choose a new export path")
-    paths = preflight(cfg)
-    summary = launch(cfg, progress=progress, paths=paths)
+    summary = launch(cfg, progress=progress, run=preflight(cfg))
     return _result(cfg, summary, export, merged)
 
 
@@ -222,16 +221,16 @@ class Session:
         self.config = from_dict(self.sources)
         _check_session_config(self.config, "session")
         self.progress = progress
-        self.paths = preflight(self.config)
+        self.plan = preflight(self.config)
         import ray
 
         from orchestrator.orchestrator import Orchestrator
 
         ray.init(**ray_init_kwargs(self.config))
         try:
-            self.paths, pin = place_on_nodes(self.config, self.paths)  # a node map when the cluster has several
+            self.plan, pin = place_on_nodes(self.config, self.plan)  # a node map when the cluster has several
             self._orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2, **pin).remote(
-                msgspec.json.encode(self.config), self.paths)
+                msgspec.json.encode(self.config), msgspec.json.encode(self.plan))
             self.startup: dict[str, float] = orchestrator_result(self._orch.open_session.remote())
         except BaseException:
             ray.shutdown()
@@ -248,9 +247,9 @@ class Session:
         cfg = session_run_config(self.sources, *sources, overrides=overrides, **keys)
         if export is not None and Path(export).exists():
             raise ConfigError(f"{export}: already exists; choose a new export path")
-        paths = preflight(cfg)
-        run_cfg = prepare_output(cfg, paths)
-        ref = self._orch.run_in_session.remote(msgspec.json.encode(run_cfg), paths)
+        run = msgspec.structs.replace(preflight(cfg), nodes=self.plan.nodes)  # the session's actors and nodes
+        run_cfg = prepare_output(cfg, run)
+        ref = self._orch.run_in_session.remote(msgspec.json.encode(run_cfg), msgspec.json.encode(run))
         summary = await_run(self._orch, ref, cfg, self.progress)
         return _result(cfg, summary, export, merged)
 

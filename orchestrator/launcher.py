@@ -16,7 +16,7 @@ import msgspec
 from shared.config import Config, ConfigError, gpu_slots, to_toml
 from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
-from shared.placement import NODES_KEY, ActorPlan, node_affinity, node_ids, node_list, node_order, plan
+from shared.placement import ActorPlan, RunPlan, node_affinity, node_ids, node_list, node_order, plan
 from shared.redact import redact_toml
 
 # Prompts rendered from a generating environment to find the longest (a dataset file is checked whole).
@@ -24,10 +24,10 @@ LENGTH_SAMPLE = 256
 DISK_MARGIN = 100 * MB  # metrics, logs, plots, report, W&B
 
 
-def preflight(cfg: Config) -> dict[str, str]:
+def preflight(cfg: Config) -> RunPlan:
     """Validate what the config points at, before Ray or any engine starts; every problem is a
-    one-line ConfigError.  Returns the resolved model directories (and, when dataset rows were skipped
-    for length, ``dataset``: the file of the rows kept)."""
+    one-line ConfigError.  Returns the run's plan: the resolved model directories, every actor's placement
+    (planned here, once), and, when dataset rows were skipped for length, the file of the rows kept."""
     from orchestrator import environments
     from shared import models
 
@@ -40,24 +40,23 @@ def preflight(cfg: Config) -> dict[str, str]:
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
-    paths = {"student": str(student), "teacher": str(teacher)}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # the actors get the entries of rl's own list (shared/placement.py)
-        paths["cuda_visible_devices"] = visible
-    _check_nodes(cfg, plan(cfg, visible))  # an id beyond what rl sees is a one-line error now, not in an actor later
+    # the actors get the entries of rl's own CUDA_VISIBLE_DEVICES (shared/placement.py); an id beyond what rl
+    # sees is a one-line error now, not in an actor later
+    run = RunPlan(student=str(student), teacher=str(teacher), actors=plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    _check_nodes(cfg, run.actors)
     from orchestrator.teachers import teacher_backend
 
-    paths.update(teacher_backend(cfg).preflight(cfg, t_tok))  # an endpoint: reachable, serves what the run needs
+    run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))  # an endpoint: reachable, serves what it needs
     kept = check_prompt_lengths(cfg, env, s_tok, student)
     if kept is not None:
-        paths["dataset"] = str(_write_kept_rows(out, kept))
+        run.dataset = str(_write_kept_rows(out, kept))
     if cfg.trainer.finetune == "full":  # each step writes a whole model; the newest two are kept (all with a gate)
         cont = cfg.orchestrator.continual
         _check_free_space(cfg, out, models.weights_bytes(student), "model", copies=3,
                           every_step=bool(cont.core_environments and cont.gate))
     else:
         _check_free_space(cfg, out, models.adapter_bytes(student, cfg.model.lora.rank, cfg.model.lora.target_modules))
-    return paths
+    return run
 
 
 def _check_output_dir(cfg: Config) -> Path:
@@ -239,29 +238,28 @@ def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
     )
 
 
-def with_nodes(actors: list[ActorPlan], paths: dict[str, str]) -> dict[str, str]:
-    """After ``ray.init``: ``paths`` with the Ray node id of each of the run's nodes (``NODES_KEY``) when the
+def with_nodes(run: RunPlan) -> RunPlan:
+    """After ``ray.init``: ``run`` with the Ray node id of each of the run's nodes (``RunPlan.nodes``) when the
     cluster has several alive nodes, so that :func:`node_affinity` pins every actor (node 0 too: a plain id
-    means rl's node, not wherever Ray finds room); on one node, ``paths`` as it was."""
+    means rl's node, not wherever Ray finds room); on one node, ``run`` as it was."""
     import ray
 
     nodes = node_order(ray.nodes(), ray.get_runtime_context().get_node_id())
-    ids = node_ids(actors, nodes)
+    ids = node_ids(run.actors, nodes)
     if len(ids) < 2:
-        return paths
+        return run
     print(f"placement: {len(ids)} Ray nodes: {node_list(nodes)}", file=sys.stderr)
-    return {**paths, NODES_KEY: ",".join(ids)}
+    return msgspec.structs.replace(run, nodes=ids)
 
 
-def place_on_nodes(cfg: Config, paths: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """After ``ray.init``: ``paths`` with the node map (:func:`with_nodes`) and the orchestrator's ``.options()``
+def place_on_nodes(cfg: Config, run: RunPlan) -> tuple[RunPlan, dict[str, Any]]:
+    """After ``ray.init``: ``run`` with the node map (:func:`with_nodes`) and the orchestrator's ``.options()``
     that keep it on node 0. Only a joined cluster (``ray_address``) can span nodes: a private Ray is skipped
     without a call to Ray, so a single-node run starts exactly as before."""
     if not cfg.ray_address:
-        return paths, {}
-    actors = plan(cfg, paths.get("cuda_visible_devices"))
-    paths = with_nodes(actors, paths)
-    return paths, node_affinity(actors[0], paths)  # actors[0]: the orchestrator
+        return run, {}
+    run = with_nodes(run)
+    return run, node_affinity(run.actors[0], run.nodes)  # actors[0]: the orchestrator
 
 
 LOOPBACK_ENV_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -288,10 +286,10 @@ def loopback_env_defaults() -> None:
         constants.ENABLE_RAY_CLUSTER = constants.env_bool(LOOPBACK_ENV_CLUSTER, True)  # as Ray read it at import
 
 
-def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` to the end; ``paths`` is :func:`preflight`'s result when the caller already ran it."""
-    paths = paths if paths is not None else preflight(cfg)
-    run_cfg = prepare_output(cfg, paths)
+def launch(cfg: Config, progress: bool = True, run: RunPlan | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end; ``run`` is :func:`preflight`'s plan when the caller already made it."""
+    run = run if run is not None else preflight(cfg)
+    run_cfg = prepare_output(cfg, run)
 
     from shared.runtime import ray_env_defaults
 
@@ -303,16 +301,16 @@ def launch(cfg: Config, progress: bool = True, paths: dict[str, str] | None = No
 
     ray.init(**ray_init_kwargs(cfg))
     try:
-        paths, pin = place_on_nodes(cfg, paths)
+        run, pin = place_on_nodes(cfg, run)
         orch = ray.remote(Orchestrator).options(num_cpus=0, max_concurrency=2, **pin).remote(
-            msgspec.json.encode(run_cfg), paths
+            msgspec.json.encode(run_cfg), msgspec.json.encode(run)
         )
         return await_run(orch, orch.run.remote(), cfg, progress)
     finally:
         ray.shutdown()
 
 
-def prepare_output(cfg: Config, paths: dict[str, str]) -> Config:
+def prepare_output(cfg: Config, run: RunPlan) -> Config:
     """Write ``config.toml``, start a fresh ``metrics.jsonl`` (a resumed run keeps its rows); the config
     the orchestrator runs (reading the kept rows of a dataset, when some were skipped for length)."""
     out = Path(cfg.output_dir)
@@ -323,9 +321,9 @@ def prepare_output(cfg: Config, paths: dict[str, str]) -> Config:
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists() and not cfg.resume:
         metrics_path.unlink()  # a fresh run (a resumed one keeps the rows up to its checkpoint)
-    if "dataset" not in paths:
+    if not run.dataset:
         return cfg
-    ds = msgspec.structs.replace(cfg.orchestrator.dataset, path=paths["dataset"])
+    ds = msgspec.structs.replace(cfg.orchestrator.dataset, path=run.dataset)
     return msgspec.structs.replace(cfg, orchestrator=msgspec.structs.replace(cfg.orchestrator, dataset=ds))
 
 

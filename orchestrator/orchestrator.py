@@ -34,6 +34,7 @@ from orchestrator.roles import Roles, rollouts_of, scores_of
 from shared.config import Config, kl_in_advantage
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
+from shared.placement import RunPlan
 from shared.runtime import redirect_output
 from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode
 
@@ -59,21 +60,21 @@ class Orchestrator:
     """Ray actor body; ``run`` returns a summary dict.  The actor runs two threads so that the launcher's
     ``request_stop`` (on SIGTERM/SIGINT) reaches it while ``run`` is busy."""
 
-    def __init__(self, cfg_json: bytes, model_paths: dict[str, str]):
+    def __init__(self, cfg_json: bytes, plan_json: bytes):
         self.roles: Roles | None = None
-        self._begin(msgspec.json.decode(cfg_json, type=Config), model_paths)
+        self._begin(msgspec.json.decode(cfg_json, type=Config), plan_json)
         redirect_output(str(self.out / "logs" / "orchestrator.log"))
         # Adapters are served under versions unique across a session's runs (vLLM caches a LoRA by its id):
         # step N of the current run is version adapter_base + N.
         self.adapter_base = 0
         self.next_version = 1
 
-    def _begin(self, cfg: Config, model_paths: dict[str, str]) -> None:
+    def _begin(self, cfg: Config, plan_json: bytes) -> None:
         """The state of one run (a session's next run starts from here again, with the same roles)."""
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.paths = model_paths
-        self.roles = Roles(cfg, self.out, model_paths, self.roles)
+        self.plan = msgspec.json.decode(plan_json, type=RunPlan)  # launcher.preflight's, planned once
+        self.roles = Roles(cfg, self.out, self.plan, self.roles)
         self.role_seconds: dict[str, float] = {"inference": 0.0, "teacher": 0.0, "trainer": 0.0}
         self.score_failed = 0
         self._stop = threading.Event()
@@ -94,10 +95,10 @@ class Orchestrator:
         self.startup = self._start_roles()
         return self.startup
 
-    def run_in_session(self, cfg_json: bytes, model_paths: dict[str, str]) -> dict[str, Any]:
+    def run_in_session(self, cfg_json: bytes, plan_json: bytes) -> dict[str, Any]:
         """The session's next run: ``run`` with the roles already started (the caller checked that the
         config differs from the session's only in per-run keys)."""
-        self._begin(msgspec.json.decode(cfg_json, type=Config), model_paths)
+        self._begin(msgspec.json.decode(cfg_json, type=Config), plan_json)
         return self.run(fresh_roles=False)
 
     def _reset_roles(self) -> dict[str, float]:
@@ -142,7 +143,7 @@ class Orchestrator:
             cfg=cfg, render=lambda p, teacher: self.renderer.ids(p, teacher=teacher), generate=self._teacher_generate,
             sample=lambda ids, first, n, temperature: self._sample("teacher", ids, first, n, temperature),
             score=self._score, env_score=lambda p, text: self.scorer.score(p, text),
-            student_dir=self.paths["student"], teacher_dir=self.paths["teacher"])
+            student_dir=self.plan.student, teacher_dir=self.plan.teacher)
         self.workflow = workflows.make(ctx)
         self.continual = continual.make(cfg, self.out)
         self.source = self.continual.source(self.workflow.prompt_source(env), env)
@@ -333,7 +334,7 @@ class Orchestrator:
         cfg = self.cfg
         self.t_run = time.perf_counter()
         env = environments.make(cfg)
-        self.tok = AutoTokenizer.from_pretrained(self.paths["student"])
+        self.tok = AutoTokenizer.from_pretrained(self.plan.student)
         self.renderer = Renderer(self.tok, cfg.model.chat_template, cfg.orchestrator.teacher_model)
         self._setup(env)
         resume = checkpoint.require_latest(self.out) if cfg.resume else None

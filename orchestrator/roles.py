@@ -22,7 +22,7 @@ from orchestrator.failures import RoleFailure, get
 from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
-from shared.placement import ActorPlan, node_affinity, plan
+from shared.placement import RunPlan, node_affinity
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 ROLES = ("inference", "teacher", "trainer")
@@ -42,9 +42,9 @@ def free_port() -> int:
 class Roles:
     """Every actor of the run by role (``actors``); started by :meth:`start`, stopped by :meth:`kill`."""
 
-    def __init__(self, cfg: Config, out: Path, paths: dict[str, str], started: Roles | None = None):
+    def __init__(self, cfg: Config, out: Path, run: RunPlan, started: Roles | None = None):
         """``started``: a session's roles, already running, that this run's config now drives."""
-        self.cfg, self.out, self.paths = cfg, out, paths
+        self.cfg, self.out, self.run = cfg, out, run
         self.teacher = teacher_backend(cfg)
         self.actors: dict[str, list] = started.actors if started else {}
         self.weight_info: dict | None = started.weight_info if started else None
@@ -56,7 +56,7 @@ class Roles:
         from trainer.worker import TrainerRank
 
         cfg, out = self.cfg, self.out
-        actors = plan(cfg, self.paths.get("cuda_visible_devices"))
+        actors = self.run.actors
         port = free_port()
         # Trainer ranks meet through a file store, not a TCP store: torch's TCPStore listens on every
         # interface whatever address it is given. (Ranks on several nodes need a shared filesystem.)
@@ -72,9 +72,9 @@ class Roles:
             log = str(out / "logs" / f"{a.name}.log")
             options = dict(name=f"{out.name}-{a.name}-{port}", num_cpus=0, num_gpus=0, max_concurrency=1,
                            runtime_env={"env_vars": dict(a.env)},
-                           **node_affinity(a, self.paths))  # on the plan's node when the cluster has several
+                           **node_affinity(a, self.run.nodes))  # on the plan's node when the cluster has several
             if a.role == "teacher":
-                self.actors["teacher"].append(self.teacher.actor(cfg, self.paths, a, options, base, log))
+                self.actors["teacher"].append(self.teacher.actor(cfg, self.run, a, options, base, log))
             elif a.role == "inference":
                 inf = cfg.inference
                 spec = dict(base, dtype=cfg.model.dtype, tp=a.tp, lora_rank=cfg.model.lora.rank,
@@ -84,11 +84,11 @@ class Roles:
                             finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer)
                 options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib))
                 self.actors["inference"].append(
-                    ray.remote(InferenceEngine).options(**options).remote(self.paths["student"], spec, log))
+                    ray.remote(InferenceEngine).options(**options).remote(self.run.student, spec, log))
             else:
                 options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
                 self.actors["trainer"].append(ray.remote(TrainerRank).options(**options).remote(
-                    a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.paths["student"],
+                    a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.run.student,
                     {**self.trainer_spec(), **self.finetune_spec()}, str(out), log))
         # Start everything at once; report each role's start-up time.
         refs = {role: [x.setup.remote() if role == "trainer" else x.ready.remote() for x in self.actors[role]]

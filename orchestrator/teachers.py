@@ -16,7 +16,7 @@ import msgspec
 
 from orchestrator.failures import get
 from shared.config import Config
-from shared.placement import ActorPlan
+from shared.placement import ActorPlan, RunPlan
 
 
 class TeacherBackend:
@@ -25,10 +25,10 @@ class TeacherBackend:
     scores_for_metrics = True  # score the student's rollouts even when only teacher_kl uses them (cheap here)
 
     def preflight(self, cfg: Config, tokenizer: Any) -> dict[str, str]:
-        """Checks before Ray starts (one-line ConfigErrors); what the actor needs to know, by name."""
+        """Checks before Ray starts (one-line ConfigErrors); what the actor needs to know (``RunPlan`` fields)."""
         return {}
 
-    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
+    def actor(self, cfg: Config, run: RunPlan, a: ActorPlan, options: dict, base: dict, log: str) -> Any:
         raise NotImplementedError
 
     def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
@@ -38,7 +38,7 @@ class TeacherBackend:
 class EngineTeacher(TeacherBackend):
     """The in-cluster vLLM engine without LoRA (teacher/engine.py)."""
 
-    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
+    def actor(self, cfg: Config, run: RunPlan, a: ActorPlan, options: dict, base: dict, log: str) -> Any:
         import ray
 
         from shared.engines import engine_env
@@ -46,7 +46,7 @@ class EngineTeacher(TeacherBackend):
 
         spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp, gpu_memory_utilization=cfg.teacher.gpu_memory_utilization)
         options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib))
-        return ray.remote(TeacherEngine).options(**options).remote(paths["teacher"], spec, log)
+        return ray.remote(TeacherEngine).options(**options).remote(run.teacher, spec, log)
 
 
 class EndpointTeacher(TeacherBackend):
@@ -61,14 +61,14 @@ class EndpointTeacher(TeacherBackend):
 
         return probe(cfg, tokenizer)
 
-    def actor(self, cfg: Config, paths: dict[str, str], a: ActorPlan, options: dict, base: dict, log: str) -> Any:
+    def actor(self, cfg: Config, run: RunPlan, a: ActorPlan, options: dict, base: dict, log: str) -> Any:
         import ray
 
         from teacher.endpoint import EndpointTeacher as Actor
 
         options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
         return ray.remote(Actor).options(**options).remote(
-            msgspec.json.encode(cfg), paths["endpoint_model"], paths["endpoint_prompts"], paths["teacher"], log)
+            msgspec.json.encode(cfg), run.endpoint_model, run.endpoint_prompts, run.teacher, log)
 
     def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
         return {**get("teacher", actors[0].stats.remote()), "teacher/score_failed": float(score_failed)}

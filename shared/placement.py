@@ -125,9 +125,18 @@ def node_order(nodes: list[dict[str, Any]], here: str) -> list[dict[str, Any]]:
     return sorted((n for n in nodes if n.get("Alive")), key=key)
 
 
-# paths[NODES_KEY]: the Ray node ids of the run's nodes 0, 1, ... (comma-separated), set when the cluster has
-# several; every actor's .options() then carry node_affinity(plan, paths).
-NODES_KEY = "ray_nodes"
+class RunPlan(Struct, kw_only=True):
+    """Everything a run's roles are started from, resolved once before Ray starts (``launcher.preflight``) and
+    passed on as it is: the model directories, each actor's placement (:func:`plan`, computed once here) and,
+    after joining a cluster of several nodes, the Ray node id of each of the run's nodes."""
+
+    student: str  # the student's model directory
+    teacher: str  # the teacher's (its tokenizer, for an endpoint teacher)
+    actors: list[ActorPlan]
+    nodes: list[str] = []  # Ray node ids of nodes 0, 1, ...; empty on one node (no affinity needed)
+    endpoint_model: str = ""  # an endpoint teacher: the served model's name
+    endpoint_prompts: str = ""  # an endpoint teacher: how prompts are sent (ids or text)
+    dataset: str = ""  # the dataset file of the rows kept after preflight's length check; empty = as configured
 
 
 def node_list(nodes: list[dict[str, Any]]) -> str:
@@ -146,15 +155,15 @@ def node_ids(actors: list[ActorPlan], nodes: list[dict[str, Any]]) -> list[str]:
     return [n["NodeID"] for n in nodes]
 
 
-def node_affinity(a: ActorPlan, paths: dict[str, str]) -> dict[str, Any]:
-    """``.options()`` that keep actor ``a`` on its plan's node (hard affinity: a lost node fails the actor rather
-    than moving it to a node where its GPU ids mean other GPUs); none on a single node, where nothing changes."""
-    ids = paths.get(NODES_KEY)
-    if not ids:
+def node_affinity(a: ActorPlan, nodes: list[str]) -> dict[str, Any]:
+    """``.options()`` that keep actor ``a`` on its plan's node (``nodes``: ``RunPlan.nodes``; hard affinity: a lost
+    node fails the actor rather than moving it to a node where its GPU ids mean other GPUs); none on a single
+    node, where nothing changes."""
+    if not nodes:
         return {}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=ids.split(",")[a.node], soft=False)}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=nodes[a.node], soft=False)}
 
 
 def describe(actors: list[ActorPlan]) -> str:

@@ -139,11 +139,13 @@ def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, **fake):
 
     import orchestrator.orchestrator as om
     from shared.config import load
+    from shared.placement import RunPlan, plan
 
     cfg = load(["--output_dir", str(tmp_path / "run"), "--wandb.mode", "disabled", "--orchestrator.batch_size", "4",
                 "--orchestrator.group_size", "2", "--orchestrator.eval.interval", "0", *args])
     monkeypatch.setattr(om, "redirect_output", lambda path: None)
-    orch = om.Orchestrator(msgspec.json.encode(cfg), {"student": str(tiny_pair[1]), "teacher": str(tiny_pair[0])})
+    orch = om.Orchestrator(msgspec.json.encode(cfg), msgspec.json.encode(
+        RunPlan(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), actors=plan(cfg))))
     classes = _fake_roles(tmp_path / "run", **fake)
 
     def start_roles():

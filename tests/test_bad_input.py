@@ -374,10 +374,12 @@ def test_orchestrator_run_stops_after_max_bad_steps(tiny_pair, tmp_path, monkeyp
     import orchestrator.orchestrator as orchestrator_module
     from orchestrator.orchestrator import Orchestrator
     from shared.metrics import TrainingStopped, read_metrics
+    from shared.placement import RunPlan, plan
 
     cfg = _cfg(tiny_pair, tmp_path, "--trainer.max_bad_steps", "2", "--wandb.mode", "disabled", "--max_steps", "10")
     monkeypatch.setattr(orchestrator_module, "redirect_output", lambda path: None)  # keep pytest's own output
-    orch = Orchestrator(msgspec.json.encode(cfg), {"student": str(tiny_pair[1]), "teacher": str(tiny_pair[0])})
+    orch = Orchestrator(msgspec.json.encode(cfg), msgspec.json.encode(
+        RunPlan(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), actors=plan(cfg))))
     good = tmp_path / "out" / "broadcast" / "step_1"
     good.mkdir(parents=True)
     (good / "adapter_model.safetensors").write_bytes(b"weights")

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.launcher import LOOPBACK_ENV, loopback_env_defaults, place_on_nodes, ray_init_kwargs
 from shared.config import ConfigError, load
-from shared.placement import NODES_KEY, node_affinity, plan
+from shared.placement import RunPlan, node_affinity, plan
 
 # Every Ray process on 127.0.0.1; no CPUs to offer, so Ray prestarts no idle workers (the probes ask for none).
 NODE = dict(node_ip_address="127.0.0.1", num_cpus=0, include_dashboard=False, dashboard_host="127.0.0.1")
@@ -63,13 +63,13 @@ def test_each_actor_runs_on_the_node_its_plan_names(cluster):
     actors = plan(cfg)
     assert [(a.name, a.node) for a in actors] == [("orchestrator-0", 0), ("inference-0", 1), ("teacher-0", 0),
                                                   ("trainer-0", 1)]
-    paths, pin = place_on_nodes(cfg, {"student": "s"})
-    ids = paths[NODES_KEY].split(",")
+    run, pin = place_on_nodes(cfg, RunPlan(student="s", teacher="t", actors=actors))
+    ids = run.nodes
     assert ids[0] == ray.get_runtime_context().get_node_id()  # node 0: the node rl (this driver) runs on
-    assert sorted(ids) == sorted(n.node_id for n in cluster.list_all_nodes()) and paths["student"] == "s"
+    assert sorted(ids) == sorted(n.node_id for n in cluster.list_all_nodes()) and run.student == "s"
 
     # As the launcher creates the orchestrator (pin) and the orchestrator every role (node_affinity).
-    options = [pin] + [node_affinity(a, paths) for a in actors[1:]]
+    options = [pin] + [node_affinity(a, run.nodes) for a in actors[1:]]
     probes = [ray.remote(Probe).options(num_cpus=0, runtime_env={"env_vars": a.env}, **o).remote()
               for a, o in zip(actors, options)]
     seen = ray.get([p.where.remote() for p in probes], timeout=60)
@@ -83,15 +83,16 @@ def test_a_node_the_cluster_lacks_is_one_line_before_any_actor(cluster):
     cfg = load(["--inference_gpu_ids", "0", "--teacher_gpu_ids", "2:0", "--ray_address", cluster.address])
     with pytest.raises(ConfigError, match=r"^teacher\.gpu_ids: teacher-0 is on node 2, but the Ray cluster has 2 alive "
                                           r"node\(s\): 0 = .*, 1 = .* \(0 = the node rl runs on\)$") as e:
-        place_on_nodes(cfg, {})
+        place_on_nodes(cfg, RunPlan(student="s", teacher="t", actors=plan(cfg)))
     assert "\n" not in str(e.value)
 
 
 def test_one_node_changes_nothing():
     """A private Ray (no ray_address): Ray is not even asked, no node map, no scheduling strategy."""
     cfg = load(["--inference_gpu_ids", "0"])
-    assert place_on_nodes(cfg, {"student": "s"}) == ({"student": "s"}, {})
-    assert all(node_affinity(a, {"student": "s"}) == {} for a in plan(cfg))
+    run = RunPlan(student="s", teacher="t", actors=plan(cfg))
+    assert place_on_nodes(cfg, run) == (run, {})
+    assert all(node_affinity(a, run.nodes) == {} for a in run.actors)
 
 
 def test_loopback_defaults_correct_a_ray_imported_before_them(monkeypatch):
