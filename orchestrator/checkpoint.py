@@ -153,7 +153,7 @@ def check_compatible(saved: dict[str, Any], cfg: Config) -> None:
 # The attributes that make up a resumable object's state, by class name (the first match along its MRO);
 # everything else is rebuilt from the config.  Nested objects, random.Random, sets and deques are handled.
 STATE_ATTRS: dict[str, tuple[str, ...]] = {
-    "Environment": ("position", "rng"),  # every environment: prompts handed out, and the generator's RNG
+    "Environment": ("position", "rng", "data_digest"),  # prompts handed out, the generator's RNG, the data file
     "ReplayMix": ("position", "turn", "main", "cores"),
     "TeacherQuestions": ("buffer", "seen", "requests", "empty_replies", "position"),
     "CoreSuite": ("start", "last_pass_step", "regressions"),

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+from array import array
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from orchestrator.data import DatasetView
 from shared.config import Config, ConfigError, gpu_slots
-from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
+from shared.fsutil import MB, WriteError, atomic_write_chunks, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
 from shared.placement import NODES_KEY, ActorPlan, node_affinity, node_ids, node_list, node_order, plan
 from shared.redact import redacted_toml
@@ -132,7 +134,7 @@ def _check_free_space(cfg: Config, out: Path, per_step: int, what: str = "adapte
               "when the disk is full", file=sys.stderr)
 
 
-def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Path) -> list | None:
+def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Path) -> DatasetView | None:
     """Render prompts as the orchestrator will (student and, with a context, teacher view) and check
     that the longest fits ``model.max_model_len`` with ``inference.max_tokens`` of completion.
 
@@ -161,20 +163,18 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
 
     ds = cfg.orchestrator.dataset
     dataset = getattr(env, "dataset", None)
-    kept, skipped = [], 0
+    kept, skipped = array("I"), 0  # indices of the rows that fit: 4 bytes a row, the rows stay in the file
     if dataset is not None:
-        lines = _row_lines(ds.path, len(dataset))
-        for i, prompt in enumerate(dataset):
+        for i, prompt in enumerate(dataset):  # one read of the file, row by row
             n, view = length(prompt)
             if n <= budget:
-                kept.append(prompt)
+                kept.append(i)
             elif ds.on_bad_row == "skip":
                 skipped += 1
             else:
-                where = f"{ds.path}:{lines[i]}" if lines else f"{ds.path} (row {i + 1})"
                 raise ConfigError(
-                    f"{where}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, shorten the prompt, "
-                    "or set orchestrator.dataset.on_bad_row = \"skip\""
+                    f"{ds.path}:{dataset.lines[i]}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, "
+                    "shorten the prompt, or set orchestrator.dataset.on_bad_row = \"skip\""
                 )
         if not kept:
             raise ConfigError(f"{ds.path}: every prompt is longer than model.max_model_len = {mml} minus "
@@ -194,25 +194,15 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
     print(f"warning: {ds.path}: skipped {skipped} of {len(dataset)} prompts longer than model.max_model_len = {mml} "
           f"minus inference.max_tokens = {mt} allows, and {env.bad_rows} malformed rows "
           "(orchestrator.dataset.on_bad_row = \"skip\")", file=sys.stderr)
-    return kept
+    return DatasetView(dataset, kept)
 
 
-def _row_lines(path: str, rows: int) -> list[int] | None:
-    """Line numbers of a dataset's rows (every non-blank line is a row when none was skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except (OSError, ValueError):
-        return None
-    numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
-    return numbers if len(numbers) == rows else None
-
-
-def _write_kept_rows(out: Path, kept: list) -> Path:
-    """The rows that fit, as a dataset file the orchestrator reads instead of the original."""
+def _write_kept_rows(out: Path, kept: DatasetView) -> Path:
+    """The rows that fit, copied line by line from the dataset file, as the file the orchestrator reads
+    instead of the original (streamed: never the whole file in memory)."""
     path = out / "dataset.kept.jsonl"
-    rows = ({"prompt": p.text, **({"answer": p.answer} if p.answer is not None else {})} for p in kept)
     try:
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_chunks(path, (kept.base.raw(i) for i in kept.index))
     except WriteError as e:
         raise ConfigError(f"output_dir: {e}") from None
     return path
