@@ -35,6 +35,9 @@ def preflight(cfg: Config) -> dict[str, str]:
 
     out = _check_output_dir(cfg)
     _check_resume(cfg)
+    from orchestrator import ckpt_sign
+
+    ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
     _check_gpus(cfg)
     env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
     student = models.resolve(cfg.model.name, "model.name")
@@ -82,7 +85,7 @@ def _check_resume(cfg: Config) -> None:
         return
     from orchestrator import checkpoint
 
-    step, directory = checkpoint.require_latest(cfg.output_dir)
+    step, directory = checkpoint.require_latest(cfg.output_dir, cfg.ckpt.trust_unsigned)  # verified before it is read
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -561,6 +561,8 @@ class CkptConfig(_Section):
     on_failure: _doc(Literal["stop", "restart"], "a role that fails mid-run: stop the run (exit 1), or restart every "
                                                  "role from the latest checkpoint (up to max_restarts times)") = "stop"
     max_restarts: _doc(int, "with on_failure = \"restart\": restarts per launch before the run stops", ge=0) = 2
+    trust_unsigned: _doc(bool, "--resume from a checkpoint whose signed manifest is missing or does not verify "
+                               "(another machine's key, changed files); only for one you trust") = False
 
 
 class WandbConfig(_Section):
