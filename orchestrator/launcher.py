@@ -29,33 +29,42 @@ DISK_MARGIN = 100 * MB  # metrics, logs, plots, report, W&B
 def preflight(cfg: Config) -> dict[str, str]:
     """Validate what the config points at, before Ray or any engine starts; every problem is a
     one-line ConfigError.  Returns the resolved model directories (and, when dataset rows were skipped
-    for length, ``dataset``: the file of the rows kept)."""
+    for length, ``dataset``: the file of the rows kept).
+
+    With ``cfg.dry_run`` (``rl --dry_run``) the same checks run, except those that write, cost much or
+    need another machine (:data:`DRY_RUN_SKIPS`): nothing is created, built or contacted."""
     from orchestrator import environments
     from shared import models
 
+    dry = cfg.dry_run
     out = _check_output_dir(cfg)
     _check_resume(cfg)
-    from orchestrator import ckpt_sign
+    if not dry:
+        from orchestrator import ckpt_sign
 
-    ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
-    _check_gpus(cfg)
+        ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
+        _check_gpus(cfg)
     env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    _check_nodes(cfg, plan(cfg, visible))  # an id beyond what rl sees is a one-line error now, not in an actor later
+    if dry and not (models.is_built(cfg.model.name) and models.is_built(cfg.teacher.name)):
+        print(f"dry run: model, tokenizer, prompt-length and disk checks skipped: {cfg.model.name} or "
+              f"{cfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
+        return {}
     student = models.resolve(cfg.model.name, "model.name")
     teacher = models.resolve(cfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
     paths = {"student": str(student), "teacher": str(teacher)}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:  # the actors get the entries of rl's own list (shared/placement.py)
         paths["cuda_visible_devices"] = visible
-    _check_nodes(cfg, plan(cfg, visible))  # an id beyond what rl sees is a one-line error now, not in an actor later
-    if cfg.teacher.endpoint:  # an external teacher: reachable, model served, tokenizer and log-probs as the run needs
+    if cfg.teacher.endpoint and not dry:  # an external teacher: reachable, model served, tokenizer and log-probs
         from teacher.endpoint import probe
 
         paths.update(probe(cfg, t_tok))
     kept = check_prompt_lengths(cfg, env, s_tok, student)
-    if kept is not None:
+    if kept is not None and not dry:
         paths["dataset"] = str(_write_kept_rows(out, kept))
     if cfg.trainer.finetune == "full":  # each step writes a whole model; the newest two are kept (all with a gate)
         cont = cfg.orchestrator.continual
@@ -66,10 +75,29 @@ def preflight(cfg: Config) -> dict[str, str]:
     return paths
 
 
+# What `rl --dry_run` leaves out of :func:`preflight`, and why.
+DRY_RUN_SKIPS = {
+    "output_dir write test": "a dry run creates nothing; it checks the nearest existing folder is a writable directory",
+    "checkpoint key creation": "a dry run creates nothing (a --resume dry run still verifies the checkpoint)",
+    "GPU count": "placements are drafted on another machine than the one that runs them (README, --dry_run)",
+    "teacher.endpoint probe": "it sends requests to another machine, perhaps a paid API",
+    "models built on first use": "building the tiny pair (~2.5 min) or converting SmolLM2 (~1 min) is a run's work; "
+                                 "once built (or given as paths) they are checked",
+    "dataset.kept.jsonl": "the rows that fit are counted, not written",
+}
+
+
 def _check_output_dir(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if cfg.dry_run:  # nothing is created: the nearest existing ancestor must be a directory we may write in
+        near = out.absolute()
+        while not near.exists() and near != near.parent:
+            near = near.parent
+        if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: {out} is not writable ({near} is not a writable directory)")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / ".write_test", "ok")
