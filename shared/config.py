@@ -576,7 +576,7 @@ class Config(_Section):
     max_steps: _doc(int, "optimizer steps to run", ge=1) = 20
     seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0, le=2**31 - 1) = 0
     output_dir: _doc(str, "where metrics, adapters, logs and the report go") = "outputs/run"
-    dry_run: _doc(bool, "check the input as a run would, print the resolved config and placement plan, start nothing") = False
+    dry_run: _doc(bool, "check the input as a run would, print the resolved config and plan; start nothing") = False
     resume: _doc(bool, "continue from the latest complete checkpoint in output_dir/checkpoints") = False
     ray_address: _doc(str, "a running Ray cluster to join (host:port of its head, as `ray start --head` printed, "
                           "or auto); empty = a private Ray on this machine (slurm/multi_node.sbatch sets it)") = ""
