@@ -8,6 +8,11 @@ sampled ahead, the evaluation history, counters); then a ``COMPLETE`` marker, an
 renamed into place.  A crash at any point leaves either no ``step_N`` or a complete one;
 :func:`latest` only ever returns complete ones, and leftover ``.tmp`` directories are removed.
 
+Committing also signs the checkpoint (``MANIFEST.json``: every file's SHA-256 under an HMAC key kept outside
+the output directory, ``ckpt_sign.py``), and ``--resume`` verifies it before it reads anything in it
+(:func:`require_latest`): a changed, unsigned or foreign checkpoint is refused in one line unless
+``ckpt.trust_unsigned`` is set.
+
 ``--resume`` takes the newest complete checkpoint, cuts ``metrics.jsonl`` back to the rows of the steps
 it covers (:func:`truncate_metrics`: rows of later steps, written before a crash, would otherwise
 appear twice) and continues with the next step.
@@ -25,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from orchestrator import ckpt_sign
 from shared.config import Config, ConfigError
 from shared.fsutil import _fsync_dir, atomic_write_bytes, atomic_write_text
 from shared.metrics import read_metrics
@@ -67,11 +73,13 @@ def latest(out: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def require_latest(out: str | Path) -> tuple[int, Path]:
-    """:func:`latest`, or a one-line ConfigError naming the directory searched."""
+def require_latest(out: str | Path, trust_unsigned: bool = False) -> tuple[int, Path]:
+    """:func:`latest`, verified against its signed manifest (:func:`ckpt_sign.verify`; skipped with
+    ``trust_unsigned``), or a one-line ConfigError naming the directory searched or what failed."""
     found = latest(out)
     if found is None:
         raise ConfigError(f"resume: no complete checkpoint in {root(out)} (set ckpt.interval to write them)")
+    ckpt_sign.verify(found[1], trust_unsigned)
     return found
 
 
@@ -84,8 +92,10 @@ def begin(out: str | Path, step: int) -> Path:
 
 
 def commit(out: str | Path, step: int, tmp: Path, keep: int) -> Path:
-    """Mark ``tmp`` complete and rename it to ``checkpoints/step_N``; then keep the newest ``keep``."""
+    """Mark ``tmp`` complete, sign it (``MANIFEST.json``, over every file including ``COMPLETE``) and rename it
+    to ``checkpoints/step_N``; then keep the newest ``keep``."""
     atomic_write_text(tmp / COMPLETE, f"{step}\n")
+    ckpt_sign.sign(tmp, step)
     _fsync_dir(tmp)
     final = root(out) / f"step_{step}"
     if final.exists():  # a step rewritten after a resume: swap, so a complete step_N exists throughout
@@ -153,7 +163,7 @@ def check_compatible(saved: dict[str, Any], cfg: Config) -> None:
 # The attributes that make up a resumable object's state, by class name (the first match along its MRO);
 # everything else is rebuilt from the config.  Nested objects, random.Random, sets and deques are handled.
 STATE_ATTRS: dict[str, tuple[str, ...]] = {
-    "Environment": ("position", "rng"),  # every environment: prompts handed out, and the generator's RNG
+    "Environment": ("position", "rng", "data_digest"),  # prompts handed out, the generator's RNG, the data file
     "ReplayMix": ("position", "turn", "main", "cores"),
     "TeacherQuestions": ("buffer", "seen", "requests", "empty_replies", "position"),
     "CoreSuite": ("start", "last_pass_step", "regressions"),

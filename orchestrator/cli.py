@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("  --dry_run prints every key with its resolved value and the placement plan.")
+        print("  --dry_run checks the input as a run would (nothing started, written or downloaded) and prints every\n"
+              "  key with its resolved value and the placement plan.")
         return 0
     if argv and argv[0] == "export":
         return _export(argv[1:])
@@ -52,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.dry_run:
             import os
 
+            from orchestrator.launcher import preflight
             from shared.placement import describe, plan
 
+            run = preflight(cfg)  # every check of a real run that starts, writes and contacts nothing (DRY_RUN_SKIPS)
             print(redact_toml(to_toml(cfg)))
-            print(describe(plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES"))))
+            print(describe(run.actors))
             return 0
         from orchestrator.api import run
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+from array import array
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from orchestrator.data import DatasetView
 from shared.config import Config, ConfigError, gpu_slots, to_toml
-from shared.fsutil import MB, WriteError, atomic_write_text, free_bytes
+from shared.fsutil import MB, WriteError, atomic_write_chunks, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
 from shared.placement import ActorPlan, RunPlan, node_affinity, node_ids, node_list, node_order, plan
 from shared.redact import redact_toml
@@ -27,28 +29,41 @@ DISK_MARGIN = 100 * MB  # metrics, logs, plots, report, W&B
 def preflight(cfg: Config) -> RunPlan:
     """Validate what the config points at, before Ray or any engine starts; every problem is a
     one-line ConfigError.  Returns the run's plan: the resolved model directories, every actor's placement
-    (planned here, once), and, when dataset rows were skipped for length, the file of the rows kept."""
+    (planned here, once), and, when dataset rows were skipped for length, the file of the rows kept.
+
+    With ``cfg.dry_run`` (``rl --dry_run``) the same checks run, except those that write, cost much or
+    need another machine (:data:`DRY_RUN_SKIPS`): nothing is created, built or contacted."""
     from orchestrator import environments
+    from orchestrator.teachers import teacher_backend
     from shared import models
 
+    dry = cfg.dry_run
     out = _check_output_dir(cfg)
     _check_resume(cfg)
-    _check_gpus(cfg)
+    if not dry:
+        from orchestrator import ckpt_sign
+
+        ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
+        _check_gpus(cfg)
     env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
+    # the actors get the entries of rl's own CUDA_VISIBLE_DEVICES (shared/placement.py); an id beyond what rl
+    # sees is a one-line error now, not in an actor later
+    actors = plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    _check_nodes(cfg, actors)
+    if dry and not (models.is_built(cfg.model.name) and models.is_built(cfg.teacher.name)):
+        print(f"dry run: model, tokenizer, prompt-length and disk checks skipped: {cfg.model.name} or "
+              f"{cfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
+        return RunPlan(student=cfg.model.name, teacher=cfg.teacher.name, actors=actors)
     student = models.resolve(cfg.model.name, "model.name")
     teacher = models.resolve(cfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
-    # the actors get the entries of rl's own CUDA_VISIBLE_DEVICES (shared/placement.py); an id beyond what rl
-    # sees is a one-line error now, not in an actor later
-    run = RunPlan(student=str(student), teacher=str(teacher), actors=plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES")))
-    _check_nodes(cfg, run.actors)
-    from orchestrator.teachers import teacher_backend
-
-    run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))  # an endpoint: reachable, serves what it needs
+    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors)
+    if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)
+        run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))
     kept = check_prompt_lengths(cfg, env, s_tok, student)
-    if kept is not None:
+    if kept is not None and not dry:
         run.dataset = str(_write_kept_rows(out, kept))
     if cfg.trainer.finetune == "full":  # each step writes a whole model; the newest two are kept (all with a gate)
         cont = cfg.orchestrator.continual
@@ -59,10 +74,29 @@ def preflight(cfg: Config) -> RunPlan:
     return run
 
 
+# What `rl --dry_run` leaves out of :func:`preflight`, and why.
+DRY_RUN_SKIPS = {
+    "output_dir write test": "a dry run creates nothing; it checks the nearest existing folder is a writable directory",
+    "checkpoint key creation": "a dry run creates nothing (a --resume dry run still verifies the checkpoint)",
+    "GPU count": "placements are drafted on another machine than the one that runs them (README, --dry_run)",
+    "teacher.endpoint probe": "it sends requests to another machine, perhaps a paid API",
+    "models built on first use": "building the tiny pair (~2.5 min) or converting SmolLM2 (~1 min) is a run's work; "
+                                 "once built (or given as paths) they are checked",
+    "dataset.kept.jsonl": "the rows that fit are counted, not written",
+}
+
+
 def _check_output_dir(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if cfg.dry_run:  # nothing is created: the nearest existing ancestor must be a directory we may write in
+        near = out.absolute()
+        while not near.exists() and near != near.parent:
+            near = near.parent
+        if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: {out} is not writable ({near} is not a writable directory)")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / ".write_test", "ok")
@@ -78,7 +112,7 @@ def _check_resume(cfg: Config) -> None:
         return
     from orchestrator import checkpoint
 
-    step, directory = checkpoint.require_latest(cfg.output_dir)
+    step, directory = checkpoint.require_latest(cfg.output_dir, cfg.ckpt.trust_unsigned)  # verified before it is read
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -130,7 +164,7 @@ def _check_free_space(cfg: Config, out: Path, per_step: int, what: str = "adapte
               "when the disk is full", file=sys.stderr)
 
 
-def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Path) -> list | None:
+def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Path) -> DatasetView | None:
     """Render prompts as the orchestrator will (student and, with a context, teacher view) and check
     that the longest fits ``model.max_model_len`` with ``inference.max_tokens`` of completion.
 
@@ -159,20 +193,18 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
 
     ds = cfg.orchestrator.dataset
     dataset = getattr(env, "dataset", None)
-    kept, skipped = [], 0
+    kept, skipped = array("I"), 0  # indices of the rows that fit: 4 bytes a row, the rows stay in the file
     if dataset is not None:
-        lines = _row_lines(ds.path, len(dataset))
-        for i, prompt in enumerate(dataset):
+        for i, prompt in enumerate(dataset):  # one read of the file, row by row
             n, view = length(prompt)
             if n <= budget:
-                kept.append(prompt)
+                kept.append(i)
             elif ds.on_bad_row == "skip":
                 skipped += 1
             else:
-                where = f"{ds.path}:{lines[i]}" if lines else f"{ds.path} (row {i + 1})"
                 raise ConfigError(
-                    f"{where}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, shorten the prompt, "
-                    "or set orchestrator.dataset.on_bad_row = \"skip\""
+                    f"{ds.path}:{dataset.lines[i]}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, "
+                    "shorten the prompt, or set orchestrator.dataset.on_bad_row = \"skip\""
                 )
         if not kept:
             raise ConfigError(f"{ds.path}: every prompt is longer than model.max_model_len = {mml} minus "
@@ -192,25 +224,15 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
     print(f"warning: {ds.path}: skipped {skipped} of {len(dataset)} prompts longer than model.max_model_len = {mml} "
           f"minus inference.max_tokens = {mt} allows, and {env.bad_rows} malformed rows "
           "(orchestrator.dataset.on_bad_row = \"skip\")", file=sys.stderr)
-    return kept
+    return DatasetView(dataset, kept)
 
 
-def _row_lines(path: str, rows: int) -> list[int] | None:
-    """Line numbers of a dataset's rows (every non-blank line is a row when none was skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except (OSError, ValueError):
-        return None
-    numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
-    return numbers if len(numbers) == rows else None
-
-
-def _write_kept_rows(out: Path, kept: list) -> Path:
-    """The rows that fit, as a dataset file the orchestrator reads instead of the original."""
+def _write_kept_rows(out: Path, kept: DatasetView) -> Path:
+    """The rows that fit, copied line by line from the dataset file, as the file the orchestrator reads
+    instead of the original (streamed: never the whole file in memory)."""
     path = out / "dataset.kept.jsonl"
-    rows = ({"prompt": p.text, **({"answer": p.answer} if p.answer is not None else {})} for p in kept)
     try:
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_chunks(path, (kept.base.raw(i) for i in kept.index))
     except WriteError as e:
         raise ConfigError(f"output_dir: {e}") from None
     return path

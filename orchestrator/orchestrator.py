@@ -337,7 +337,7 @@ class Orchestrator:
         self.tok = AutoTokenizer.from_pretrained(self.plan.student)
         self.renderer = Renderer(self.tok, cfg.model.chat_template, cfg.orchestrator.teacher_model)
         self._setup(env)
-        resume = checkpoint.require_latest(self.out) if cfg.resume else None
+        resume = checkpoint.require_latest(self.out, cfg.ckpt.trust_unsigned) if cfg.resume else None
         if resume is not None:  # rows of steps after the checkpoint were written by the run that died
             checkpoint.truncate_metrics(self.out / "metrics.jsonl", resume[0])
         checkpoint.remove_partial(self.out)

@@ -558,6 +558,8 @@ class CkptConfig(_Section):
     on_failure: _doc(Literal["stop", "restart"], "a role that fails mid-run: stop the run (exit 1), or restart every "
                                                  "role from the latest checkpoint (up to max_restarts times)") = "stop"
     max_restarts: _doc(int, "with on_failure = \"restart\": restarts per launch before the run stops", ge=0) = 2
+    trust_unsigned: _doc(bool, "--resume from a checkpoint whose signed manifest is missing or does not verify "
+                               "(another machine's key, changed files); only for one you trust") = False
 
 
 class WandbConfig(_Section):
@@ -571,7 +573,7 @@ class Config(_Section):
     max_steps: _doc(int, "optimizer steps to run", ge=1) = 20
     seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0, le=2**31 - 1) = 0
     output_dir: _doc(str, "where metrics, adapters, logs and the report go") = "outputs/run"
-    dry_run: _doc(bool, "print the resolved config and placement plan, start nothing") = False
+    dry_run: _doc(bool, "check the input as a run would, print the resolved config and plan; start nothing") = False
     resume: _doc(bool, "continue from the latest complete checkpoint in output_dir/checkpoints") = False
     ray_address: _doc(str, "a running Ray cluster to join (host:port of its head, as `ray start --head` printed, "
                           "or auto); empty = a private Ray on this machine (slurm/multi_node.sbatch sets it)") = ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 MB = 1_000_000
@@ -37,14 +37,21 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write_chunks(path, (data,))
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> Path:
+    """:func:`atomic_write_bytes` of the concatenated ``chunks``, written as they come (a large file
+    never needs to be in memory at once)."""
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

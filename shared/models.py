@@ -54,6 +54,20 @@ def resolve(name: str, key: str) -> Path:
     return path
 
 
+def is_built(name: str) -> bool:
+    """Whether :func:`resolve` of ``name`` is cheap: a path (checked by ``resolve``), or an alias already
+    built or converted in the cache (``resolve`` would otherwise build it, minutes of work)."""
+    if name in TINY_ALIASES:
+        from shared.builders import tiny_pair
+
+        return tiny_pair.is_built(tiny_pair.default_root() / tiny_pair.pair_dir_names()[TINY_ALIASES[name]])
+    if name.startswith("smollm2-"):
+        from shared.builders import smollm2
+
+        return smollm2.is_cached(name)
+    return True
+
+
 def load_tokenizer(model_dir: Path, key: str) -> Any:
     """The directory's tokenizer; a failure to load it is a ConfigError naming ``key``."""
     from transformers import AutoTokenizer

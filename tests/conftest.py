@@ -7,6 +7,8 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+# Checkpoints the tests write are signed with a key of the tests' own, never the user's (orchestrator/ckpt_sign.py).
+os.environ.setdefault("OPD_CHECKPOINT_KEY", str(Path("/tmp") / f"opd-tests-{os.getuid()}" / "checkpoint.key"))
 ROOT = Path(__file__).resolve().parents[1]
 RL = str(Path(sys.executable).parent / "rl")
 

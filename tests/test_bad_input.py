@@ -102,6 +102,10 @@ CASES = [
     ("output-dir-below-a-file", ["--output_dir", "{file}/run"], ["output_dir:", "{file}/run", "not writable"]),
     # data and config (the same one-line errors through the real command)
     ("dataset-bad-row", ["--orchestrator.dataset.path", "{bad_rows}"], ["{bad_rows}:2:", "not valid JSON"]),
+    ("dataset-file-missing", ["--orchestrator.dataset.path", "{nope}.jsonl"],
+     ["orchestrator.dataset.path: {nope}.jsonl: file not found"]),
+    ("unknown-environment", ["--orchestrator.environment", "nope"],
+     ["orchestrator.environment: unknown environment 'nope' (known: reverse_text,"]),
     ("unknown-key", ["--trainer.nope", "1"], ["trainer.nope", "unknown option"]),
     ("wrong-type", ["--trainer.lr", "abc"], ['trainer.lr: expected float, got "abc"']),
     ("out-of-range", ["--trainer.max_bad_steps", "-1"], ["trainer.max_bad_steps: expected int >= 0, got -1"]),
@@ -136,10 +140,20 @@ IN_PROCESS = {"chat-template-on-without-one", "context-mode-system-without-templ
               "max-model-len-below-longest-prompt", "dataset-prompt-too-long"}
 
 
-@pytest.mark.parametrize(("name", "argv", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_user_mistake_is_status_2_and_one_line(fakes, tmp_path, capfd, name, argv, expected):
+# `rl --dry_run` refuses the same mistakes with the same line (orchestrator/launcher.py DRY_RUN_SKIPS lists what
+# it leaves out); these cases cover each kind of its checks once (the config-only cases fail in `load`, as before).
+DRY_RUN_CASES = ["unknown-environment", "dataset-file-missing", "dataset-bad-row", "output-dir-is-a-file",
+                 "output-dir-below-a-file", "model-path-missing", "teacher-vocab-differs", "dataset-prompt-too-long"]
+
+
+RUN_AND_DRY_CASES = [pytest.param(*c, False, id=c[0]) for c in CASES] + \
+    [pytest.param(*c, True, id=f"{c[0]}-dry-run") for c in CASES if c[0] in DRY_RUN_CASES]
+
+
+@pytest.mark.parametrize(("name", "argv", "expected", "dry_run"), RUN_AND_DRY_CASES)
+def test_user_mistake_is_status_2_and_one_line(fakes, tmp_path, capfd, name, argv, expected, dry_run):
     args = ["@", EXPERIMENT, "--model.name", fakes["student"], "--teacher.name", fakes["teacher"],
-            "--output_dir", str(tmp_path / "out"), *[_fill(a, fakes) for a in argv]]
+            "--output_dir", str(tmp_path / "out"), *[_fill(a, fakes) for a in argv], *(["--dry_run"] if dry_run else [])]
     if name in IN_PROCESS:
         from orchestrator.cli import main
 
@@ -153,6 +167,7 @@ def test_user_mistake_is_status_2_and_one_line(fakes, tmp_path, capfd, name, arg
     for text in expected:
         assert _fill(text, fakes) in lines[0], f"{_fill(text, fakes)!r} not in {lines[0]!r}"
     assert not (tmp_path / "out" / "config.toml").exists()  # nothing was started
+    assert not (dry_run and (tmp_path / "out").exists())  # a dry run creates nothing
 
 
 # ----------------------------------------------------------------------------------------------

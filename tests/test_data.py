@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,7 +33,7 @@ def test_good_file(tmp_path):
     path = _write(tmp_path, "\n".join(rows) + "\n")
     prompts, bad = load_jsonl(path)
     assert bad == 0
-    assert prompts == [
+    assert list(prompts) == [
         Prompt(text="abc", answer="cba"),
         Prompt(text="hello", answer=None),
         Prompt(text="x", answer=None),
@@ -80,7 +83,7 @@ def test_bad_row_skip_counts_and_keeps_good(tmp_path, bad_row, problem):
     path = _write(tmp_path, "\n".join([GOOD, bad_row, "", GOOD, bad_row]) + "\n")
     prompts, bad = load_jsonl(path, on_bad_row="skip")
     assert bad == 2
-    assert prompts == [Prompt(text="ok", answer="ko")] * 2
+    assert list(prompts) == [Prompt(text="ok", answer="ko")] * 2
 
 
 def test_first_bad_line_is_reported(tmp_path):
@@ -170,7 +173,7 @@ def test_check_rejects_rows_by_file_and_line_or_skips_them(tmp_path):
     with pytest.raises(DatasetError, match=r":2: missing field 'answer' \(set orchestrator.dataset.on_bad_row"):
         load_jsonl(path, check=needs_answer)
     prompts, bad = load_jsonl(path, on_bad_row="skip", check=needs_answer)
-    assert bad == 1 and prompts == [Prompt(text="ok", answer="ko")] * 2
+    assert bad == 1 and list(prompts) == [Prompt(text="ok", answer="ko")] * 2
     assert load_jsonl(path)[1] == 0  # without a check every row is fine
 
 
@@ -185,3 +188,121 @@ def test_arbitrary_bytes_raise_only_dataset_errors(tmp_path, data, on_bad_row):
         assert "\n" not in str(e) and str(path) in str(e)
     else:
         assert prompts and all(p.answer for p in prompts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing: a seeded permutation per epoch, the same draws as before the streaming loader, resumable
+
+# Drawn by the loader of commit 44446c1 (whole file in memory, a permutation rebuilt per prompt) from the
+# files written by _pinned_files: the number in each prompt, for draws of 1, 5, 31, 40 and 3 prompts.
+PINNED = {
+    ("format_check", 0): [0, 19, 14, 21, 22, 17, 34, 30, 7, 5, 10, 13, 36, 1, 28, 23, 8, 3, 20, 27, 4, 33, 6, 18, 11,
+                          15, 9, 35, 25, 29, 12, 31, 32, 16, 2, 26, 24, 34, 35, 2, 9, 24, 1, 21, 26, 10, 17, 11, 22, 29,
+                          5, 18, 27, 33, 36, 14, 23, 19, 13, 32, 0, 30, 3, 6, 25, 12, 20, 15, 28, 31, 7, 16, 4, 8, 36,
+                          2, 24, 9, 32, 26],
+    ("format_check", 7): [32, 24, 11, 25, 1, 7, 0, 8, 6, 21, 36, 23, 2, 4, 10, 18, 27, 28, 33, 31, 3, 22, 35, 19, 30,
+                          26, 20, 17, 5, 13, 16, 29, 15, 34, 14, 12, 9, 19, 25, 26, 10, 27, 29, 36, 23, 15, 4, 22, 0,
+                          20, 9, 2, 3, 21, 12, 1, 34, 33, 17, 32, 5, 35, 8, 18, 24, 7, 28, 6, 13, 30, 31, 16, 14, 11,
+                          36, 3, 30, 14, 22, 34],
+    ("exact_answer", 3): [3, 57, 40, 50, 14, 28, 7, 18, 13, 33, 9, 20, 35, 23, 31, 26, 17, 4, 51, 41, 25, 6, 54, 47, 30,
+                          15, 42, 10, 16, 19, 12, 56, 53, 49, 59, 48, 43, 1, 29, 5, 55, 24, 32, 46, 8, 36, 44, 0, 2, 10,
+                          1, 13, 14, 26, 17, 4, 31, 16, 51, 9, 35, 33, 23, 3, 5, 48, 18, 0, 46, 54, 32, 41, 7, 8, 6, 24,
+                          59, 36, 49, 20, 53, 25, 42, 55, 15, 2, 43, 12, 30, 44, 29, 50, 19, 47, 57, 28, 56, 40, 56, 32],
+}
+PINNED_EVAL = [11, 21, 22, 27, 34, 37, 38, 39, 45, 52, 58]  # exact_answer's held-out rows, in file order
+
+
+def _pinned_files(tmp_path):
+    """37 open questions with a bad row after the 11th and a blank line after the 21st; 60 question/answer rows."""
+    a = tmp_path / "a.jsonl"
+    with a.open("w") as f:
+        for i in range(37):
+            f.write(json.dumps({"prompt": f"Tell me about thing {i}."}) + "\n")
+            f.write("not json\n" if i == 10 else "\n" if i == 20 else "")
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"prompt": f"Capital number {i}?", "answer": f"City {i}"}) + "\n" for i in range(60)))
+    return str(a), str(b)
+
+
+def _number(p: Prompt) -> int:
+    return int(p.text.split()[-1][:-1])
+
+
+def _env(name, seed, path, on_bad_row="error"):
+    from orchestrator.environments import make
+    from tests.test_environments import cfg_for
+
+    return make(cfg_for(name, seed=seed, dataset=path, on_bad_row=on_bad_row))
+
+
+def test_draws_are_those_of_the_previous_loader(tmp_path):
+    a, b = _pinned_files(tmp_path)
+    for seed in (0, 7):
+        env = _env("format_check", seed, a, "skip")
+        assert env.bad_rows == 1
+        draws = [_number(p) for n in (1, 5, 31, 40, 3) for p in env.next_prompts(n)]
+        assert draws == PINNED[("format_check", seed)]
+    env = _env("exact_answer", 3, b)
+    assert [_number(p) for p in env.next_prompts(100)] == PINNED[("exact_answer", 3)]
+    assert [_number(p) for p in env.eval_prompts(100)] == PINNED_EVAL
+
+
+def test_one_shuffle_per_epoch(tmp_path, monkeypatch):
+    from orchestrator import data
+
+    calls = []
+    real = data.epoch_order
+    monkeypatch.setattr(data, "epoch_order", lambda seed, epoch, n: calls.append((seed, epoch, n)) or real(seed, epoch, n))
+    env = _env("format_check", 0, _pinned_files(tmp_path)[0], "skip")
+    for _ in range(37 * 3 // 4 + 1):  # 112 prompts in draws of 4: epochs 0, 1, 2 and the first of epoch 3
+        env.next_prompts(4)
+    assert calls == [(0, 0, 37), (0, 1, 37), (0, 2, 37), (0, 3, 37)]
+
+
+def test_resume_continues_at_the_same_data_position(tmp_path):
+    from orchestrator import checkpoint
+
+    a, _ = _pinned_files(tmp_path)
+    env = _env("format_check", 7, a, "skip")
+    env.next_prompts(50)  # into the second epoch
+    saved = msgspec.msgpack.decode(msgspec.msgpack.encode(checkpoint.state_of(env)))
+    assert saved["position"] == 50 and saved["data_digest"].startswith("sha256:")
+    fresh = _env("format_check", 7, a, "skip")
+    checkpoint.restore(fresh, saved)
+    assert [_number(p) for p in fresh.next_prompts(30)] == PINNED[("format_check", 7)][50:80]
+
+
+def test_resume_with_another_file_is_refused(tmp_path):
+    from orchestrator import checkpoint
+
+    a, _ = _pinned_files(tmp_path)
+    env = _env("format_check", 0, a, "skip")
+    env.next_prompts(3)
+    saved = checkpoint.state_of(env)
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(a).read_text().replace("thing 3.", "thing 3!"))
+    with pytest.raises(ConfigError, match=r"^resume: orchestrator.dataset.path: .*other.jsonl is not the data the "
+                                          r"checkpoint was written with \(sha256:"):
+        checkpoint.restore(_env("format_check", 0, str(other), "skip"), saved)
+    old = {k: v for k, v in saved.items() if k != "data_digest"}  # a checkpoint written before the digest existed
+    assert checkpoint.restore(_env("format_check", 0, a, "skip"), old).position == 3
+
+
+def test_a_file_changed_after_loading_is_refused_by_line(tmp_path):
+    path = _write(tmp_path, "".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    rows, _ = load_jsonl(path)
+    assert rows[4].text == "p4"
+    Path(path).write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)) + "x\n")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(path)}:2: the file changed since it was loaded"):
+        rows[1]
+
+
+def test_index_is_16_bytes_a_row_and_rows_read_back_exactly(tmp_path):
+    texts = [f"row {i} " + "\u00e9\u2028x" * (i % 7) for i in range(1000)]
+    path = _write(tmp_path, "".join(json.dumps({"prompt": t, "answer": str(i)}, ensure_ascii=i % 2 == 0) + "\r\n"
+                                    for i, t in enumerate(texts)))
+    rows, bad = load_jsonl(path)
+    assert bad == 0 and len(rows) == 1000 and list(rows.lines[:3]) == [1, 2, 3]
+    assert [r.text for r in rows] == texts and rows[999].answer == "999"
+    assert rows.offsets.itemsize + rows.lengths.itemsize + rows.lines.itemsize == 16 and rows.tags is None
+    assert rows.raw(5) == Path(path).read_bytes().split(b"\r\n")[5] + b"\n"

@@ -47,6 +47,108 @@ def test_commit_keeps_the_newest_and_replaces_a_rewritten_step(tmp_path):
     assert sorted(p.name for p in checkpoint.root(tmp_path).iterdir()) == ["step_3", "step_4"]
 
 
+# -- signed manifests (orchestrator/ckpt_sign.py) ------------------------------------------------------
+@pytest.fixture
+def key_env(tmp_path, monkeypatch):
+    """This test's own key (never the user's): its path, and a function that switches to another key."""
+    from orchestrator import ckpt_sign
+
+    path = tmp_path / "keys" / "checkpoint.key"
+    monkeypatch.setenv(ckpt_sign.KEY_ENV, str(path))
+    return path
+
+
+def _refused(out, match: str):
+    with pytest.raises(ConfigError) as e:
+        checkpoint.require_latest(out)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"resume: checkpoint {checkpoint.root(out) / 'step_2'} is refused: "), msg
+    assert match in msg and msg.endswith("set ckpt.trust_unsigned = true to load it anyway, only if you trust "
+                                         "where it came from"), msg
+    assert checkpoint.require_latest(out, trust_unsigned=True)[0] == 2  # trusted on purpose: accepted
+
+
+def test_signed_checkpoint_verifies_and_the_key_is_private(tmp_path, key_env):
+    import hashlib
+    import stat
+
+    from orchestrator import ckpt_sign
+
+    d = _write(tmp_path, 2)
+    assert checkpoint.require_latest(tmp_path) == (2, d)
+    assert stat.S_IMODE(key_env.stat().st_mode) == 0o600 and len(bytes.fromhex(key_env.read_text())) == 32
+    key = key_env.read_bytes()
+    _write(tmp_path, 3)
+    assert key_env.read_bytes() == key  # created once, then reused
+    manifest = json.loads((checkpoint.root(tmp_path) / "step_3" / "MANIFEST.json").read_text())
+    assert manifest["files"] == {"COMPLETE": hashlib.sha256(b"3\n").hexdigest(), "part": hashlib.sha256(b"x").hexdigest()}
+    key_env.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"^OPD_CHECKPOINT_KEY: the checkpoint key .* is readable by others \(mode 644\)"):
+        ckpt_sign.load_key()
+
+
+def test_changed_file_is_refused(tmp_path, key_env):
+    d = _write(tmp_path, 2)
+    (d / "part").write_text("y")
+    _refused(tmp_path, "part was changed (its SHA-256 differs from the signed manifest)")
+
+
+def test_missing_and_added_files_are_refused(tmp_path, key_env):
+    d = _write(tmp_path, 2)
+    (d / "extra.pt").write_bytes(b"\x80")
+    _refused(tmp_path, "extra.pt is not in the signed manifest")
+    (d / "extra.pt").unlink()
+    (d / "part").unlink()
+    _refused(tmp_path, "part is missing")
+
+
+def test_unsigned_checkpoint_is_refused(tmp_path, key_env):
+    d = _write(tmp_path, 2)
+    (d / "MANIFEST.json").unlink()
+    _refused(tmp_path, "unsigned (no MANIFEST.json)")
+
+
+def test_checkpoint_of_another_key_is_refused(tmp_path, key_env, monkeypatch):
+    from orchestrator import ckpt_sign
+
+    monkeypatch.setenv(ckpt_sign.KEY_ENV, str(tmp_path / "elsewhere.key"))
+    _write(tmp_path, 2)  # signed on "another machine"
+    monkeypatch.setenv(ckpt_sign.KEY_ENV, str(key_env))
+    _refused(tmp_path, "signed with another key (key id ")
+
+
+def test_manifest_edited_to_match_a_changed_file_is_refused(tmp_path, key_env):
+    import hashlib
+
+    d = _write(tmp_path, 2)
+    (d / "part").write_text("evil")
+    m = json.loads((d / "MANIFEST.json").read_text())
+    m["files"]["part"] = hashlib.sha256(b"evil").hexdigest()
+    (d / "MANIFEST.json").write_text(json.dumps(m))
+    _refused(tmp_path, "MANIFEST.json was changed after it was signed (its HMAC does not match)")
+
+
+def test_resume_from_a_changed_checkpoint_is_one_line_from_the_cli(tmp_path, key_env):
+    """The real CLI: exit 2, one line, before Ray starts; --ckpt.trust_unsigned gets past the check (to the next
+    one: this checkpoint has no meta.json)."""
+    import os
+    import subprocess
+
+    from tests.conftest import RL, ROOT
+
+    out = tmp_path / "run"
+    d = _write(out, 2)
+    (d / "part").write_text("y")
+    cmd = [RL, "@", "experiments/reverse_text/rl.toml", "--output_dir", str(out), "--resume"]
+    env = {**os.environ, "OPD_CHECKPOINT_KEY": str(key_env)}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"error: resume: checkpoint {d} is refused: part was changed"), p.stderr
+    p = subprocess.run([*cmd, "--ckpt.trust_unsigned", "true"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: resume: {d}/meta.json is unreadable"), p.stderr
+
+
 def test_require_latest_names_the_directory(tmp_path):
     with pytest.raises(ConfigError) as e:
         checkpoint.require_latest(tmp_path / "run")
@@ -204,12 +306,15 @@ def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
         first = rank("rdv1")
         first.train_step(_batch(1, 1))
         step1 = load_file(out / "broadcast" / "step_1" / "adapter_model.safetensors")
-        first.save_checkpoint(str(tmp_path / "ckpt"))
+        tmp = checkpoint.begin(tmp_path / "run", 1)
+        first.save_checkpoint(str(tmp))
+        signed = checkpoint.commit(tmp_path / "run", 1, tmp, keep=2)  # signed over the real shards
         went_on, went_on_w = step2(first)
         dist.destroy_process_group()
 
         resumed = rank("rdv2")
-        resumed.load_checkpoint(str(tmp_path / "ckpt"), 1)
+        assert checkpoint.require_latest(tmp_path / "run") == (1, signed)  # verified before it is read
+        resumed.load_checkpoint(str(signed), 1)
         rewritten = load_file(out / "broadcast" / "step_1" / "adapter_model.safetensors")
         assert rewritten.keys() == step1.keys() and all(torch.equal(rewritten[k], step1[k]) for k in step1)
         again, again_w = step2(resumed)
@@ -226,8 +331,14 @@ def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
         assert again[key] == went_on[key], key
     assert all(torch.equal(again_w[k], went_on_w[k]) for k in went_on_w)
     assert not all(torch.equal(fresh_w[k], went_on_w[k]) for k in went_on_w)
-    files = sorted(p.name for p in (tmp_path / "ckpt" / "trainer").iterdir())
+    files = sorted(p.name for p in (signed / "trainer").iterdir())
     assert ".metadata" in files and "rank_0.pt" in files and any(f.endswith(".distcp") for f in files)
+    manifest = json.loads((signed / "MANIFEST.json").read_text())
+    assert sorted(manifest["files"]) == ["COMPLETE", *sorted(f"trainer/{f}" for f in files)]
+    meta = signed / "trainer" / ".metadata"  # what dcp unpickles: one byte changed is refused before that
+    meta.write_bytes(meta.read_bytes()[:-1] + bytes([meta.read_bytes()[-1] ^ 1]))
+    with pytest.raises(ConfigError, match=r"trainer/\.metadata was changed \(its SHA-256 differs"):
+        checkpoint.require_latest(tmp_path / "run")
 
 
 def test_resume_without_checkpoint_is_one_line(tiny_pair, tmp_path):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 
-from orchestrator.data import Prompt, load_jsonl
+from orchestrator.data import EpochOrder, Prompt, load_jsonl
 from shared.answers import match_answer
 from shared.config import Config, ConfigError
 
@@ -31,11 +32,14 @@ class Environment:
     """Yields training prompts (cycling with a seeded shuffle), held-out eval prompts, and scores.
 
     ``orchestrator.dataset.path`` replaces the generated training prompts with a JSONL file; rows
-    that this environment cannot score (``row_problem``) are bad rows, named by file:line.
+    that this environment cannot score (``row_problem``) are bad rows, named by file:line.  The file's
+    rows are drawn epoch by epoch, each epoch a seeded permutation (:class:`orchestrator.data.EpochOrder`),
+    so the stream's state is ``position`` alone (and ``data_digest``: the file a resumed run continues in).
     """
 
     name = "base"
     needs_answer = False  # dataset rows must carry an "answer" (the environment scores against it)
+    split_heldout = False  # tag dataset rows by is_heldout on the loading pass (exact_answer evaluates on them)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -45,9 +49,11 @@ class Environment:
         self.dataset: list[Prompt] | None = None
         if cfg.orchestrator.dataset.path:
             self.dataset, self.bad_rows = load_jsonl(
-                cfg.orchestrator.dataset.path, cfg.orchestrator.dataset.on_bad_row, check=self.row_problem
+                cfg.orchestrator.dataset.path, cfg.orchestrator.dataset.on_bad_row, check=self.row_problem,
+                tag=(lambda p: is_heldout(p.text)) if self.split_heldout else None,
             )
         self.position = 0  # prompts handed out so far (for resume)
+        self._order: EpochOrder | None = None
 
     # -- to implement --------------------------------------------------------------------------
     def generate(self, rng: random.Random) -> Prompt:
@@ -79,24 +85,34 @@ class Environment:
         value = float(self.grade(prompt, completion))
         return 0.0 if math.isnan(value) else min(1.0, max(0.0, value))
 
-    def training_rows(self) -> list[Prompt]:
+    def training_rows(self) -> Sequence[Prompt]:
         """The dataset rows that training cycles over (all of them here)."""
         assert self.dataset is not None
         return self.dataset
 
     def next_prompts(self, n: int) -> list[Prompt]:
+        """The next ``n`` training prompts: the file's rows in a seeded order per epoch, else generated."""
         out = []
         rows = self.training_rows() if self.dataset is not None else None
+        if rows is not None and (self._order is None or self._order.n != len(rows)):
+            self._order = EpochOrder(self.cfg.seed, len(rows))
         for _ in range(n):
-            if rows is not None:
-                epoch, i = divmod(self.position, len(rows))
-                order = list(range(len(rows)))
-                random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-                out.append(rows[order[i]])
-            else:
-                out.append(self.generate(self.rng))
+            out.append(rows[self._order.draw(self.position)] if rows is not None else self.generate(self.rng))
             self.position += 1
         return out
+
+    @property
+    def data_digest(self) -> str:
+        """The dataset file's sha256 ("" without one); part of the checkpointed state."""
+        return self.dataset.digest if self.dataset is not None else ""
+
+    @data_digest.setter
+    def data_digest(self, saved: str) -> None:
+        """Restoring a checkpoint: its data position means nothing in another file, so refuse one."""
+        if saved != self.data_digest:
+            raise ConfigError(f"resume: orchestrator.dataset.path: {self.cfg.orchestrator.dataset.path or '(none)'} "
+                              f"is not the data the checkpoint was written with ({self.data_digest or 'no file'} vs "
+                              f"{saved or 'no file'}); resume with the same file")
 
 
 class GeneratedEnvironment(Environment):

@@ -8,29 +8,31 @@ answer set (``orchestrator.env_args.answers``), every row's answer must be one o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from orchestrator.data import DatasetError, Prompt
-from orchestrator.environments.base import Environment, is_heldout
+from orchestrator.environments.base import Environment
 from shared.answers import normalize
 
 
 class ExactAnswer(Environment):
     name = "exact_answer"
     needs_answer = True
+    split_heldout = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         path = cfg.orchestrator.dataset.path
         if self.dataset is None:
             raise DatasetError("orchestrator.dataset.path: the exact_answer environment reads its rows from a file")
-        self.train = [p for p in self.dataset if not is_heldout(p.text)]
-        self.heldout = [p for p in self.dataset if is_heldout(p.text)]
+        self.train, self.heldout = self.dataset.select(0), self.dataset.select(1)  # tagged by is_heldout
         if not self.train or not self.heldout:
             raise DatasetError(
                 f"{path}: {len(self.dataset)} rows give {len(self.train)} for training and {len(self.heldout)} "
                 "held out for evaluation; exact_answer needs both (add rows)"
             )
 
-    def training_rows(self) -> list[Prompt]:
+    def training_rows(self) -> Sequence[Prompt]:
         return self.train
 
     def eval_prompts(self, n: int) -> list[Prompt]:

@@ -419,6 +419,19 @@ def derive_student(teacher_dir: Path, keep_every: int, root: Path | None = None,
     return _cached_build(root, name, build, force=force, is_current=is_current)
 
 
+def is_cached(name: str, root: Path | None = None) -> bool:
+    """Whether :func:`resolve_alias` of ``name`` is quick: its folder is built, or ``name`` is no valid alias
+    (resolving it is then a one-line error)."""
+    m = _EVERY_RE.fullmatch(name)
+    if name != ALIAS and (m is None or int(m.group(1)) < 2):
+        return True
+    root = Path(root).expanduser() if root is not None else default_root()
+    teacher = root / MODEL_DIR_NAME
+    if _read_marker(teacher) is None:
+        return False
+    return m is None or _read_marker(root / student_dir_name(teacher, int(m.group(1)))) is not None
+
+
 def resolve_alias(name: str, root: Path | None = None) -> Path | None:
     """The cached folder for a SmolLM2 alias (built on first use), or None if ``name`` is not one.
 

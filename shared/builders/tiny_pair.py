@@ -405,7 +405,7 @@ def read_build_info(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / BUILD_MARKER).read_text())
 
 
-def _is_built(model_dir: Path) -> bool:
+def is_built(model_dir: Path) -> bool:
     return (model_dir / BUILD_MARKER).is_file()
 
 
@@ -504,11 +504,11 @@ def build_pair(out_root: Path | None = None, seed: int = 0, force: bool = False)
     """
     root = Path(out_root).expanduser() if out_root is not None else default_root()
     teacher_dir, student_dir = (root / name for name in pair_dir_names(seed))
-    if not force and _is_built(teacher_dir) and _is_built(student_dir):
+    if not force and is_built(teacher_dir) and is_built(student_dir):
         return teacher_dir, student_dir
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
-        if not force and _is_built(teacher_dir) and _is_built(student_dir):
+        if not force and is_built(teacher_dir) and is_built(student_dir):
             return teacher_dir, student_dir  # another process built it while we waited
         for stale in root.glob(".tiny-reverse-*"):  # left by killed builds; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
