@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         except _role_failure() as e:  # evaluated only once something failed, so ray is imported only then
             _error(e)
+            if e.detail:  # e.g. a hung actor's last log lines, below the one-line error
+                from shared.redact import redact_text
+
+                print("\n".join(f"  | {line}" for line in redact_text(e.detail).splitlines()), file=sys.stderr)
             return 1
         except TrainingStopped as e:
             _error(f"training stopped: {e}")

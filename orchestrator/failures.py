@@ -10,20 +10,24 @@ from shared.runtime import first_line
 class RoleFailure(RuntimeError):
     """A role's actor died or raised; ``role`` names it, the message is the cause's first line."""
 
-    def __init__(self, role: str, cause: str):
-        super().__init__(role, cause)  # args stay (role, cause) so the error survives Ray's pickling
+    def __init__(self, role: str, cause: str, detail: str = ""):
+        super().__init__(role, cause, detail)  # args stay (role, cause, detail): the error survives Ray's pickling
         self.role = role
         self.cause = cause
+        self.detail = detail  # e.g. the last lines of the actor's log, shown below the one-line error
 
     def __str__(self) -> str:
         return f"{self.role} failed: {self.cause}"
 
 
-def get(role: str, refs: Any) -> Any:
-    """``ray.get`` that turns a dead actor or a raised method into :class:`RoleFailure` naming ``role``."""
+def get(role: str, refs: Any, timeout: float | None = None, what: str = "") -> Any:
+    """``ray.get`` that turns a dead actor or a raised method into :class:`RoleFailure` naming ``role``; with
+    ``timeout``, no answer within it (a hung role) too, naming ``what`` was asked."""
     import ray
 
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise RoleFailure(role, f"no answer to {what or 'a call'} within {timeout:.0f} s") from None
     except ray.exceptions.RayError as e:  # the actor died (killed, out of memory) or its method raised
         raise RoleFailure(role, first_line(e)) from None

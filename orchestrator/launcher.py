@@ -405,8 +405,13 @@ class Interrupted(RuntimeError):
 
 class _StopOnSignal:
     """While a run is in progress, SIGTERM/SIGINT ask the orchestrator to finish its step, write a checkpoint
-    and return (``request_stop``); a second signal, or no return within ``timeout`` seconds, stops at once
-    (Ray is shut down with the launcher: no actor is left behind)."""
+    and return (``request_stop``); during start-up (no step has run, so there is nothing to checkpoint), a second
+    signal, or no return within ``timeout`` seconds, the run stops at once (Ray is shut down with the launcher:
+    no actor is left behind).
+
+    The handler itself never raises: a signal can arrive inside one of Ray's C calls (``ray.wait``), where an
+    exception from a Python handler surfaces as a ``SystemError`` traceback. It records the signal, and
+    :meth:`check`, called from the waiting loop every half second, acts on it."""
 
     def __init__(self, timeout: float):
         import signal
@@ -415,7 +420,8 @@ class _StopOnSignal:
         self.signals = (signal.SIGTERM, signal.SIGINT)
         self.signum: int | None = None
         self.since = 0.0
-        self.asked = False
+        self.again = False  # a second signal arrived
+        self.asked: Any = None  # the orchestrator's answer to request_stop: whether a checkpoint will follow
         self.previous: dict = {}
 
     def __enter__(self) -> "_StopOnSignal":
@@ -438,7 +444,8 @@ class _StopOnSignal:
         import time
 
         if self.signum is not None:
-            raise Interrupted(signum, f"stopped by a second {signal.Signals(signum).name} without a checkpoint")
+            self.again = True
+            return
         self.signum, self.since = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
               "(signal again to stop at once)", file=sys.stderr)
@@ -447,13 +454,25 @@ class _StopOnSignal:
         import signal
         import time
 
+        import ray
+
         if self.signum is None:
             return
-        if not self.asked:
-            orch.request_stop.remote()
-            self.asked = True
-        elif time.monotonic() - self.since > self.timeout:
-            raise Interrupted(self.signum, f"{signal.Signals(self.signum).name}: no checkpoint within "
+        name = signal.Signals(self.signum).name
+        if self.again:
+            raise Interrupted(self.signum, f"stopped by a second {name} without a checkpoint")
+        if self.asked is None:
+            self.asked = orch.request_stop.remote()
+            return
+        if isinstance(self.asked, ray.ObjectRef) and ray.wait([self.asked], timeout=0)[0]:
+            try:
+                self.asked = ray.get(self.asked)
+            except ray.exceptions.RayError:  # the orchestrator is gone; its run's result says why
+                self.asked = True
+            if self.asked is False:
+                raise Interrupted(self.signum, f"{name} during start-up: stopped (no step had run, so no checkpoint)")
+        if time.monotonic() - self.since > self.timeout:
+            raise Interrupted(self.signum, f"{name}: no checkpoint within "
                                            f"ckpt.stop_timeout = {self.timeout:g}s; stopped without one")
 
 

@@ -29,14 +29,14 @@ import msgspec
 from orchestrator import checkpoint, continual, environments, workflows
 from orchestrator.pipeline import Pipeline, split_stale
 from orchestrator.prompts import Renderer
-from orchestrator.failures import RoleFailure, get
+from orchestrator.failures import RoleFailure
 from orchestrator.roles import Roles, rollouts_of, scores_of
 from shared.config import Config, kl_in_advantage
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
 from shared.placement import RunPlan
 from shared.runtime import redirect_output
-from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode
+from shared.wire import SUMMED_METRICS, StepResult, decode
 
 __all__ = ["Orchestrator"]
 
@@ -108,14 +108,14 @@ class Orchestrator:
         t0 = time.perf_counter()
         adapter = self.roles.trainer_call("reset", self.roles.trainer_spec(), str(self.out))[0]
         self.adapter_base = self.next_version
-        get("inference", self._serve_refs(adapter, 0))
+        self.roles.call("inference", "load_adapter", self._serve_refs(adapter, 0))
         return {"time/reset": time.perf_counter() - t0}
 
     # -- synchronous calls (evaluation, and what workflows ask of the teacher) ------------------------
     def _sample(self, role: str, ids: list[list[int]], first_index: int, n: int, temperature: float,
                 max_tokens: int | None = None) -> list:
         refs = self.roles.sample_refs(role, ids, first_index, n, temperature, max_tokens)
-        return rollouts_of(get(role, refs), self.adapter_base)[0]
+        return rollouts_of(self.roles.call(role, f"{role} generate", refs), self.adapter_base)[0]
 
     def _teacher_generate(self, ids: list[list[int]], max_tokens: int, temperature: float) -> list:
         """The teacher's answers (one per prompt, in order): judge replies, reference answers, questions."""
@@ -125,7 +125,7 @@ class Orchestrator:
     def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float] | None]:
         """Teacher log-probs of each completion; None where an external teacher failed to score it."""
         refs, parts = self.roles.score_refs(prompt_ids, completion_ids)
-        return scores_of(parts, get("teacher", refs), len(prompt_ids))
+        return scores_of(parts, self.roles.call("teacher", "score", refs), len(prompt_ids))
 
     def _evaluate(self, env, role: str = "inference", teacher_view: bool = False) -> float:
         """Mean score of one completion per held-out prompt (``eval.temperature``; 0 = greedy)."""
@@ -178,16 +178,11 @@ class Orchestrator:
         t2 += built.teacher_seconds  # judge verdicts, reference and corrective answers are teacher time
         samples, lens = built.samples, built.lens
         total_tokens = sum(lens)  # policy tokens: the normaliser of every loss term
-        ranks = self.roles.actors["trainer"]
-        if len(samples) < len(ranks):  # every rank needs a sample for the collectives; nothing to learn from
+        if len(samples) < len(self.roles.actors["trainer"]):  # every rank needs a sample for the collectives
             return {"step": step, "skipped_step": 1.0, "rollouts/empty": float(batch.empty),
                     "teacher_kl": float("nan"), **built.reward_metrics, "async/dropped_rollouts": float(n_dropped),
                     "time/step": time.perf_counter() - t0}
-        shares = [samples[i::len(ranks)] for i in range(len(ranks))]
-        micro = -(-max(len(s) for s in shares) // cfg.trainer.micro_batch_size)
-        refs = [rank.train_step.remote(encode(TrainBatch(step=step, samples=share, total_tokens=total_tokens,
-                                                         num_micro_batches=micro)))
-                for rank, share in zip(ranks, shares)]
+        refs = self.roles.train_refs(step, samples, total_tokens, cfg.trainer.micro_batch_size)
         results = [decode(d, StepResult) for d in self.pipe.wait(self.pipe.submit("trainer", refs))]
         t3 = time.perf_counter()
         self.pipe.wait(self.pipe.submit("weight_update", self._serve_refs(results[0].adapter_path, step)))
@@ -238,6 +233,7 @@ class Orchestrator:
         """The step's row with the teacher backend's entries (an endpoint's request counts)."""
         row = self._train_step(env, step)
         row.update(self.roles.teacher.step_metrics(self.roles.actors.get("teacher", []), self.score_failed))
+        row.update(self.pipe.heartbeat())
         if not self.scores:  # nothing was scored: the sampler's log-probs stood in for the teacher's
             row.update({"teacher_kl": float("nan"), "teacher_kl/seq": float("nan")})
         return row
@@ -253,7 +249,7 @@ class Orchestrator:
     def _restore(self, step: int) -> dict[str, float]:
         """The gate failed at ``step``: the engines serve the last passing adapter again, which becomes the final one."""
         path, last = self.continual.restore(step)
-        get("inference", self._serve_refs(str(path), last))
+        self.roles.call("inference", "load_adapter", self._serve_refs(str(path), last))
         return {"continual/restored_step": float(last)}
 
     def _first_eval(self, env) -> dict[str, float]:
@@ -271,10 +267,12 @@ class Orchestrator:
             })
         return first_eval
 
-    def request_stop(self) -> None:
+    def request_stop(self) -> bool:
         """Called by the launcher on SIGTERM/SIGINT (from another thread of this actor): finish the step in
-        progress, write a checkpoint and return."""
+        progress, write a checkpoint and return. False while no step has started (start-up, the first
+        evaluation): there is nothing to checkpoint, and the launcher stops the run at once."""
         self._stop.set()
+        return self.step > 0
 
     # -- checkpoints (orchestrator/checkpoint.py) -------------------------------------------------------
     def _save_checkpoint(self, step: int, history: dict[str, Any]) -> float:
@@ -299,7 +297,7 @@ class Orchestrator:
         them), the engines serve that adapter, the orchestrator's stream, buffer and counters."""
         state = checkpoint.read_state(directory)
         self.roles.trainer_call("load_checkpoint", str(directory), step)
-        get("inference", self._serve_refs(str(self.out / "broadcast" / f"step_{step}"), step))
+        self.roles.call("inference", "load_adapter", self._serve_refs(str(self.out / "broadcast" / f"step_{step}"), step))
         checkpoint.restore(self.source, state["stream"])
         self._teacher_calls = state["teacher_calls"]
         self.workflow.restore(state["workflow"])

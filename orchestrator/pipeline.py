@@ -143,6 +143,10 @@ class Timeline:
         return row
 
 
+CALLS = {"inference": "generate", "teacher": "score (or generate)", "trainer": "train_step",
+         "weight_update": "load_adapter"}  # what a tracked call of each label asked
+
+
 class Pipeline:
     """The batches of the next ``k = max_async_level`` steps, sampled and scored while the trainer works, and
     every remote call in flight (:meth:`submit` / :meth:`wait`).
@@ -156,6 +160,8 @@ class Pipeline:
         self.cfg, self.roles, self.source, self.render = cfg, roles, source, render
         self.has_context, self.sampler, self.scores, self.adapter_base = has_context, sampler, scores, adapter_base
         self.inflight: dict[Any, tuple[str, float]] = {}  # ref -> (role, submitted at)
+        self.step = 0  # the training step the loop is at (for a deadline's message)
+        self.last_reply: dict[str, float] = {}  # role -> when it last answered a call
         self.results: dict[Any, Any] = {}
         self.timeline = Timeline()
         self.queue: deque[Batch] = deque()
@@ -170,15 +176,36 @@ class Pipeline:
 
     def poll(self) -> None:
         """Block until at least one tracked call finishes; collect every finished one (a failed call raises
-        RoleFailure at once, naming its role, even if it was work for a later step)."""
+        RoleFailure at once, naming its role, even if it was work for a later step). A call that outlives its
+        deadline (``orchestrator/deadlines.py``) raises RoleFailure naming the role, the actor and the call."""
         assert self.inflight, "nothing in flight to wait for"
-        ray.wait(list(self.inflight), num_returns=1)
+        deadlines = self.roles.deadlines
+        while True:
+            now = time.perf_counter()
+            left = {ref: start + deadlines.limit(label) - now for ref, (label, start) in self.inflight.items()}
+            ref, soonest = min(left.items(), key=lambda kv: kv[1])
+            if soonest <= 0:  # hung: no answer within the deadline of its kind
+                label, start = self.inflight[ref]
+                role = "inference" if label == "weight_update" else label
+                raise deadlines.expired(role, self.roles.owner.get(ref, role), CALLS[label], self.step, now - start,
+                                        deadlines.limit(label))
+            if ray.wait(list(self.inflight), num_returns=1, timeout=soonest)[0]:
+                break
         ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
         now = time.perf_counter()
         for ref in ready:
             label, start = self.inflight.pop(ref)
+            self.roles.owner.pop(ref, None)
             self.timeline.add(label, start, now)
-            self.results[ref] = get("inference" if label == "weight_update" else label, ref)
+            deadlines.record(label, now - start)
+            role = "inference" if label == "weight_update" else label
+            self.results[ref] = get(role, ref)
+            self.last_reply[role] = now
+
+    def heartbeat(self) -> dict[str, float]:
+        """``heartbeat/<role>``: seconds since each role last answered a call of the pipeline."""
+        now = time.perf_counter()
+        return {f"heartbeat/{role}": now - t for role, t in sorted(self.last_reply.items())}
 
     def wait(self, refs: list) -> list:
         """The results of tracked ``refs``, in order; queued batches move on (sampled -> scored) meanwhile."""
@@ -248,6 +275,7 @@ class Pipeline:
     def next_batch(self, step: int) -> Batch:
         """The batch of ``step``, sampled and scored: its sampling starts now (``k = 0``) or started ``k`` steps
         ago; the batches of steps ``step + 1 .. step + k`` are queued behind it."""
+        self.step = step
         k = self.cfg.orchestrator.max_async_level
         while len(self.queue) <= k and self.next_draw <= self.cfg.max_steps:
             self.queue.append(self._start(self.next_draw))

@@ -15,15 +15,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import ray
 
-from orchestrator.failures import RoleFailure, get
+from orchestrator.deadlines import Deadlines
+from orchestrator.failures import get
 from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
 from shared.placement import RunPlan, node_affinity
-from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
+from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, TrainBatch, decode, encode
 
 ROLES = ("inference", "teacher", "trainer")
 
@@ -48,6 +48,8 @@ class Roles:
         self.teacher = teacher_backend(cfg)
         self.actors: dict[str, list] = started.actors if started else {}
         self.weight_info: dict | None = started.weight_info if started else None
+        self.deadlines = Deadlines(cfg, out)
+        self.owner: dict[Any, str] = {}  # a call in flight -> the actor it was made to (for a deadline's message)
 
     def start(self) -> dict[str, float]:
         """Create every planned actor, wait until all are ready; each role's start-up seconds."""
@@ -93,6 +95,12 @@ class Roles:
         # Start everything at once; report each role's start-up time.
         refs = {role: [x.setup.remote() if role == "trainer" else x.ready.remote() for x in self.actors[role]]
                 for role in ROLES}
+        owners = {ref: (role, f"{role}-{i}") for role, rs in refs.items() for i, ref in enumerate(rs)}
+        limit = cfg.orchestrator.deadline.startup_s
+        _, pending = ray.wait(list(owners), num_returns=len(owners), timeout=limit)
+        if pending:  # a role that neither started nor failed within the deadline: hung
+            role, actor = owners[pending[0]]
+            raise self.deadlines.expired(role, actor, "start-up", 0, limit, limit)
         times = {f"time/startup_{role}": max(get(role, r)) for role, r in refs.items()}
         if cfg.trainer.weight_transfer == "nccl":
             self._join_weight_group()
@@ -135,29 +143,61 @@ class Roles:
         engines = self.actors[role]
         idx = list(range(first_index, first_index + len(prompt_ids)))
         inf = self.cfg.inference
-        return [e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens or inf.max_tokens,
-                                  self.cfg.seed * 1_000_003)
-                for e, ids, ix in zip(engines, split(prompt_ids, len(engines)), split(idx, len(engines))) if ids]
+        return [self._owned(e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens or inf.max_tokens,
+                                              self.cfg.seed * 1_000_003), f"{role}-{i}")
+                for i, (e, ids, ix) in enumerate(zip(engines, split(prompt_ids, len(engines)), split(idx, len(engines))))
+                if ids]
+
+    def _owned(self, ref: Any, actor: str) -> Any:
+        self.owner[ref] = actor
+        return ref
+
+    def call(self, role: str, kind: str, refs: Any) -> Any:
+        """The results of synchronous calls (evaluation, the teacher's answers, checkpoints), within the deadline
+        of their kind; their duration counts towards it."""
+        import time
+
+        t0 = time.perf_counter()
+        limit = self.deadlines.limit(kind)
+        out = get(role, refs, timeout=limit, what=f"{kind} (deadline {limit:.0f} s)")
+        self.deadlines.record(kind, time.perf_counter() - t0)
+        for ref in refs if isinstance(refs, list) else [refs]:
+            self.owner.pop(ref, None)
+        return out
 
     def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
         """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts)."""
         engines = self.actors["teacher"]
         parts = [p for p in split(list(range(len(prompt_ids))), len(engines)) if p]
-        refs = [e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
-                                                   completion_ids=[completion_ids[i] for i in part])))
-                for e, part in zip(engines, parts)]
+        refs = [self._owned(e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
+                                                               completion_ids=[completion_ids[i] for i in part]))),
+                            f"teacher-{i}")
+                for i, (e, part) in enumerate(zip(engines, parts))]
         return refs, parts
+
+    def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int) -> list:
+        """One optimizer step on every trainer rank, the samples dealt round robin (every rank runs the same
+        number of micro-batches, for the collectives)."""
+        ranks = self.actors["trainer"]
+        shares = [samples[i::len(ranks)] for i in range(len(ranks))]
+        micro = -(-max(len(s) for s in shares) // micro_batch_size)
+        return [self._owned(rank.train_step.remote(encode(TrainBatch(step=step, samples=share, total_tokens=total_tokens,
+                                                                      num_micro_batches=micro))), f"trainer-{i}")
+                for i, (rank, share) in enumerate(zip(ranks, shares))]
 
     def weight_update_refs(self, adapter: str, version: int) -> list:
         """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once."""
         if self.cfg.trainer.weight_transfer != "nccl":
-            return [e.load_adapter.remote(adapter, version) for e in self.actors["inference"]]
-        return ([e.receive_weights.remote(self.weight_info, version) for e in self.actors["inference"]]
-                + [r.send_weights.remote(version) for r in self.actors["trainer"]])
+            return [self._owned(e.load_adapter.remote(adapter, version), f"inference-{i}")
+                    for i, e in enumerate(self.actors["inference"])]
+        return ([self._owned(e.receive_weights.remote(self.weight_info, version), f"inference-{i}")
+                 for i, e in enumerate(self.actors["inference"])]
+                + [self._owned(r.send_weights.remote(version), f"trainer-{i}")
+                   for i, r in enumerate(self.actors["trainer"])])
 
     def trainer_call(self, method: str, *args: Any) -> list:
-        """The same call on every trainer rank; their results."""
-        return get("trainer", [getattr(r, method).remote(*args) for r in self.actors["trainer"]])
+        """The same call on every trainer rank; their results (within the deadline of ``method``)."""
+        return self.call("trainer", method, [getattr(r, method).remote(*args) for r in self.actors["trainer"]])
 
     def _join_weight_group(self) -> None:
         """Trainer rank 0 and every engine open the NCCL weight-update group together (shared/weight_sync.py)."""

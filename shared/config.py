@@ -518,6 +518,16 @@ class ContinualConfig(_Section):
                                 "start value", ge=0) = 0.1
 
 
+class DeadlineConfig(_Section):
+    startup_s: _doc(float, "seconds every role has to start (engines load, trainer ranks meet) before the run stops "
+                           "naming the role", gt=0) = 1800.0
+    floor_s: _doc(float, "the shortest deadline of any call to a role (sample, score, train step, weight update, "
+                         "evaluation, checkpoint)", gt=0) = 600.0
+    median_multiple: _doc(float, "after after_calls calls of a kind, its deadline is max(floor_s, this x the median "
+                                 "of those calls' durations)", ge=1) = 10.0
+    after_calls: _doc(int, "calls of a kind measured before their median counts", ge=1) = 3
+
+
 class OrchestratorConfig(_Section):
     environment: _doc(
         str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french, "
@@ -547,6 +557,7 @@ class OrchestratorConfig(_Section):
     comparator: ComparatorConfig = field(default_factory=ComparatorConfig)
     env_args: EnvArgsConfig = field(default_factory=EnvArgsConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    deadline: DeadlineConfig = field(default_factory=DeadlineConfig)
 
 
 class CkptConfig(_Section):

@@ -67,7 +67,7 @@ def test_timeline_forget_keeps_calls_still_relevant():
 # -- the real orchestrator loop over real Ray actors that stand in for the engines and the trainer ------------
 # (seconds instead of minutes: the pipeline's scheduling, staleness, drops, checkpoints and restarts do not
 # depend on what the roles compute.)
-def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None):
+def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None, hang_at=None):
     """Actor classes with the roles' methods; ``fail_at``: the trainer's process dies in that step once
     (a marker file remembers it, so the restarted trainer goes on)."""
     import os
@@ -104,6 +104,9 @@ def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None):
             if batch.step == fail_at and not marker.exists():
                 marker.write_text("")
                 os._exit(1)  # the process dies, as with the OOM killer
+            if batch.step == hang_at:
+                print("rank 0: entering the step's all-reduce", flush=True)
+                time.sleep(3600)  # hung (a collective whose peer is gone)
             metrics = {**dict.fromkeys(SUMMED_METRICS, 0.0), "grad_norm": float(batch.step), "skipped_step": 0.0,
                        "lr": 1e-3, "tokens": float(batch.total_tokens)}
             return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=f"{out}/broadcast/step_{batch.step}"))
@@ -236,3 +239,49 @@ def test_failure_without_restart_names_the_role_and_cancels_in_flight_work(local
         orch.run()
     assert e.value.role == "trainer" and "\n" not in str(e.value)
     assert not orch.pipe.inflight
+
+
+def test_a_hung_trainer_stops_the_run_at_its_deadline(local_ray, tiny_pair, tmp_path, monkeypatch):
+    """A train step that never returns: the pipeline's deadline (floor 3 s here) stops the run with one line
+    naming the role, the actor, the call and the step, and the tail of the actor's log as detail."""
+    import time
+
+    from orchestrator.failures import RoleFailure
+
+    log = tmp_path / "run" / "logs" / "trainer-0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("loading\nrank 0: entering the step's all-reduce\n")
+    orch = _orchestrator(tiny_pair, tmp_path, monkeypatch, "--max_steps", "4", "--orchestrator.deadline.floor_s", "3",
+                         hang_at=2)
+    t0 = time.monotonic()
+    with pytest.raises(RoleFailure) as e:
+        orch.run()
+    waited = time.monotonic() - t0
+    assert e.value.role == "trainer" and "\n" not in str(e.value)
+    assert "trainer-0 did not answer train_step in step 2 within its deadline" in str(e.value)
+    assert e.value.detail.splitlines()[-1] == "rank 0: entering the step's all-reduce"
+    assert waited < 30, waited  # the deadline, not the hour the step would take
+    assert not orch.pipe.inflight
+    steps = [r["step"] for r in _rows(tmp_path) if "teacher_kl" in r]
+    assert steps == [1]
+    assert all(r["heartbeat/trainer"] >= 0 for r in _rows(tmp_path) if "teacher_kl" in r)
+
+
+def test_deadline_is_the_floor_then_a_multiple_of_the_median(tmp_path):
+    from orchestrator.deadlines import Deadlines, log_tail
+    from shared.config import load
+
+    d = Deadlines(load(["--orchestrator.deadline.floor_s", "10", "--orchestrator.deadline.median_multiple", "4",
+                        "--orchestrator.deadline.after_calls", "3"]), tmp_path)
+    assert d.limit("trainer") == 10  # nothing measured yet
+    for s in (1.0, 9.0):
+        d.record("trainer", s)
+    assert d.limit("trainer") == 10  # two calls: still the floor
+    d.record("trainer", 5.0)
+    assert d.limit("trainer") == 20  # median 5 x 4 = 20 > 10
+    assert d.limit("inference") == 10  # each kind on its own
+    for _ in range(3):
+        d.record("inference", 0.5)
+    assert d.limit("inference") == 10  # 4 x 0.5 = 2 < the floor
+    (tmp_path / "a.log").write_text("\n".join(f"line {i}" for i in range(20)) + "\n\n")
+    assert log_tail(tmp_path / "a.log", 3) == "line 17\nline 18\nline 19" and log_tail(tmp_path / "none.log") == ""
