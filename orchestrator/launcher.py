@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from orchestrator.data import DatasetView
-from shared.config import Config, ConfigError, gpu_slots, to_toml
+from shared.config import Config, ConfigError, to_toml
 from shared.fsutil import MB, WriteError, atomic_write_chunks, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
 from shared.placement import ActorPlan, RunPlan, node_affinity, node_ids, node_list, node_order, plan
@@ -40,16 +40,16 @@ def preflight(cfg: Config) -> RunPlan:
     dry = cfg.dry_run
     out = _check_output_dir(cfg)
     _check_resume(cfg)
-    if not dry:
-        from orchestrator import ckpt_sign
-
-        ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
-        _check_gpus(cfg)
-    env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
     # the actors get the entries of rl's own CUDA_VISIBLE_DEVICES (shared/placement.py); an id beyond what rl
     # sees is a one-line error now, not in an actor later
     actors = plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES"))
     _check_nodes(cfg, actors)
+    if not dry:
+        from orchestrator import ckpt_sign
+
+        ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
+        _check_gpus(actors)
+    env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
     if dry and not (models.is_built(cfg.model.name) and models.is_built(cfg.teacher.name)):
         print(f"dry run: model, tokenizer, prompt-length and disk checks skipped: {cfg.model.name} or "
               f"{cfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
@@ -123,11 +123,10 @@ def _check_resume(cfg: Config) -> None:
                           f"{cfg.max_steps}; raise max_steps to train further")
 
 
-def _check_gpus(cfg: Config) -> None:
+def _check_gpus(actors: list[ActorPlan]) -> None:
     """The ids of this node (node 0) against the GPUs torch sees here; other nodes' GPUs are not visible from
     here (an id too high there fails in its actor)."""
-    wanted = [g for role in ("inference", "teacher", "trainer")
-              for node, g in gpu_slots(getattr(cfg, role).gpu_ids, f"{role}.gpu_ids") if node == 0]
+    wanted = [g for a in actors if a.node == 0 for g in a.devices]
     if wanted:
         import torch
 
