@@ -1,31 +1,24 @@
-"""The trainer half on one GPU: our FSDP2 + LoRA step in bf16 over NCCL (world size 1), checked against
-the same step in float32 on the CPU, then timed, with its peak GPU memory.
+"""The trainer half on one GPU: our FSDP2 + LoRA step in bf16 over NCCL (world size 1), checked against the
+same step in float32 on the CPU (gloo), then timed, with its peak GPU memory; JSON and Markdown to ``--out``.
 
-On the lent GPU machine (the ``run`` tool runs a command in the repository root and brings $OUT back;
-torch, transformers, peft and safetensors are installed there; about 2 minutes of a 10-minute limit)::
+On the lent GPU machine (``run`` executes in the repository root and brings $OUT back; ~2 of its 10 minutes)::
 
     python scripts/gpu_check.py --out "$OUT"
 
-On the CPU (``tests/test_gpu_check.py``: gloo, a 2-layer 64-wide model, seconds)::
+On the CPU (``tests/test_gpu_check.py``; a 2-layer 64-wide model, seconds)::  python scripts/gpu_check.py --cpu
 
-    python scripts/gpu_check.py --cpu --out /tmp/gpu_check
+That machine has torch, transformers, peft and safetensors but no vLLM, Ray, msgspec or network, and a call
+carries 64 MiB at most, so SmolLM2's weights stay behind: the model has SmolLM2-135M-Instruct's architecture
+(:data:`SMOLLM2_135M`) and random weights from ``--seed`` (this checks throughput, memory and numerics, not
+quality).  The step is the trainer's own: ``TrainerRank.setup`` (peft LoRA, ``fully_shard`` per layer,
+``MixedPrecisionPolicy(bf16, reduce fp32)``), ``accumulate`` (``trainer/loss.py``) and ``apply_update``.
 
-That machine has no vLLM, Ray, msgspec or network, and a call carries at most 64 MiB, so SmolLM2's
-weights (a 98 MB GGUF) stay behind: the model has SmolLM2-135M-Instruct's architecture
-(:data:`SMOLLM2_135M`, from the GGUF's metadata) and random weights drawn from ``--seed``.  This checks
-throughput, memory and numerics, not quality.  The step is the trainer's own: ``TrainerRank.setup``
-(peft LoRA, ``fully_shard`` per layer, ``MixedPrecisionPolicy(bf16, reduce fp32)``), ``accumulate``
-(``trainer/loss.py``'s ``token_logprobs`` + ``policy_loss``) and ``apply_update`` (clip, AdamW).
-
-1. A random model, saved as safetensors and loaded by ``setup`` as a run loads its student.
+1. A random model saved as safetensors, loaded by ``setup`` as a run loads its student.
 2. LoRA A and B both drawn: with peft's B = 0 the gradient of A is exactly 0 and the check blind to it.
-3. A synthetic batch of B samples of T tokens: prompts of T/8..T/4 random tokens, then completion tokens;
-   inference log-probs = the float32 base model's + N(0, 0.05^2) (a sampler's numeric drift, so the
-   ratios stay near 1 and none is masked), advantages ~ N(0, 1).
-4. The device step: its loss and LoRA gradients are kept, then the update applied; warm-up and timed steps.
-5. The same first step in float32 over gloo on the CPU; the comparison (:func:`compare`).
-
-Exit 0 if every check passes, 1 if one fails (JSON and Markdown are written either way).
+3. Synthetic samples of T tokens: prompts of T/8..T/4 random tokens, then the completion; inference log-probs
+   = the float32 base model's + N(0, 0.05^2) (a sampler's drift: ratios near 1, none masked); advantages N(0, 1).
+4. The device step's loss and LoRA gradients, then its update; warm-up and timed steps.
+5. The same first step in float32 on the CPU, and :func:`compare`.  Exit 1 if a check fails, 0 if all pass.
 """
 
 from __future__ import annotations
@@ -35,12 +28,11 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shared.fsutil import atomic_write_text  # noqa: E402
+from shared.weight_sync import free_port  # noqa: E402  (vLLM and Ray only inside its other functions)
 from trainer.loss import token_logprobs  # noqa: E402
 from trainer.worker import TrainerRank  # noqa: E402
 
@@ -65,12 +58,12 @@ TINY = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_laye
 SPEC = dict(seed=0, lr=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_schedule="constant", total_steps=100,
             lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
             mask_ratio_low=0.125, mask_ratio_high=8.0, ref_kl_coef=0.0, entropy_coef=0.0)
-# bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%); matmuls accumulate in float32 and the loss's
-# softmax runs in float32, so the error is bf16 rounding of weights and activations, layer after layer.
-# Measured with this script on the CPU (bf16 vs float32, SmolLM2-135M architecture, 2 x 128 tokens,
-# 2026-12-02): loss_rel 1.5e-4, 1 - grad_cosine 1.6e-4, grad_norm_rel 1.7e-3.  The tolerances leave 15-60x
-# for the GPU's kernels (bf16 flash attention, other reduction orders) while a wrong step (a shifted mask,
-# a dropped ratio, other advantages: see tests/test_gpu_check.py) moves these by percents.
+# bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%); matmuls accumulate and the loss's softmax runs in
+# float32, so the error is bf16 rounding of weights and activations, layer after layer.  Measured on the CPU
+# (bf16 vs float32, SmolLM2-135M's architecture, 2 x 128 tokens; benchmarks/results/gpu_check_2026-12-02_
+# cpu_smollm2.json): loss_rel 1.5e-4, 1 - grad_cosine 1.6e-4, grad_norm_rel 1.7e-3.  The tolerances leave
+# 15-60x for the GPU's kernels (bf16 flash attention, other reduction orders); a wrong reference (advantages
+# + 0.3 N(0, 1)) gives cosine 0.95 (tests/test_gpu_check.py).
 TOLERANCES = dict(loss_rel=0.01, grad_cosine=0.995, grad_norm_rel=0.03)
 
 
@@ -105,17 +98,15 @@ def save_random_model(hyper: dict, seed: int, path: Path):
 def synthetic_batch(model, n: int, length: int, seed: int) -> Batch:
     """``n`` samples of ``length`` tokens (see the module docstring, step 3)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (n, length), generator=gen)  # B x T, no special tokens
+    ids = torch.randint(3, model.config.vocab_size, (n, length), generator=gen)  # B x T, no special tokens
     prompt_lens = torch.randint(length // 8, length // 4 + 1, (n,), generator=gen).tolist()
     with torch.no_grad():
         lp = token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])  # B x (T-1): lp[:, t] for token t+1
     samples = []
     for i, p in enumerate(prompt_lens):
         c = length - p
-        drift = 0.05 * torch.randn(c, generator=gen)
         samples.append(Sample(input_ids=ids[i].tolist(), prompt_len=p,
-                              inference_logprobs=(lp[i, p - 1:] + drift).tolist(),
+                              inference_logprobs=(lp[i, p - 1:] + 0.05 * torch.randn(c, generator=gen)).tolist(),
                               advantages=torch.randn(c, generator=gen).tolist()))
     return Batch(step=1, samples=samples, total_tokens=sum(length - p for p in prompt_lens))
 
@@ -123,16 +114,8 @@ def synthetic_batch(model, n: int, length: int, seed: int) -> Batch:
 def perturbed(batch: Batch, eps: float, seed: int) -> Batch:
     """``batch`` with ``eps * N(0, 1)`` added to every advantage: a wrong reference the check must catch."""
     gen = torch.Generator().manual_seed(seed + 2)
-    samples = [Sample(s.input_ids, s.prompt_len, s.inference_logprobs,
-                      (torch.tensor(s.advantages) + eps * torch.randn(len(s.advantages), generator=gen)).tolist())
-               for s in batch.samples]
-    return Batch(batch.step, samples, batch.total_tokens)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return replace(batch, samples=[replace(s, advantages=(torch.tensor(s.advantages) + eps * torch.randn(
+        len(s.advantages), generator=gen)).tolist()) for s in batch.samples])
 
 
 def make_rank(model_dir: Path, backend: str, dtype: str, seed: int, out: Path) -> TrainerRank:
@@ -166,9 +149,31 @@ def first_step(rank: TrainerRank, batch: Batch) -> tuple[float, dict[str, torch.
     return loss, grads, rank.apply_update()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def timed_steps(rank: TrainerRank, batch: Batch, warmup: int, reps: int) -> dict:
+    """``warmup`` then ``reps`` timed steps (``accumulate`` + ``apply_update``, CUDA synchronised around each);
+    the median step, tokens (prompt + completion) per second and peak memory (GPU: since this call began)."""
+    cuda = rank.device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(warmup + reps):
+        t0 = time.perf_counter()
+        rank.accumulate(batch)
+        rank.apply_update()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    n, length = len(batch.samples), len(batch.samples[0].input_ids)
+    median = statistics.median(times[warmup:])
+    if cuda:
+        peak = dict(peak_gib=torch.cuda.max_memory_allocated() / 2**30, peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    else:
+        import resource
+        peak = dict(peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # process max RSS so far
+    return dict(samples=n, length=length, tokens=n * length, completion_tokens=batch.total_tokens, warmup=warmup,
+                reps=reps, step_seconds=times[warmup:], step_seconds_median=median, tokens_per_second=n * length / median,
+                **peak)
 
 
 def compare(loss: float, grads: dict, ref_loss: float, ref_grads: dict, batch: Batch, tol: dict) -> dict:
@@ -200,26 +205,37 @@ def compare(loss: float, grads: dict, ref_loss: float, ref_grads: dict, batch: B
 
 
 def markdown(res: dict) -> str:
-    c, t, m = res["comparison"], res["timing"], res["memory"]
+    c, tol, b = res["comparison"], res["tolerances"], res["timing"][0]
+    memory = "torch.cuda.max_memory_allocated" if res["mode"] == "gpu" else "process max RSS"
     lines = [f"# Trainer step check: {res['device']} ({res['mode']})", "",
              f"{res['date']}; torch {res['torch']}, transformers {res['transformers']}, peft {res['peft']}; "
              f"load average {res['loadavg']:.2f}; `{res['command']}`.", "",
-             f"Model: {res['model']} with random weights ({res['parameters'] / 1e6:.1f}M parameters), LoRA r "
-             f"{SPEC['lora_rank']} on {', '.join(SPEC['lora_targets'])}; batch {res['batch']['samples']} x "
-             f"{res['batch']['length']} tokens ({res['batch']['completion_tokens']} completion tokens); "
-             f"{res['backend']}, {res['dtype']} against float32 on the CPU (gloo).", "",
+             f"{res['model']}, random weights ({res['parameters'] / 1e6:.1f}M parameters), LoRA r {SPEC['lora_rank']} "
+             f"on {', '.join(SPEC['lora_targets'])}; {res['backend']}, {res['dtype']}, against float32 on the CPU "
+             f"(gloo), one step on {b['samples']} x {b['length']} tokens ({b['completion_tokens']} completion tokens).", "",
              "| check | device | reference | error | tolerance | pass |", "|---|---|---|---|---|---|",
              f"| loss | {c['loss']:.6g} | {c['ref_loss']:.6g} | {c['loss_rel']:.2e} of scale {c['loss_scale']:.3g} "
-             f"| {res['tolerances']['loss_rel']} | {c['checks']['loss']} |",
-             f"| LoRA gradient direction | | | cosine {c['grad_cosine']:.6f} (min per tensor "
-             f"{c['grad_cosine_min_tensor']:.4f}) | >= {res['tolerances']['grad_cosine']} | {c['checks']['grad_cosine']} |",
+             f"| {tol['loss_rel']} | {c['checks']['loss']} |",
+             f"| LoRA gradient direction | | | cosine {c['grad_cosine']:.6f} (per tensor >= "
+             f"{c['grad_cosine_min_tensor']:.4f}) | >= {tol['grad_cosine']} | {c['checks']['grad_cosine']} |",
              f"| LoRA gradient norm | {c['grad_norm']:.6g} | {c['ref_grad_norm']:.6g} | {c['grad_norm_rel']:.2e} "
-             f"| {res['tolerances']['grad_norm_rel']} | {c['checks']['grad_norm']} |", "",
-             f"Step (forward + backward + AdamW), median of {t['reps']} after {t['warmup']} warm-up: "
-             f"{t['step_seconds_median']:.4f} s, **{t['tokens_per_second']:.0f} tokens/s**; peak memory "
-             f"{m['peak_gib']:.2f} GiB ({m['what']}).", "",
-             f"Overall: **{'PASS' if res['passed'] else 'FAIL'}**.", ""]
-    return "\n".join(lines)
+             f"| {tol['grad_norm_rel']} | {c['checks']['grad_norm']} |", "",
+             f"Steps (forward + backward + AdamW; median of the timed steps after warm-up; peak: {memory}):", "",
+             "| batch | warm-up + timed | step (s) | tokens/s | peak (GiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {t['samples']} x {t['length']} | {t['warmup']} + {t['reps']} | {t['step_seconds_median']:.4f} "
+              f"| {t['tokens_per_second']:.0f} | {t['peak_gib']:.2f} |" for t in res["timing"]]
+    return "\n".join(lines + ["", f"Overall: **{'PASS' if res['passed'] else 'FAIL'}**.", ""])
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    """``"32x512,64x256"`` -> ``[(32, 512), (64, 256)]`` (samples x tokens); ``""`` -> ``[]``."""
+    try:
+        out = [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        out = [()]
+    if any(len(s) != 2 or s[0] < 1 or s[1] < 16 for s in out):
+        raise argparse.ArgumentTypeError(f"expected BxT[,BxT...] with B >= 1 and T >= 16, got {text!r}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
                     help="folder for gpu_check_<date>_<mode>.json/.md (default: $OUT, else benchmarks/results)")
     ap.add_argument("--model", choices=["smollm2", "tiny"], help="architecture (default smollm2; tiny with --cpu)")
-    ap.add_argument("--batch", type=int, help="samples per step (default 8; 4 with --cpu)")
-    ap.add_argument("--length", type=int, help="tokens per sample (default 256; 64 with --cpu)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the checked one")
-    ap.add_argument("--reps", type=int, default=5, help="timed steps")
+    ap.add_argument("--shape", type=shapes, help="the checked and timed batch, BxT (default 8x256; 4x64 with --cpu)")
+    ap.add_argument("--also", type=shapes, help="more batches, timed only (default 32x512; none with --cpu)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
+    ap.add_argument("--reps", type=int, default=10, help="timed steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--perturb-reference", type=float, default=0.0, metavar="EPS",
                     help="add EPS * N(0,1) to the reference's advantages: the check must then fail (tests)")
@@ -241,9 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         ap.error("no CUDA device; use --cpu for the CPU path")
-    n, length = args.batch or (4 if args.cpu else 8), args.length or (64 if args.cpu else 256)
-    if n < 1 or length < 16 or args.reps < 1 or args.warmup < 0:
-        ap.error("--batch >= 1, --length >= 16, --reps >= 1, --warmup >= 0")
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
+    if args.shape and len(args.shape) != 1:
+        ap.error("--shape: one BxT")
+    shape = (args.shape or [(4, 64) if args.cpu else (8, 256)])[0]
+    also = args.also if args.also is not None else ([] if args.cpu else [(32, 512)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tiny = (args.model or ("tiny" if args.cpu else "smollm2")) == "tiny"
@@ -253,44 +272,28 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     import transformers
 
-    clock = time.perf_counter()
-    phases: dict[str, float] = {}
+    phases, clock = {}, [time.perf_counter()]
 
     def phase(name: str) -> None:  # seconds since the previous phase ended
-        nonlocal clock
-        phases[name], clock = time.perf_counter() - clock, time.perf_counter()
+        phases[name] = time.perf_counter() - clock[0]
+        clock[0] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         base = save_random_model(hyper, args.seed, Path(tmp) / "model")
         params = sum(p.numel() for p in base.parameters())
-        batch = synthetic_batch(base, n, length, args.seed)
+        batch, *more = [synthetic_batch(base, n, length, args.seed) for n, length in [shape, *also]]
         del base
-        phase("model_and_batch")
+        phase("model_and_batches")
         rank = make_rank(Path(tmp) / "model", backend, dtype, args.seed, Path(tmp) / "dev")
-        dev = rank.device
         phase("device_setup")
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         loss, grads, update = first_step(rank, batch)
-        times = []
-        for i in range(args.warmup + args.reps):
-            sync(dev)
-            t0 = time.perf_counter()
-            rank.accumulate(batch)
-            rank.apply_update()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        phase("device_steps")
-        if dev.type == "cuda":
-            memory = dict(peak_gib=torch.cuda.max_memory_allocated() / 2**30, what="torch.cuda.max_memory_allocated",
-                          peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
-            device_name = torch.cuda.get_device_name(0)
-        else:
-            import resource
-            memory = dict(peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, what="process max RSS")
-            device_name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        timing = [timed_steps(rank, b, args.warmup, args.reps) for b in [batch, *more]]
+        device_name = (torch.cuda.get_device_name(0) if rank.device.type == "cuda"
+                       else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
+        print("gpu_check: device steps", json.dumps(dict(loss=loss, device=device_name, timing=timing)), flush=True)
         dist.destroy_process_group()
         del rank
+        phase("device_steps")
         ref_batch = perturbed(batch, args.perturb_reference, args.seed) if args.perturb_reference else batch
         ref = make_rank(Path(tmp) / "model", "gloo", "float32", args.seed, Path(tmp) / "ref")
         try:
@@ -300,19 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         phase("reference")
     tol = {k: getattr(args, k) for k in TOLERANCES}
     comparison = compare(loss, grads, ref_loss, ref_grads, batch, tol)
-    timed = times[args.warmup:]
-    median = statistics.median(timed)
     res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), mode="cpu" if args.cpu else "gpu",
                device=device_name, torch=torch.__version__, transformers=transformers.__version__,
                peft=peft.__version__, python=platform.python_version(), loadavg=os.getloadavg()[0],
                command="python scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               model="tiny Llama (2 layers, width 64)" if tiny else "SmolLM2-135M-Instruct architecture",
+               model="A tiny Llama (2 layers, width 64)" if tiny else "SmolLM2-135M-Instruct's architecture",
                hyper=hyper, parameters=params, spec=SPEC, backend=backend, dtype=dtype,
-               batch=dict(samples=n, length=length, tokens=n * length, completion_tokens=batch.total_tokens),
-               perturb_reference=args.perturb_reference, tolerances=tol, comparison=comparison,
-               first_update=update, timing=dict(warmup=args.warmup, reps=args.reps, step_seconds=timed,
-                                                step_seconds_median=median, tokens_per_second=n * length / median),
-               memory=memory, phase_seconds=phases, passed=comparison["passed"])
+               perturb_reference=args.perturb_reference, tolerances=tol, comparison=comparison, first_update=update,
+               timing=timing, phase_seconds=phases, passed=comparison["passed"])
     stem = out / f"gpu_check_{time.strftime('%Y-%m-%d', time.gmtime())}_{res['mode']}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
     atomic_write_text(stem.with_suffix(".md"), markdown(res))
