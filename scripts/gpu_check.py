@@ -1,7 +1,8 @@
 """The trainer half on one GPU: our FSDP2 + LoRA step in bf16 over NCCL (world size 1), checked against the
 same step in float32 on the CPU (gloo), then timed, with its peak GPU memory; JSON and Markdown to ``--out``.
 
-On the lent GPU machine (``run`` executes in the repository root and brings $OUT back; ~2 of its 10 minutes)::
+On the lent GPU machine (``run`` executes in the repository root and brings $OUT back; an estimated 2-4 of
+its 10 minutes, not yet run on a GPU)::
 
     python scripts/gpu_check.py --out "$OUT"
 
@@ -32,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -67,24 +68,6 @@ SPEC = dict(seed=0, lr=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_schedule="c
 TOLERANCES = dict(loss_rel=0.01, grad_cosine=0.995, grad_norm_rel=0.03)
 
 
-@dataclass
-class Sample:  # the fields of shared.wire.TrainSample that TrainerRank reads (no msgspec here)
-    input_ids: list[int]
-    prompt_len: int
-    inference_logprobs: list[float]
-    advantages: list[float]
-    sft_weight: float = 0.0
-    policy: bool = True
-
-
-@dataclass
-class Batch:  # shared.wire.TrainBatch's fields
-    step: int
-    samples: list[Sample]
-    total_tokens: int
-    num_micro_batches: int = 1
-
-
 def save_random_model(hyper: dict, seed: int, path: Path):
     """A LlamaForCausalLM with ``hyper``, weights from ``seed``, saved to ``path``; returns the model (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,8 +78,9 @@ def save_random_model(hyper: dict, seed: int, path: Path):
     return model
 
 
-def synthetic_batch(model, n: int, length: int, seed: int) -> Batch:
-    """``n`` samples of ``length`` tokens (see the module docstring, step 3)."""
+def synthetic_batch(model, n: int, length: int, seed: int) -> SimpleNamespace:
+    """``n`` samples of ``length`` tokens (the module docstring, step 3), as objects with the fields of
+    ``shared.wire.TrainBatch`` / ``TrainSample`` that ``TrainerRank.accumulate`` reads."""
     gen = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(3, model.config.vocab_size, (n, length), generator=gen)  # B x T, no special tokens
     prompt_lens = torch.randint(length // 8, length // 4 + 1, (n,), generator=gen).tolist()
@@ -105,17 +89,19 @@ def synthetic_batch(model, n: int, length: int, seed: int) -> Batch:
     samples = []
     for i, p in enumerate(prompt_lens):
         c = length - p
-        samples.append(Sample(input_ids=ids[i].tolist(), prompt_len=p,
-                              inference_logprobs=(lp[i, p - 1:] + 0.05 * torch.randn(c, generator=gen)).tolist(),
-                              advantages=torch.randn(c, generator=gen).tolist()))
-    return Batch(step=1, samples=samples, total_tokens=sum(length - p for p in prompt_lens))
+        samples.append(SimpleNamespace(input_ids=ids[i].tolist(), prompt_len=p, sft_weight=0.0, policy=True,
+                             inference_logprobs=(lp[i, p - 1:] + 0.05 * torch.randn(c, generator=gen)).tolist(),
+                             advantages=torch.randn(c, generator=gen).tolist()))
+    total = sum(length - p for p in prompt_lens)  # completion tokens: the loss's normaliser
+    return SimpleNamespace(step=1, samples=samples, total_tokens=total, num_micro_batches=1)
 
 
-def perturbed(batch: Batch, eps: float, seed: int) -> Batch:
+def perturbed(batch: SimpleNamespace, eps: float, seed: int) -> SimpleNamespace:
     """``batch`` with ``eps * N(0, 1)`` added to every advantage: a wrong reference the check must catch."""
     gen = torch.Generator().manual_seed(seed + 2)
-    return replace(batch, samples=[replace(s, advantages=(torch.tensor(s.advantages) + eps * torch.randn(
-        len(s.advantages), generator=gen)).tolist()) for s in batch.samples])
+    noisy = [SimpleNamespace(**{**vars(s), "advantages": (torch.tensor(s.advantages) + eps * torch.randn(
+        len(s.advantages), generator=gen)).tolist()}) for s in batch.samples]
+    return SimpleNamespace(**{**vars(batch), "samples": noisy})
 
 
 def make_rank(model_dir: Path, backend: str, dtype: str, seed: int, out: Path) -> TrainerRank:
@@ -136,7 +122,7 @@ def make_rank(model_dir: Path, backend: str, dtype: str, seed: int, out: Path) -
     return rank
 
 
-def first_step(rank: TrainerRank, batch: Batch) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+def first_step(rank: TrainerRank, batch: SimpleNamespace) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
     """One step: the loss (every term summed), the full LoRA gradients (float32, CPU) before the update, and
     the update's metrics."""
     totals = rank.accumulate(batch)
@@ -149,7 +135,7 @@ def first_step(rank: TrainerRank, batch: Batch) -> tuple[float, dict[str, torch.
     return loss, grads, rank.apply_update()
 
 
-def timed_steps(rank: TrainerRank, batch: Batch, warmup: int, reps: int) -> dict:
+def timed_steps(rank: TrainerRank, batch: SimpleNamespace, warmup: int, reps: int) -> dict:
     """``warmup`` then ``reps`` timed steps (``accumulate`` + ``apply_update``, CUDA synchronised around each);
     the median step, tokens (prompt + completion) per second and peak memory (GPU: since this call began)."""
     cuda = rank.device.type == "cuda"
@@ -167,16 +153,18 @@ def timed_steps(rank: TrainerRank, batch: Batch, warmup: int, reps: int) -> dict
     n, length = len(batch.samples), len(batch.samples[0].input_ids)
     median = statistics.median(times[warmup:])
     if cuda:
-        peak = dict(peak_gib=torch.cuda.max_memory_allocated() / 2**30, peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+        peak = dict(peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     else:
         import resource
         peak = dict(peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # process max RSS so far
     return dict(samples=n, length=length, tokens=n * length, completion_tokens=batch.total_tokens, warmup=warmup,
-                reps=reps, step_seconds=times[warmup:], step_seconds_median=median, tokens_per_second=n * length / median,
+                reps=reps, step_seconds=times[warmup:], step_seconds_median=median,
+                tokens_per_second=n * length / median,
                 **peak)
 
 
-def compare(loss: float, grads: dict, ref_loss: float, ref_grads: dict, batch: Batch, tol: dict) -> dict:
+def compare(loss: float, grads: dict, ref_loss: float, ref_grads: dict, batch: SimpleNamespace, tol: dict) -> dict:
     """Device step against the float32 reference.
 
     - ``loss_rel = |L - L_ref| / (sum_t |A_t| / N)``: the loss error against the loss's scale (with
@@ -212,7 +200,8 @@ def markdown(res: dict) -> str:
              f"load average {res['loadavg']:.2f}; `{res['command']}`.", "",
              f"{res['model']}, random weights ({res['parameters'] / 1e6:.1f}M parameters), LoRA r {SPEC['lora_rank']} "
              f"on {', '.join(SPEC['lora_targets'])}; {res['backend']}, {res['dtype']}, against float32 on the CPU "
-             f"(gloo), one step on {b['samples']} x {b['length']} tokens ({b['completion_tokens']} completion tokens).", "",
+             f"(gloo), one step on {b['samples']} x {b['length']} tokens ({b['completion_tokens']} completion "
+             "tokens).", "",
              "| check | device | reference | error | tolerance | pass |", "|---|---|---|---|---|---|",
              f"| loss | {c['loss']:.6g} | {c['ref_loss']:.6g} | {c['loss_rel']:.2e} of scale {c['loss_scale']:.3g} "
              f"| {tol['loss_rel']} | {c['checks']['loss']} |",

@@ -101,7 +101,8 @@ def test_smollm2_architecture_is_the_gguf_one():
     assert meta("llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
     assert meta("llama.vocab_size") == cfg.vocab_size
     assert meta("llama.context_length") == cfg.max_position_embeddings
-    assert (meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id")) == (cfg.bos_token_id, cfg.eos_token_id)
+    assert meta("tokenizer.ggml.bos_token_id") == cfg.bos_token_id
+    assert meta("tokenizer.ggml.eos_token_id") == cfg.eos_token_id
     names = {t.name for t in reader.tensors}
     assert ("output.weight" not in names) == cfg.tie_word_embeddings
     # and the model built from them has exactly the GGUF's weights, element for element
