@@ -6,7 +6,9 @@ its 10 minutes, not yet run on a GPU)::
 
     python scripts/gpu_check.py --out "$OUT"
 
-On the CPU (``tests/test_gpu_check.py``; a 2-layer 64-wide model, seconds)::  python scripts/gpu_check.py --cpu
+On the CPU (``tests/test_gpu_check.py``; a 2-layer 64-wide model, seconds)::
+
+    python scripts/gpu_check.py --cpu --out /tmp/gpu_check
 
 That machine has torch, transformers, peft and safetensors but no vLLM, Ray, msgspec or network, and a call
 carries 64 MiB at most, so SmolLM2's weights stay behind: the model has SmolLM2-135M-Instruct's architecture
