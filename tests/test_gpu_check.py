@@ -82,7 +82,7 @@ def test_smollm2_architecture_is_the_gguf_one():
     from gguf import GGUFReader
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shared.smollm2 import gguf_path
+    from shared.builders.smollm2 import gguf_path
 
     reader = GGUFReader(str(gguf_path()))
 
