@@ -16,15 +16,19 @@ import math
 import os
 import shutil
 import time
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
-from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode
 from trainer.loss import entropy, masked_nll, policy_loss, reference_kl, token_logprobs
 from trainer.schedule import lr_multiplier
+
+if TYPE_CHECKING:  # msgspec is imported where bytes are decoded, so the step runs without it
+    from shared.wire import TrainBatch
 
 
 class TrainerRank:
@@ -155,16 +159,39 @@ class TrainerRank:
         return tensors, length - first
 
     def train_step(self, batch_bytes: bytes) -> bytes:
-        batch: TrainBatch = decode(batch_bytes, TrainBatch)
-        spec = self.spec
+        """One optimizer step on a msgpack :class:`TrainBatch`: :meth:`accumulate`, :meth:`apply_update`,
+        then the adapter published; returns a msgpack :class:`StepResult`."""
+        from shared.wire import SUMMED_METRICS, StepResult, TrainBatch, decode, encode  # msgspec: the wire only
+
+        batch = decode(batch_bytes, TrainBatch)
         t0 = time.perf_counter()
+        totals = self.accumulate(batch)
+        update = self.apply_update()
+        train_seconds = time.perf_counter() - t0
+        adapter = self._publish(batch.step)
+        metrics = {
+            **dict.fromkeys(SUMMED_METRICS, 0.0),
+            **totals,
+            **update,
+            "time/trainer_compute": train_seconds,
+            "time/adapter_save": time.perf_counter() - t0 - train_seconds,
+        }
+        return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=str(adapter)))
+
+    def accumulate(self, batch: TrainBatch) -> dict[str, float]:
+        """Forward and backward of each micro-batch of ``batch``; the gradients stay on the parameters.
+
+        ``batch`` is a :class:`TrainBatch` or anything with its fields (``scripts/gpu_check.py`` passes
+        plain objects: no msgspec there).  Returns the summed metrics (``SUMMED_METRICS``'s keys that
+        occurred)."""
+        spec = self.spec
         model = self.model
         model.train()
         samples = batch.samples
         chunks = [samples[i :: batch.num_micro_batches] for i in range(batch.num_micro_batches)]
         ref_coef, ent_coef = float(spec.get("ref_kl_coef", 0.0)), float(spec.get("entropy_coef", 0.0))
         n_tokens = float(max(batch.total_tokens, 1))  # every term's normaliser: policy tokens across ranks
-        totals = dict.fromkeys(SUMMED_METRICS, 0.0)
+        totals: dict[str, float] = defaultdict(float)
         for k, chunk in enumerate(chunks):
             weight = 1.0
             if not chunk:  # keep collectives aligned across ranks: a zero-weight pass
@@ -203,6 +230,12 @@ class TrainerRank:
             totals["masked_high"] += stats["masked_high"]
             totals["ratio_sum"] += stats["ratio_mean"] * stats["tokens"]
             totals["tokens"] += stats["tokens"]
+        return dict(totals)
+
+    def apply_update(self) -> dict[str, float]:
+        """Clip the accumulated gradients, step AdamW (unless the norm is not finite or exactly 0), zero the
+        gradients and advance the schedule; returns ``grad_norm``, ``lr``, ``skipped_step``, ``zero_grad_step``."""
+        spec, model = self.spec, self.model
         params = [p for p in model.parameters() if p.requires_grad]
         max_norm = spec["max_grad_norm"] or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -218,18 +251,7 @@ class TrainerRank:
             self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()  # a skipped step still advances the schedule: it follows the step number
-        train_seconds = time.perf_counter() - t0
-        adapter = self._publish(batch.step)
-        metrics = {
-            **totals,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "skipped_step": float(skipped),
-            "zero_grad_step": float(zero),
-            "time/trainer_compute": train_seconds,
-            "time/adapter_save": time.perf_counter() - t0 - train_seconds,
-        }
-        return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=str(adapter)))
+        return {"grad_norm": grad_norm, "lr": lr, "skipped_step": float(skipped), "zero_grad_step": float(zero)}
 
     # -- checkpoints (orchestrator/checkpoint.py assembles the directory) --------------------------
     def _state(self) -> dict:
