@@ -181,7 +181,18 @@ def _recording(log):
         def note(name):
             ray.get(log.add.remote(name))
 
-        class RecInference(Inference):
+        class Sleeps:  # the engines' sleep / wake_up (shared/engines.py), recorded
+            role = ""
+
+            def sleep(self, level):
+                note(f"{self.role}.sleep({level})")
+
+            def wake_up(self):
+                note(f"{self.role}.wake_up")
+
+        class RecInference(Sleeps, Inference):
+            role = "inference"
+
             def generate(self, *a):
                 note("inference.generate")
                 return super().generate(*a)
@@ -190,22 +201,12 @@ def _recording(log):
                 note("inference.load_adapter")
                 return super().load_adapter(path, step)
 
-            def sleep(self, level):
-                note(f"inference.sleep({level})")
+        class RecTeacher(Sleeps, Teacher):
+            role = "teacher"
 
-            def wake_up(self):
-                note("inference.wake_up")
-
-        class RecTeacher(Teacher):
             def score(self, data):
                 note("teacher.score")
                 return super().score(data)
-
-            def sleep(self, level):
-                note(f"teacher.sleep({level})")
-
-            def wake_up(self):
-                note("teacher.wake_up")
 
         class RecTrainer(Trainer):
             def train_step(self, data):
