@@ -15,19 +15,17 @@ engines sample while the trainer steps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from shared.engines import SLEEP_LEVEL
 
-if TYPE_CHECKING:
-    from orchestrator.roles import Roles
-
 
 class Colocation:
-    """The engines that sleep while the trainer steps, from the plan and the started actors (``Roles.actors``
-    by role, in plan order: ``actors[role][a.index]`` is ``a``'s actor)."""
+    """The engines that sleep while the trainer steps, from ``roles`` (an ``orchestrator.roles.Roles``, which
+    builds this: not imported here, no import circle): its plan and its started actors, by role in plan order
+    (``actors[role][a.index]`` is ``a``'s actor)."""
 
-    def __init__(self, roles: Roles):
+    def __init__(self, roles: Any):
         self.roles = roles
         self.sleepers = [(a.role, a.name, roles.actors[a.role][a.index]) for a in roles.run.actors if a.sleeps]
 
