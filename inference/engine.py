@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.engines import completion_logprobs, make_llm_from_spec, sample
+from shared.engines import Sleeps, completion_logprobs, make_llm_from_spec, sample
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from shared.wire import Rollout, RolloutBatch, encode
 
 
-class InferenceEngine:
+class InferenceEngine(Sleeps):
     """Ray actor body. One per data-parallel rank; the orchestrator spreads prompts across them."""
 
     def __init__(self, model_path: str, spec: dict, log_path: str):

@@ -17,12 +17,13 @@ from typing import Any
 
 import ray
 
+from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import get
 from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
-from shared.placement import RunPlan, node_affinity
+from shared.placement import ActorPlan, RunPlan, node_affinity
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, TrainBatch, decode, encode
 
 ROLES = ("inference", "teacher", "trainer")
@@ -83,7 +84,8 @@ class Roles:
                             lora_mode=inf.lora_mode, answers=list(cfg.orchestrator.env_args.answers),
                             answer_choice=cfg.orchestrator.env_args.answer_choice,
                             gpu_memory_utilization=inf.gpu_memory_utilization,
-                            finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer)
+                            finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer,
+                            sleep=a.sleeps)
                 options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib))
                 self.actors["inference"].append(
                     ray.remote(InferenceEngine).options(**options).remote(self.run.student, spec, log))
@@ -91,7 +93,7 @@ class Roles:
                 options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
                 self.actors["trainer"].append(ray.remote(TrainerRank).options(**options).remote(
                     a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.run.student,
-                    {**self.trainer_spec(), **self.finetune_spec()}, str(out), log))
+                    {**self.trainer_spec(), **self.finetune_spec(), **memory_spec(a)}, str(out), log))
         # Start everything at once; report each role's start-up time.
         refs = {role: [x.setup.remote() if role == "trainer" else x.ready.remote() for x in self.actors[role]]
                 for role in ROLES}
@@ -106,6 +108,11 @@ class Roles:
             self._join_weight_group()
         self.write_pids()
         return times
+
+    @property
+    def colocation(self) -> Colocation:
+        """The engines that sleep while the trainer steps (none unless placement.colocate put one beside it)."""
+        return Colocation(self)
 
     def kill(self) -> None:
         for actors in self.actors.values():
@@ -220,6 +227,15 @@ class Roles:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "logs" / "pids.json",
                           json.dumps({"orchestrator-0": os.getpid(), **dict(zip(names, pids))}, indent=1) + "\n")
+
+
+def memory_spec(a: ActorPlan) -> dict[str, Any]:
+    """A colocated trainer rank's memory (shared/placement.py): ``gpu_memory_fraction`` caps torch's allocator
+    while it steps; with engines asleep beside it, ``empty_cache`` after each step returns what its cache keeps
+    beyond ``held`` before they wake. Nothing for a rank that has its GPU to itself."""
+    if not a.memory:
+        return {}
+    return {"gpu_memory_fraction": a.memory, "empty_cache": a.held != a.memory}
 
 
 def rollouts_of(replies: list[bytes], adapter_base: int) -> tuple[list, dict[int, int]]:

@@ -44,7 +44,8 @@ class EngineTeacher(TeacherBackend):
         from shared.engines import engine_env
         from teacher.engine import TeacherEngine
 
-        spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp, gpu_memory_utilization=cfg.teacher.gpu_memory_utilization)
+        spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp, gpu_memory_utilization=cfg.teacher.gpu_memory_utilization,
+                    sleep=a.sleeps)
         options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib))
         return ray.remote(TeacherEngine).options(**options).remote(run.teacher, spec, log)
 

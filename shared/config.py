@@ -222,6 +222,11 @@ class TrainerConfig(_Section):
                                                          "or an NCCL broadcast from trainer rank 0 (GPUs only)") = (
         "filesystem"
     )
+    gpu_memory_fraction: _doc(float, "placement.colocate: each trainer rank's share of its GPU while it steps "
+                                     "(torch.cuda.set_per_process_memory_fraction)", gt=0, le=1) = 1.0
+    gpu_memory_idle_fraction: _doc(float, "placement.colocate with sleeping engines: what a trainer rank keeps of its "
+                                          "GPU between steps (weights, adapter, optimizer; its cache is emptied)",
+                                   gt=0, le=1) = 0.1
 
 
 def _validate_finetune(cfg: Config) -> None:
@@ -580,6 +585,13 @@ class WandbConfig(_Section):
     group: _doc(str, "run group; empty = the experiment's name") = ""
 
 
+class PlacementConfig(_Section):
+    colocate: _doc(bool, "roles may share GPUs (overlapping gpu_ids); each GPU's memory shares are planned and "
+                         "checked (shared/placement.py)") = False
+    sleep: _doc(bool, "with colocate: engines that share a GPU with the trainer sleep (vLLM sleep level 1) while it "
+                      "steps; needs orchestrator.max_async_level = 0") = True
+
+
 class Config(_Section):
     max_steps: _doc(int, "optimizer steps to run", ge=1) = 20
     seed: _doc(int, "seed for prompts, sampling and initialisation", ge=0, le=2**31 - 1) = 0
@@ -595,6 +607,7 @@ class Config(_Section):
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
 
 # Convenience flags of the user's card: `--inference_gpu_ids 0,1` is `--inference.gpu_ids 0,1`.
@@ -850,7 +863,7 @@ def slot_name(slot: tuple[int, int]) -> str:
 
 
 def _validate_gpu_ids(cfg: Config) -> None:
-    """Ids are >= 0, well-formed, and name each (node, GPU) once across all roles."""
+    """Ids are >= 0, well-formed, and name each (node, GPU) once across all roles (unless placement.colocate)."""
     roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids}
     slots: dict[str, list[tuple[int, int]]] = {}
     for role, ids in roles.items():
@@ -862,7 +875,7 @@ def _validate_gpu_ids(cfg: Config) -> None:
     seen: dict[tuple[int, int], str] = {}
     for role, role_slots in slots.items():
         for slot in role_slots:
-            if slot in seen:
+            if slot in seen and not cfg.placement.colocate:
                 raise ConfigError(f"{role}.gpu_ids: GPU {slot_name(slot)} is also given to {seen[slot]}.gpu_ids; "
                                   "roles may not share a device")
             seen[slot] = role

@@ -16,7 +16,7 @@ def engine_env(kv_cache_gib: int) -> dict[str, str]:
     }
 
 
-def make_llm(
+def llm_kwargs(
     model_path: str,
     *,
     dtype: str,
@@ -26,12 +26,18 @@ def make_llm(
     enforce_eager: bool = True,
     gpu_memory_utilization: float = 0.85,
     lora_rank: int = 0,
-    extra: dict[str, Any] | None = None,
-) -> Any:
-    """A ``vllm.LLM``; ``lora_rank > 0`` enables LoRA (never for a scoring engine: the CPU path
-    crashes on ``prompt_logprobs`` with LoRA enabled)."""
-    from vllm import LLM
+    sleep: bool = False,
+    gpu: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for an engine; ``gpu``: the actor sees a GPU (its
+    ``CUDA_VISIBLE_DEVICES`` is set). ``lora_rank > 0`` enables LoRA (never for a scoring engine: the CPU path
+    crashes on ``prompt_logprobs`` with LoRA enabled).
 
+    ``sleep`` (an engine that shares a GPU with the trainer, ``ActorPlan.sleeps``) turns on vLLM's sleep mode
+    (``enable_sleep_mode=True``: its weights and KV cache are allocated through vLLM's CuMem pool so that
+    ``LLM.sleep(level=1)`` can copy the weights to CPU memory and free both, and ``LLM.wake_up()`` can map them
+    back; checked in vLLM 0.32's ``vllm/entrypoints/llm.py``). vLLM offers it on CUDA and ROCm only and refuses
+    it elsewhere ("Sleep mode is not supported on current platform"), so a CPU engine never asks for it."""
     kwargs: dict[str, Any] = dict(
         model=model_path,
         dtype=dtype,
@@ -41,11 +47,20 @@ def make_llm(
         enforce_eager=enforce_eager,
         disable_log_stats=True,
     )
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+    if gpu:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep:
+            kwargs["enable_sleep_mode"] = True
     if lora_rank:
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
-    return LLM(**kwargs, **(extra or {}))
+    return kwargs
+
+
+def make_llm(model_path: str, extra: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """A ``vllm.LLM`` from :func:`llm_kwargs` (``kw``) on the devices this process sees, plus ``extra``."""
+    from vllm import LLM
+
+    return LLM(**llm_kwargs(model_path, gpu=bool(os.environ.get("CUDA_VISIBLE_DEVICES")), **kw), **(extra or {}))
 
 
 def make_llm_from_spec(model_path: str, spec: dict, lora_rank: int = 0, extra: dict[str, Any] | None = None) -> Any:
@@ -59,6 +74,7 @@ def make_llm_from_spec(model_path: str, spec: dict, lora_rank: int = 0, extra: d
         enforce_eager=spec.get("enforce_eager", True),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
         lora_rank=lora_rank,
+        sleep=spec.get("sleep", False),
         extra=extra,
     )
 
@@ -105,3 +121,23 @@ def completion_logprobs(llm: Any, prompt_ids: list[list[int]], completion_ids: l
         result.append([float(e[t].logprob) if e is not None else float("nan") for t, e in zip(c, entries)])
     return result
 
+
+
+SLEEP_LEVEL = 1  # level 1 keeps the weights (copied to CPU memory); level 2 would drop them, and the base
+# weights (LoRA) or the last merged ones (merge) would have to be reloaded from disk every step
+
+
+class Sleeps:
+    """The ``sleep`` / ``wake_up`` actor methods of an engine (its ``self.llm``) that shares a GPU with the
+    trainer: ``orchestrator/colocation.py`` puts it to sleep before the trainer steps and wakes it after, in the
+    synchronous loop only (nothing is sampled meanwhile). vLLM 0.32: ``LLM.sleep(level=1)`` copies the weights
+    to CPU memory and frees them and the KV cache (the prefix cache is cleared with it); ``LLM.wake_up()``
+    maps both back (a fresh, empty KV cache). Only an engine started with ``enable_sleep_mode`` (GPUs) can."""
+
+    llm: Any
+
+    def sleep(self, level: int = SLEEP_LEVEL) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()

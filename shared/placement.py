@@ -15,6 +15,22 @@ node of ``SLURM_JOB_NODELIST``); the other alive nodes follow by hostname in nat
 ``scontrol show hostnames $SLURM_JOB_NODELIST``. ``rl``'s ``CUDA_VISIBLE_DEVICES`` describes node 0 alone:
 on another node ``G`` is given to the actor as it is. Orchestrator and CPU roles stay on node 0; one engine
 (its tensor-parallel group) and the trainer (all its ranks) each run on one node.
+
+Colocation (``placement.colocate = true``): roles may name the same GPUs (one GPU for everything:
+``--inference_gpu_ids 0 --teacher_gpu_ids 0 --trainer_gpu_ids 0``). Each GPU actor then carries its memory
+share (``ActorPlan.memory``, a fraction of the GPU): the engines' ``gpu_memory_utilization`` (what vLLM may use
+of each of its GPUs) and ``trainer.gpu_memory_fraction`` (the cap torch's allocator gets in each trainer rank).
+With ``placement.sleep`` an engine that shares a GPU with a trainer rank sleeps while the trainer steps
+(``ActorPlan.sleeps``; ``orchestrator/colocation.py``), and the trainer keeps only
+``trainer.gpu_memory_idle_fraction`` between steps (``ActorPlan.held``). A step then has two phases on a GPU:
+
+- *serve* (sampling, scoring, evaluation; the trainer idle): every engine awake + what the trainer holds,
+- *train* (the trainer steps): the trainer's share + the engines that do not sleep (sleeping ones free theirs),
+
+so a GPU's need is ``max(sum(serve shares), sum(train shares))`` and more than 1 is over-commit
+(:func:`gpu_loads`, :func:`check_memory`). Without sleep both phases are the plain sum of the shares. Not
+counted (each process's CUDA context, NCCL buffers and a sleeping engine's residue, a few hundred MiB each):
+leave that much below 1.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
 from msgspec import Struct
 
 from shared.config import Config, ConfigError, gpu_slots, slot_name
@@ -36,6 +53,9 @@ class ActorPlan(Struct, kw_only=True):
     backend: str = ""  # trainer process-group backend
     endpoint: str = ""  # teacher: the external server it forwards to (teacher.endpoint)
     node: int = 0  # the node it runs on: 0 = the node rl runs on (see node_order)
+    memory: float = 0.0  # placement.colocate: its share of each of its GPUs while it works; 0 = not planned
+    held: float = 0.0  # a trainer rank beside sleeping engines: its share between steps (else = memory)
+    sleeps: bool = False  # an engine that sleeps while the trainer steps on one of its GPUs
 
     @property
     def name(self) -> str:
@@ -104,7 +124,93 @@ def plan(cfg: Config, visible: str | None = None) -> list[ActorPlan]:
             ActorPlan(role="trainer", index=r, devices=[], env=_env([]), backend="gloo")
             for r in range(cfg.trainer.cpu_ranks)
         ]
-    return actors
+    return colocate(cfg, actors) if cfg.placement.colocate else actors
+
+
+def colocate(cfg: Config, actors: list[ActorPlan]) -> list[ActorPlan]:
+    """``actors`` with their memory shares (and, with ``placement.sleep``, which engines sleep), checked by
+    :func:`check_memory`: a one-line ConfigError before anything starts."""
+    share = {"inference": cfg.inference.gpu_memory_utilization, "teacher": cfg.teacher.gpu_memory_utilization,
+             "trainer": cfg.trainer.gpu_memory_fraction}
+    trained = {(a.node, g) for a in actors if a.role == "trainer" for g in a.devices}
+    out = []
+    for a in actors:
+        if not a.devices:
+            out.append(a)
+            continue
+        sleeps = cfg.placement.sleep and a.role != "trainer" and any((a.node, g) in trained for g in a.devices)
+        out.append(msgspec.structs.replace(a, memory=share[a.role], held=share[a.role], sleeps=sleeps))
+    if any(a.sleeps for a in out):
+        if cfg.orchestrator.max_async_level:
+            raise ConfigError(f"placement.sleep: engines sleep while the trainer steps, but orchestrator."
+                              f"max_async_level = {cfg.orchestrator.max_async_level} samples during its step; set "
+                              "max_async_level = 0, or placement.sleep = false (the shares must then fit together)")
+        idle = cfg.trainer.gpu_memory_idle_fraction
+        if idle > cfg.trainer.gpu_memory_fraction:
+            raise ConfigError(f"trainer.gpu_memory_idle_fraction: {idle:g} is above trainer.gpu_memory_fraction = "
+                              f"{cfg.trainer.gpu_memory_fraction:g} (what a rank keeps between steps is part of its share)")
+        sleepy = {(a.node, g) for a in out if a.sleeps for g in a.devices}
+        out = [msgspec.structs.replace(a, held=idle) if a.role == "trainer" and (a.node, a.devices[0]) in sleepy
+               else a for a in out]
+    check_memory(out)
+    return out
+
+
+class GpuLoad(Struct, kw_only=True):
+    """Who is on one GPU and how much of it each phase of a step needs (fractions of the GPU's memory)."""
+
+    node: int
+    gpu: int
+    actors: list[str]  # names, in plan order
+    serve: float  # engines sampling/scoring: every engine's share + what the trainer holds between steps
+    train: float  # the trainer stepping: its share + the engines that do not sleep
+
+    @property
+    def need(self) -> float:
+        return max(self.serve, self.train)
+
+
+def gpu_loads(actors: list[ActorPlan]) -> list[GpuLoad]:
+    """Per (node, GPU) with a planned share, in order: who is on it and the two phases' totals (module
+    docstring): ``serve = sum(engines' memory) + trainer's held``, ``train = trainer's memory + sum(memory of
+    engines that do not sleep)``."""
+    loads: dict[tuple[int, int], GpuLoad] = {}
+    for a in actors:
+        if not a.memory:
+            continue
+        serve = a.held if a.role == "trainer" else a.memory
+        train = 0.0 if a.sleeps else a.memory
+        for g in a.devices:
+            load = loads.setdefault((a.node, g), GpuLoad(node=a.node, gpu=g, actors=[], serve=0.0, train=0.0))
+            load.actors.append(a.name)
+            load.serve += serve
+            load.train += train
+    return sorted(loads.values(), key=lambda x: (x.node, x.gpu))
+
+
+OVERCOMMIT_EPS = 1e-9  # 0.3 + 0.3 + 0.4 is 1.0000000000000002 in floats: not over-commit
+
+
+def _shares(a: ActorPlan) -> str:
+    key = {"inference": "inference.gpu_memory_utilization", "teacher": "teacher.gpu_memory_utilization",
+           "trainer": "trainer.gpu_memory_fraction"}[a.role]
+    return f"{a.name} {a.memory:g} ({key}{', asleep while the trainer steps' if a.sleeps else ''})"
+
+
+def check_memory(actors: list[ActorPlan]) -> None:
+    """A one-line ConfigError naming the first over-committed GPU, its phase and every share on it."""
+    by_name = {a.name: a for a in actors}
+    for load in gpu_loads(actors):
+        if load.need <= 1 + OVERCOMMIT_EPS:
+            continue
+        gpu = slot_name((load.node, load.gpu))
+        phase = (f": {load.need:.2f}" if load.serve == load.train  # no sleep: the same sum all the time
+                 else f" while the engines run: {load.serve:.2f}" if load.serve > load.train
+                 else f" while the trainer steps: {load.train:.2f}")
+        held = [f"{a.name} holds {a.held:g} between steps (trainer.gpu_memory_idle_fraction)"
+                for a in map(by_name.get, load.actors) if a.role == "trainer" and a.held != a.memory]
+        raise ConfigError(f"placement.colocate: GPU {gpu} is over-committed{phase} > 1 "
+                          f"({'; '.join([*map(_shares, map(by_name.get, load.actors)), *held])}); lower the shares")
 
 
 def _natural(text: str) -> list[tuple[int, int, str]]:
@@ -177,5 +283,12 @@ def describe(actors: list[ActorPlan]) -> str:
         extra = f" tp={a.tp}" if a.tp > 1 else ""
         extra += f" backend={a.backend}" if a.backend else ""
         extra += f" -> {a.endpoint}" if a.endpoint else ""
+        extra += f" mem={a.memory:g}" if a.memory else ""
+        extra += " (asleep while the trainer steps)" if a.sleeps else ""
+        extra += f" (holds {a.held:g} between steps)" if a.held != a.memory else ""
         lines.append(f"#   {a.name:<14} {where}{extra}  CUDA_VISIBLE_DEVICES={a.env['CUDA_VISIBLE_DEVICES']!r}")
+    for load in gpu_loads(actors):
+        if len(load.actors) > 1:  # a shared GPU: its two phases' totals (module docstring)
+            lines.append(f"#   shared GPU {slot_name((load.node, load.gpu))}: {' + '.join(load.actors)}; "
+                         f"engines running {load.serve:.2f}, trainer stepping {load.train:.2f} of its memory")
     return "\n".join(lines)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from shared.engines import completion_logprobs, make_llm_from_spec, sample
+from shared.engines import Sleeps, completion_logprobs, make_llm_from_spec, sample
 from shared.runtime import redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 
-class TeacherEngine:
+class TeacherEngine(Sleeps):
     """Ray actor body: ``score`` runs ``prompt + completion`` through the teacher with
     ``prompt_logprobs`` and keeps the entries of the completion tokens."""
 

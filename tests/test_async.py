@@ -136,7 +136,9 @@ def local_ray():
     ray.shutdown()
 
 
-def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, **fake):
+def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, wrap=None, **fake):
+    """The real Orchestrator over the stand-in roles of :func:`_fake_roles` (``wrap``: a function that returns
+    other classes from those three, as tests/test_colocation.py's recording ones)."""
     import msgspec
     import ray
 
@@ -150,6 +152,7 @@ def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, **fake):
     orch = om.Orchestrator(msgspec.json.encode(cfg), msgspec.json.encode(
         RunPlan(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), actors=plan(cfg))))
     classes = _fake_roles(tmp_path / "run", **fake)
+    classes = wrap(*classes) if wrap else classes
 
     def start_roles():
         orch.roles.actors = {role: [ray.remote(c).options(num_cpus=0).remote()]

@@ -40,6 +40,10 @@ class TrainerRank:
         self.model_path = model_path
         self.spec = spec
         self.output_dir = Path(output_dir)
+        # placement.colocate (shared/placement.py): this rank's share of its GPU, and whether engines sleep beside
+        # it (then its cache is emptied after each step, so that only its weights and optimizer stay while they run)
+        self.memory_fraction = float(spec.get("gpu_memory_fraction", 1.0))
+        self.empty_cache = bool(spec.get("empty_cache", False))
         self.model = None
         self.last_step = 0  # the step whose weights the model holds (set by train_step and load_checkpoint)
 
@@ -56,6 +60,8 @@ class TrainerRank:
         torch.manual_seed(spec["seed"])
         if self.backend == "nccl":
             torch.cuda.set_device(0)  # each rank sees exactly its own GPU
+            if self.memory_fraction < 1:  # a GPU shared with engines: torch's allocator stays within the share
+                torch.cuda.set_per_process_memory_fraction(self.memory_fraction, 0)
             device_type = "cuda"
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
@@ -169,6 +175,8 @@ class TrainerRank:
         update = self.apply_update()
         train_seconds = time.perf_counter() - t0
         adapter = self._publish(batch.step)
+        if self.empty_cache and self.backend == "nccl":  # engines wake on this GPU next: hand back the cache
+            torch.cuda.empty_cache()
         metrics = {
             **dict.fromkeys(SUMMED_METRICS, 0.0),
             **totals,
