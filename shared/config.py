@@ -877,7 +877,7 @@ def _validate_gpu_ids(cfg: Config) -> None:
         for slot in role_slots:
             if slot in seen and not cfg.placement.colocate:
                 raise ConfigError(f"{role}.gpu_ids: GPU {slot_name(slot)} is also given to {seen[slot]}.gpu_ids; "
-                                  "roles may not share a device")
+                                  "roles may not share a device unless placement.colocate = true")
             seen[slot] = role
 
 

@@ -111,7 +111,7 @@ def test_the_same_gpu_number_on_another_node_is_not_shared():
 
 def test_overlap_without_colocate_is_still_refused():
     with pytest.raises(ConfigError, match=r"^teacher\.gpu_ids: GPU 0 is also given to inference\.gpu_ids; roles may "
-                                          r"not share a device$"):
+                                          r"not share a device unless placement\.colocate = true$"):
         load(ONE_GPU[:-1])
 
 

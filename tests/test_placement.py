@@ -201,7 +201,7 @@ def test_node_ids_round_trip_through_toml(tmp_path):
     (["--trainer_gpu_ids", "-1:0"], r'^trainer\.gpu_ids\[0\]: expected int, got "-1:0"'),
     (["--inference_gpu_ids", "3,0:3"], r"^inference\.gpu_ids: duplicate GPU id in \[3, '0:3'\]$"),
     (["--inference_gpu_ids", "1:0", "--trainer_gpu_ids", "1:0"],
-     r"^trainer\.gpu_ids: GPU 1:0 is also given to inference\.gpu_ids; roles may not share a device$"),
+     r"^trainer\.gpu_ids: GPU 1:0 is also given to inference\.gpu_ids; roles may not share a device unless placement\.colocate = true$"),
 ])
 def test_malformed_or_shared_node_ids_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):
