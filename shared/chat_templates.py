@@ -82,8 +82,8 @@ def mismatch(student_tok: Any, teacher_tok: Any, chat: bool, prompts: list[str],
 def check(cfg: Config, student_tok: Any, teacher_tok: Any, prompts: list[str]) -> None:
     """Preflight: a template mismatch (:func:`mismatch`) is a ConfigError, or a warning on stderr with
     ``teacher.allow_template_mismatch = true``."""
-    has_template = bool(getattr(student_tok, "chat_template", None))
-    chat = has_template if cfg.model.chat_template == "auto" else cfg.model.chat_template == "on"
+    # "on" without a template is the renderer's error (launcher.check_prompt_lengths), named by its key
+    chat = bool(getattr(student_tok, "chat_template", None)) and cfg.model.chat_template != "off"
     found = mismatch(student_tok, teacher_tok, chat, prompts or ["Hello"],
                      f"model.name ({cfg.model.name})", f"teacher.name ({cfg.teacher.name})")
     if found is None:
