@@ -1,4 +1,9 @@
-"""Prompt datasets: JSONL files with one ``{"prompt": str, "answer"?: str}`` object per line.
+"""Prompt datasets: JSONL files with one ``{"prompt": str, "answer"?: str, "teacher_context"?: ...}`` object per line.
+
+``teacher_context`` is what only the teacher sees for this row (self-distillation with privileged
+information: the worked solution, the source document): a string, or a list of chat messages
+``[{"role": "system"|"user"|"assistant", "content": str}]``; null, ``""`` and ``[]`` mean none.  Where it
+goes in the teacher's prompt, and how it combines with the run-wide context: ``orchestrator/prompts.py``.
 
 A file is streamed once (:func:`load_jsonl`): every row is parsed and validated as it goes by, and only
 where each good row lies is kept — its byte offset (8 bytes), length and line number (4 bytes each),
@@ -35,6 +40,11 @@ class Prompt(Struct, kw_only=True):
     answer: str | None = None
     meta: dict[str, Any] | None = None  # what an environment needs to score it (e.g. a reasoning-gym entry)
     env: str = ""  # the environment that drew it when it is not the run's own (a continual replay's core)
+    # what only the teacher sees for this prompt (a string or chat messages); None = the run-wide context alone
+    teacher_context: str | list[dict[str, str]] | None = None
+
+
+CONTEXT_ROLES = ("system", "user", "assistant")
 
 
 class DatasetError(ConfigError):
@@ -51,6 +61,26 @@ def row_problem(row: Any) -> str | None:
         return "'prompt' must be a non-empty string"
     if "answer" in row and row["answer"] is not None and not isinstance(row["answer"], str):
         return "'answer' must be a string"
+    return context_problem(row.get("teacher_context"))
+
+
+def context_problem(ctx: Any) -> str | None:
+    """Why a row's ``teacher_context`` is malformed, or None (absent, a string, or a list of messages)."""
+    if ctx is None or isinstance(ctx, str):
+        return None
+    if not isinstance(ctx, list):
+        return f"'teacher_context' must be a string or a list of chat messages, got {type(ctx).__name__}"
+    for i, m in enumerate(ctx):
+        where = f"'teacher_context'[{i}]"
+        if not isinstance(m, dict):
+            return f"{where} must be an object {{\"role\", \"content\"}}, got {type(m).__name__}"
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            return f"{where}: unknown field {extra[0]!r} (a message has only 'role' and 'content')"
+        if m.get("role") not in CONTEXT_ROLES:
+            return f"{where}: 'role' must be one of {', '.join(CONTEXT_ROLES)}, got {m.get('role')!r}"
+        if not isinstance(m.get("content"), str):
+            return f"{where}: 'content' must be a string"
     return None
 
 
@@ -61,7 +91,10 @@ def parse_row(line: str) -> tuple[Prompt | None, str | None]:
     except (ValueError, RecursionError) as e:  # also: an integer of > 4300 digits, nesting too deep
         return None, f"not valid JSON ({getattr(e, 'msg', e)})"
     problem = row_problem(row)
-    return (None, problem) if problem else (Prompt(text=row["prompt"], answer=row.get("answer")), None)
+    if problem:
+        return None, problem
+    context = row.get("teacher_context") or None  # "" and [] are no context
+    return Prompt(text=row["prompt"], answer=row.get("answer"), teacher_context=context), None
 
 
 class Dataset(Sequence[Prompt]):

@@ -35,7 +35,7 @@ def preflight(cfg: Config) -> RunPlan:
     need another machine (:data:`DRY_RUN_SKIPS`): nothing is created, built or contacted."""
     from orchestrator import environments
     from orchestrator.teachers import teacher_backend
-    from shared import models
+    from shared import chat_templates, models
 
     dry = cfg.dry_run
     out = _check_output_dir(cfg)
@@ -59,6 +59,7 @@ def preflight(cfg: Config) -> RunPlan:
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
+    chat_templates.check(cfg, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
     run = RunPlan(student=str(student), teacher=str(teacher), actors=actors)
     if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)
         run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))
@@ -180,7 +181,7 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
 
     def length(prompt: Any) -> tuple[int, str]:
         n = len(renderer.ids(prompt))
-        if renderer.has_context:
+        if renderer.teacher_differs(prompt):
             nt = len(renderer.ids(prompt, teacher=True))
             if nt > n:
                 return nt, " (with the teacher's context)"

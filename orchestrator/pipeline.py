@@ -237,7 +237,9 @@ class Pipeline:
     # -- batches -------------------------------------------------------------------------------------
     def render_batch(self, batch: Batch) -> None:
         batch.prompt_ids = [self.render(p, False) for p in batch.prompts]
-        batch.teacher_ids = [self.render(p, True) for p in batch.prompts] if self.has_context else batch.prompt_ids
+        # the teacher's view differs where a context applies: the run-wide one or the prompt's own (prompts.py)
+        batch.teacher_ids = [self.render(p, True) if self.has_context or p.teacher_context else ids
+                             for p, ids in zip(batch.prompts, batch.prompt_ids)]
 
     def _start(self, step: int) -> Batch:
         """Draw the prompts of ``step`` and submit their sampling (with whatever adapter the engines serve)."""

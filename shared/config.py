@@ -109,6 +109,10 @@ class TeacherConfig(_Section):
     retry_backoff_s: _doc(float, "endpoint: delay before the first retry, doubled for each further one", ge=0) = 0.5
     max_failure_rate: _doc(float, "endpoint: stop the run once more than this fraction of teacher requests failed "
                                   "after retries (their rollouts are dropped and counted until then)", ge=0, le=1) = 0.05
+    allow_template_mismatch: _doc(
+        bool, "distil even though the teacher's chat template or end-of-sequence token differs from the student's "
+              "(preflight warns instead of refusing; shared/chat_templates.py)",
+    ) = False
 
 
 ENDPOINT_ONLY = ("model", "api_key_env")  # teacher keys that mean nothing without teacher.endpoint
@@ -407,6 +411,11 @@ class ArithmeticConfig(_Section):
         default_factory=lambda: ["+", "-", "*"]
     )
     terms: _doc(int, "arithmetic: operands per expression", ge=2, le=6) = 2
+    teacher_context: _doc(
+        Literal["none", "solution"],
+        "arithmetic: what only the teacher sees per prompt: nothing, or the worked solution (the expression "
+        "evaluated step by step and the result; generated prompts only)",
+    ) = "none"
 
 
 class FormatCheckConfig(_Section):

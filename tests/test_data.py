@@ -60,6 +60,15 @@ BAD_ROWS = [
     ("non-string-prompt", '{"prompt": 5}', "'prompt' must be a non-empty string"),
     ("non-string-answer", '{"prompt": "a", "answer": 5}', "'answer' must be a string"),
     ("list-answer", '{"prompt": "a", "answer": ["x"]}', "'answer' must be a string"),
+    ("context-a-number", '{"prompt": "a", "teacher_context": 5}',
+     "'teacher_context' must be a string or a list of chat messages, got int"),
+    ("context-message-a-string", '{"prompt": "a", "teacher_context": ["hi"]}', "'teacher_context'[0] must be an object"),
+    ("context-unknown-role", '{"prompt": "a", "teacher_context": [{"role": "user", "content": "x"}, '
+     '{"role": "tool", "content": "y"}]}', "'teacher_context'[1]: 'role' must be one of system, user, assistant"),
+    ("context-content-missing", '{"prompt": "a", "teacher_context": [{"role": "user"}]}',
+     "'teacher_context'[0]: 'content' must be a string"),
+    ("context-extra-field", '{"prompt": "a", "teacher_context": [{"role": "user", "content": "x", "name": "n"}]}',
+     "'teacher_context'[0]: unknown field 'name'"),
     ("huge-integer", '{"prompt": "a", "n": 1' + "0" * 5000 + "}", "not valid JSON"),
     ("nested-too-deep", "[" * 100_000 + "]" * 100_000, "not valid JSON"),
 ]
@@ -306,3 +315,20 @@ def test_index_is_16_bytes_a_row_and_rows_read_back_exactly(tmp_path):
     assert [r.text for r in rows] == texts and rows[999].answer == "999"
     assert rows.offsets.itemsize + rows.lengths.itemsize + rows.lines.itemsize == 16 and rows.tags is None
     assert rows.raw(5) == Path(path).read_bytes().split(b"\r\n")[5] + b"\n"
+
+
+def test_teacher_context_rows_load_and_survive_a_checkpoint(tmp_path):
+    """A row's teacher_context (a string or chat messages) is kept on its Prompt; "" and [] are none; a batch
+    of such prompts comes back from a checkpoint's msgpack state unchanged (orchestrator/pipeline.py)."""
+    from orchestrator.pipeline import Batch
+
+    turns = [{"role": "user", "content": "Hint?"}, {"role": "assistant", "content": "Carry the 1."}]
+    rows = [{"prompt": "a", "teacher_context": "The answer is 7."}, {"prompt": "b", "teacher_context": turns},
+            {"prompt": "c", "teacher_context": ""}, {"prompt": "d", "teacher_context": []},
+            {"prompt": "e", "teacher_context": None}]
+    prompts, bad = load_jsonl(_write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
+    assert bad == 0
+    assert [p.teacher_context for p in prompts] == ["The answer is 7.", turns, None, None, None]
+    state = msgspec.msgpack.decode(msgspec.msgpack.encode(
+        Batch(step=3, prompts=list(prompts), base=0, rollouts=[]).state()))
+    assert Batch.from_state(state).prompts == list(prompts)

@@ -14,7 +14,7 @@ from orchestrator import environments
 from orchestrator.data import DatasetError, Prompt
 from orchestrator.environments import REGISTRY, make
 from shared.answers import choose_by_loglik, match_answer, normalize
-from orchestrator.environments.arithmetic import evaluate, expression, last_integer
+from orchestrator.environments.arithmetic import evaluate, expression, last_integer, solution
 from orchestrator.environments.base import HELDOUT_SEED, GeneratedEnvironment, is_heldout
 from orchestrator.environments.format_check import instruction, rule_score
 from orchestrator.environments.reasoning_gym_env import extract
@@ -164,6 +164,32 @@ def test_arithmetic_scoring_and_options():
     assert env.score(p, "forty-two") == 0.0
     assert env.score(p, "-42") == 0.0
     assert env.score(p, "") == 0.0
+
+
+def test_arithmetic_solution_is_worked_step_by_step():
+    assert solution([37, 12, 4], ["+", "*"]) == "37 + 12 * 4 = 37 + 48 = 85. The answer is 85."
+    assert solution([5, -3, 2, 7], ["-", "*", "-"]) == "5 - (-3) * 2 - 7 = 5 - (-6) - 7 = 11 - 7 = 4. The answer is 4."
+    assert solution([10, 3, 2], ["-", "-"]) == "10 - 3 - 2 = 7 - 2 = 5. The answer is 5."  # left to right
+    assert solution([3, 4], ["*"]) == "3 * 4 = 12. The answer is 12."
+
+
+def test_arithmetic_teacher_context_solution():
+    """``teacher_context = "solution"``: every generated prompt (training and held-out) carries its worked
+    solution, ending in its answer; the prompt text and the draws are those of the default (no context)."""
+    args = {"min_operand": -9, "max_operand": 30, "terms": 3}
+    plain, with_solution = (make(cfg_for("arithmetic", arithmetic={**args, **extra}))
+                            for extra in ({}, {"teacher_context": "solution"}))
+    a, b = plain.next_prompts(50) + plain.eval_prompts(10), with_solution.next_prompts(50) + with_solution.eval_prompts(10)
+    assert [p.text for p in a] == [p.text for p in b] and all(p.teacher_context is None for p in a)
+    for p in b:
+        assert p.teacher_context.startswith(p.text[len("What is "):-1] + " = ")
+        assert p.teacher_context.endswith(f"The answer is {p.answer}.")
+
+
+def test_arithmetic_solution_context_needs_generated_prompts(tmp_path):
+    path = _write(tmp_path, [{"prompt": "What is 1 + 1?", "answer": "2"}])
+    with pytest.raises(ConfigError, match=r"^orchestrator\.env_args\.arithmetic\.teacher_context: \"solution\""):
+        make(cfg_for("arithmetic", dataset=path, arithmetic={"teacher_context": "solution"}))
 
 
 def test_arithmetic_space_too_small_is_a_config_error():

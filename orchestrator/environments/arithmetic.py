@@ -6,6 +6,10 @@ parentheses), operators from ``operators``; ``*`` binds tighter than ``+`` and `
 the answer: ``"37 + 12 = 49"``, ``"The answer is 49."``, ``"1,234"`` and ``"49.0"`` all read as
 numbers; a completion with no number, or whose last number differs, scores 0.  With a dataset file,
 every row needs an integer ``answer``.
+
+``teacher_context = "solution"`` gives each generated prompt its worked solution as the teacher's own
+context (``Prompt.teacher_context``; :func:`solution`), so the teacher can be the student's own base
+model seeing the answer (self-distillation with privileged information).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 
 from orchestrator.data import Prompt
 from orchestrator.environments.base import GeneratedEnvironment
+from shared.config import ConfigError
 
 # A number whose minus sign is not a binary minus ("5-3" reads 5 and 3); thousands separators; decimals.
 _NUMBER = re.compile(r"(?<![\w.])([-−]?)(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?![\d])")
@@ -44,6 +49,19 @@ def evaluate(operands: list[int], operators: list[str]) -> int:
     return terms[0] + sum(s * t for s, t in zip(signs, terms[1:]))
 
 
+def solution(operands: list[int], operators: list[str]) -> str:
+    """The expression evaluated one operation at a time, products first, then sums left to right:
+    ``37 + 12 * 4`` -> ``"37 + 12 * 4 = 37 + 48 = 85. The answer is 85."``"""
+    xs, ops = list(operands), list(operators)
+    steps = [expression(xs, ops)]
+    while ops:
+        i = ops.index("*") if "*" in ops else 0
+        a, b, op = xs[i], xs[i + 1], ops.pop(i)
+        xs[i:i + 2] = [a * b if op == "*" else a + b if op == "+" else a - b]
+        steps.append(expression(xs, ops))
+    return f"{' = '.join(steps)}. The answer is {xs[0]}."
+
+
 def expression(operands: list[int], operators: list[str]) -> str:
     parts = [str(operands[0]) if operands[0] >= 0 else f"({operands[0]})"]
     for op, x in zip(operators, operands[1:]):
@@ -59,6 +77,9 @@ class Arithmetic(GeneratedEnvironment):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.args = cfg.orchestrator.env_args.arithmetic
+        if self.args.teacher_context == "solution" and self.dataset is not None:
+            raise ConfigError(f"{self.config_key}.teacher_context: \"solution\" is made for generated prompts; "
+                              "with orchestrator.dataset.path give each row its own \"teacher_context\"")
 
     def row_problem(self, prompt: Prompt) -> str | None:
         problem = super().row_problem(prompt)
@@ -71,7 +92,9 @@ class Arithmetic(GeneratedEnvironment):
         a = self.args
         operands = [rng.randint(a.min_operand, a.max_operand) for _ in range(a.terms)]
         operators = [rng.choice(a.operators) for _ in range(a.terms - 1)]
-        return Prompt(text=f"What is {expression(operands, operators)}?", answer=str(evaluate(operands, operators)))
+        context = solution(operands, operators) if a.teacher_context == "solution" else None
+        return Prompt(text=f"What is {expression(operands, operators)}?", answer=str(evaluate(operands, operators)),
+                      teacher_context=context)
 
     def grade(self, prompt: Prompt, completion: str) -> float:
         want = last_integer(prompt.answer or "")
