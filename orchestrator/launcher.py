@@ -476,8 +476,12 @@ class _StopOnSignal:
                                            f"ckpt.stop_timeout = {self.timeout:g}s; stopped without one")
 
 
+RESTART_MARK = "; restarting every role from "  # in the orchestrator's line for each restart (orchestrator.py)
+
+
 class _Progress:
-    """A console bar fed from metrics.jsonl: step, teacher_kl, step time."""
+    """A console bar fed from metrics.jsonl: step, teacher_kl, step time; and one line for each restart of the
+    roles (``ckpt.on_failure = "restart"``), copied from the orchestrator's log, whose output goes there."""
 
     def __init__(self, total: int, path: Path):
         from tqdm import tqdm
@@ -485,9 +489,19 @@ class _Progress:
         self.path = path
         self.bar = tqdm(total=total, desc="starting roles", unit="step", file=sys.stderr, dynamic_ncols=True)
         self.seen = 0
+        self.restarts = 0
 
     def update(self) -> None:
-        rows = [r for r in read_metrics(self.path) if "teacher_kl" in r] if self.path.exists() else []
+        rows = read_metrics(self.path) if self.path.exists() else []
+        restarts = sum(1 for r in rows if "restarted_from" in r)
+        if restarts > self.restarts:
+            for line in restart_lines(self.path.parent / "logs" / "orchestrator.log")[self.restarts:restarts]:
+                self.bar.write(line, file=sys.stderr)
+            self.restarts = restarts
+        rows = [r for r in rows if "teacher_kl" in r]
+        if len(rows) < self.seen:  # a restart cut the rows after its checkpoint: they run again
+            self.bar.n = self.seen = len(rows)
+            self.bar.refresh()
         if len(rows) > self.seen:
             last = rows[-1]
             self.bar.set_description("training")
@@ -498,3 +512,12 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def restart_lines(log: Path) -> list[str]:
+    """The orchestrator's line for each restart so far (``step N: <role> failed: ...; restarting ...``)."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if RESTART_MARK in ln]
