@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from orchestrator import skips
 from orchestrator.data import DatasetView
 from shared.config import Config, ConfigError, gpu_slots, to_toml
 from shared.fsutil import MB, WriteError, atomic_write_chunks, atomic_write_text, free_bytes
@@ -46,6 +47,11 @@ def preflight(cfg: Config) -> RunPlan:
         ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
         _check_gpus(cfg)
     env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
+    skipped = {"malformed": env.bad_rows} if env.bad_rows else {}
+    if env.bad_rows:  # on_bad_row = "skip": said at once, and counted in metrics.jsonl and the report
+        dataset = env.dataset
+        print(skips.rows_line(dataset.path, env.bad_rows, len(dataset) + env.bad_rows, dataset.bad_lines, "malformed"),
+              file=sys.stderr)
     # the actors get the entries of rl's own CUDA_VISIBLE_DEVICES (shared/placement.py); an id beyond what rl
     # sees is a one-line error now, not in an actor later
     actors = plan(cfg, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -53,18 +59,20 @@ def preflight(cfg: Config) -> RunPlan:
     if dry and not (models.is_built(cfg.model.name) and models.is_built(cfg.teacher.name)):
         print(f"dry run: model, tokenizer, prompt-length and disk checks skipped: {cfg.model.name} or "
               f"{cfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
-        return RunPlan(student=cfg.model.name, teacher=cfg.teacher.name, actors=actors)
+        return RunPlan(student=cfg.model.name, teacher=cfg.teacher.name, actors=actors, skipped=skipped)
     student = models.resolve(cfg.model.name, "model.name")
     teacher = models.resolve(cfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
-    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors)
+    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors, skipped=skipped)
     if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)
         run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))
     kept = check_prompt_lengths(cfg, env, s_tok, student)
-    if kept is not None and not dry:
-        run.dataset = str(_write_kept_rows(out, kept))
+    if kept is not None:
+        run.skipped["too_long"] = len(kept.base) - len(kept)
+        if not dry:
+            run.dataset = str(_write_kept_rows(out, kept))
     if cfg.trainer.finetune == "full":  # each step writes a whole model; the newest two are kept (all with a gate)
         cont = cfg.orchestrator.continual
         _check_free_space(cfg, out, models.weights_bytes(student), "model", copies=3,
@@ -193,14 +201,15 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
 
     ds = cfg.orchestrator.dataset
     dataset = getattr(env, "dataset", None)
-    kept, skipped = array("I"), 0  # indices of the rows that fit: 4 bytes a row, the rows stay in the file
+    kept, skipped = array("I"), []  # indices of the rows that fit: 4 bytes a row, the rows stay in the file
     if dataset is not None:
         for i, prompt in enumerate(dataset):  # one read of the file, row by row
             n, view = length(prompt)
             if n <= budget:
                 kept.append(i)
             elif ds.on_bad_row == "skip":
-                skipped += 1
+                if len(skipped) < skips.SHOWN:
+                    skipped.append(dataset.lines[i])
             else:
                 raise ConfigError(
                     f"{ds.path}:{dataset.lines[i]}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, "
@@ -219,11 +228,10 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
                 f"{too_small(n, view, f'the longest of {len(sample)} prompts of {env.name!r}')}; "
                 f"raise model.max_model_len to at least {n + mt} or lower inference.max_tokens"
             )
-    if not skipped:
+    if len(kept) == len(dataset or ()):
         return None
-    print(f"warning: {ds.path}: skipped {skipped} of {len(dataset)} prompts longer than model.max_model_len = {mml} "
-          f"minus inference.max_tokens = {mt} allows, and {env.bad_rows} malformed rows "
-          "(orchestrator.dataset.on_bad_row = \"skip\")", file=sys.stderr)
+    why = f"prompts longer than model.max_model_len = {mml} minus inference.max_tokens = {mt} allows"
+    print(skips.rows_line(ds.path, len(dataset) - len(kept), len(dataset), skipped, why), file=sys.stderr)
     return DatasetView(dataset, kept)
 
 
