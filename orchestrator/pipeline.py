@@ -198,11 +198,11 @@ class Pipeline:
         now = time.perf_counter()
         for ref in ready:
             label, start = self.inflight.pop(ref)
-            self.roles.owner.pop(ref, None)
+            actor = self.roles.owner.pop(ref, "")
             self.timeline.add(label, start, now)
             deadlines.record(label, now - start)
             role = "inference" if label == "weight_update" else label
-            self.results[ref] = get(role, ref)
+            self.results[ref] = get(role, ref, actor=actor)
             self.last_reply[role] = now
 
     def heartbeat(self) -> dict[str, float]:

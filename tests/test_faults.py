@@ -1,8 +1,10 @@
-"""Faults injected for real into a running `rl` (tiny pair): a role stopped with SIGSTOP (a hang) is caught by
-its deadline, and signals during start-up end the run in one line. Each checks that no process of the run is
-left behind: every process the run started inherits a marker in its environment, and none may outlive it.
-(A trainer rank killed mid-step and resumed: tests/test_resume.py; a stand-in trainer that hangs:
-tests/test_async.py.)"""
+"""Faults injected for real into a running `rl` (tiny pair), folded into few engine starts: one run with
+``on_failure = "restart"`` in which the student engine, the teacher engine and one of two trainer ranks are
+SIGKILLed and the teacher SIGSTOPped (a hang, caught by its deadline), one after the other; a run whose
+orchestrator actor is SIGKILLed, resumed until its teacher hangs, resumed to the end; signals during start-up.
+Each checks that no process of the run is left behind: every process the run started inherits a marker in its
+environment, and none may outlive it. (A trainer rank killed mid-step and resumed with the same numbers:
+tests/test_resume.py; a stand-in trainer that hangs: tests/test_async.py.)"""
 
 import json
 import os
@@ -131,7 +133,7 @@ def test_every_role_killed_or_hung_mid_step_is_restarted_and_the_run_completes(t
     assert len(lines) == len(FAULTS), log[-3000:]
     for line, (actor, sig) in zip(lines, FAULTS):
         role = actor.split("-")[0]
-        assert line.startswith("step ") and f": {role} failed: " in line, line
+        assert line.startswith("step ") and f": {role} failed: {actor}" in line, line  # the role and its actor
         assert line in err  # the console shows each restart too
     # the hang: one line naming the role, the actor, the call and the step, caught by the deadline
     assert f"teacher failed: teacher-0 did not answer score (or generate) in step " in lines[-1]
