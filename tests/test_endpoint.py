@@ -330,7 +330,8 @@ def test_bad_log_probs_from_the_endpoint_are_refused_and_counted(server, tiny_pa
     """Positive log-probs, Infinity, NaN and the wrong number of positions from a server: each such completion is
     failed (the orchestrator drops it and counts it in ``teacher/score_failed``), never handed on with its numbers;
     the good one between them is scored exactly."""
-    teacher = _teacher(_cfg(server.url, "--teacher.retries", "2", "--teacher.max_failure_rate", "1"), tiny_pair)
+    teacher = _teacher(_cfg(server.url, "--teacher.retries", "2", "--teacher.max_failure_rate", "1",
+                            "--teacher.max_concurrency", "1"), tiny_pair)  # one at a time: the faults in item order
     server.faults = [_set(0.5), _set(float("inf")), _set(float("nan")), None, lambda e: e[:-1]]
     res = _score(teacher, [[1]] * 5, [[5, 6]] * 5)
     assert res.failed == [0, 1, 2, 4]
