@@ -69,6 +69,17 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> N
         time.sleep(0.1)
 
 
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, float]:
+    """The run's stderr once it ends (killed if it outlives ``timeout``), and the seconds waited for it."""
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return err, time.monotonic() - t0
+
+
 def _rows(out: Path) -> list[dict]:
     from shared.metrics import read_metrics
 
@@ -118,10 +129,8 @@ def test_every_role_killed_or_hung_mid_step_is_restarted_and_the_run_completes(t
             assert pid not in killed  # pids.json names the restarted roles' processes
             os.kill(pid, sig)
             killed.append(pid)
-        _, err = proc.communicate(timeout=900)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        err, _ = _finish(proc, 900)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err
     rows = _one_row_per_step(out, steps)
@@ -154,18 +163,13 @@ def test_orchestrator_killed_then_a_hung_teacher_each_stop_the_run_in_one_line_a
 
     def launch(*extra: str, fault: tuple[str, int] | None, after: int) -> tuple[int, str, float]:
         proc, mark = _start(out, *args, *extra)
-        waited = 0.0
         try:
             if fault is not None:
                 _wait_for(lambda: any(r["step"] > after and "teacher_kl" in r for r in _rows(out))
                           and any((out / "checkpoints").glob("step_*")), proc, 600, f"a step after step {after}")
                 os.kill(json.loads((out / "logs" / "pids.json").read_text())[fault[0]], fault[1])
-            t0 = time.monotonic()
-            _, err = proc.communicate(timeout=600)
-            waited = time.monotonic() - t0
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            err, waited = _finish(proc, 600)
         _none_left(mark)
         return proc.returncode, err, waited
 
@@ -207,12 +211,8 @@ def test_signals_during_start_up_end_the_run_in_one_line(tiny_pair, tmp_path, si
         for _ in range(signals):
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.05)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=120)
-        waited = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        err, waited = _finish(proc, 120)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "SystemError" not in err
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]

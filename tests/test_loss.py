@@ -429,23 +429,29 @@ def test_trainer_loss_terms(tiny_pair, tmp_path):
     assert (tmp_path / "broadcast" / "step_5" / "COMPLETE").exists()
 
 
-def test_a_step_with_an_exactly_zero_gradient_is_not_applied(tiny_pair, tmp_path):
-    """RL with no rewarded sample: every advantage is 0 and no other term is on, so the gradient is exactly
-    zero; AdamW would still move the weights on the momentum of the step before (and weight decay), so the
-    trainer does not step: the adapter it publishes is bit-identical to the previous one."""
-    import torch.distributed as dist
-    from safetensors.torch import load_file
+def _one_sample(tiny_pair):
+    """A single-rank trainer spec (LoRA on q/v, AdamW with weight decay) and one reverse-text sample as token ids:
+    ``(student, spec, prompt_ids, completion_ids)``."""
     from transformers import AutoTokenizer
-
-    from shared.wire import StepResult
-    from trainer.worker import TrainerRank
 
     _, student = tiny_pair
     tok = AutoTokenizer.from_pretrained(str(student))
     spec = dict(seed=0, dtype="float32", lr=0.01, weight_decay=0.1, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
                 lora_dropout=0.0, lora_targets=["q_proj", "v_proj"], mask_ratio_low=0.125, mask_ratio_high=8.0,
                 ref_kl_coef=0.0, ref_kl_estimator="k3", entropy_coef=0.0)
-    p, c = tok("abcd=").input_ids, tok("dcba").input_ids[1:] + [tok.eos_token_id]
+    return student, spec, tok("abcd=").input_ids, tok("dcba").input_ids[1:] + [tok.eos_token_id]
+
+
+def test_a_step_with_an_exactly_zero_gradient_is_not_applied(tiny_pair, tmp_path):
+    """RL with no rewarded sample: every advantage is 0 and no other term is on, so the gradient is exactly
+    zero; AdamW would still move the weights on the momentum of the step before (and weight decay), so the
+    trainer does not step: the adapter it publishes is bit-identical to the previous one."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from shared.wire import StepResult
+    from trainer.worker import TrainerRank
+
+    student, spec, p, c = _one_sample(tiny_pair)
 
     def batch(step, adv):
         return encode(TrainBatch(step=step, total_tokens=len(c), samples=[TrainSample(
@@ -480,12 +486,7 @@ def test_a_non_finite_loss_on_a_real_rank_is_skipped_and_counted_then_stops_the_
     from shared.wire import StepResult
     from trainer.worker import TrainerRank
 
-    _, student = tiny_pair
-    tok = AutoTokenizer.from_pretrained(str(student))
-    spec = dict(seed=0, dtype="float32", lr=0.01, weight_decay=0.1, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
-                lora_dropout=0.0, lora_targets=["q_proj", "v_proj"], mask_ratio_low=0.125, mask_ratio_high=8.0,
-                ref_kl_coef=0.0, ref_kl_estimator="k3", entropy_coef=0.0)
-    p, c = tok("abcd=").input_ids, tok("dcba").input_ids[1:] + [tok.eos_token_id]
+    student, spec, p, c = _one_sample(tiny_pair)
 
     def batch(step, adv):
         return encode(TrainBatch(step=step, total_tokens=len(c), samples=[TrainSample(

@@ -279,6 +279,15 @@ def _batch(step: int, seed: int) -> bytes:
     return encode(TrainBatch(step=step, samples=samples, total_tokens=24, num_micro_batches=2))
 
 
+def _rank(tiny_pair, rendezvous, spec: dict, out):
+    """A real single-rank trainer (gloo, in this process) on the tiny student, set up; it meets at ``rendezvous``."""
+    from trainer.worker import TrainerRank
+
+    r = TrainerRank(0, 1, "gloo", f"file://{rendezvous}", str(tiny_pair[1]), spec, str(out), None)
+    r.setup()
+    return r
+
+
 def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
     """Step 2 after a restore from the checkpoint of step 1 equals step 2 of the run that went on (weights,
     AdamW moments, cosine schedule and the dropout RNG all restored); without the restore it differs."""
@@ -287,15 +296,12 @@ def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
     from safetensors.torch import load_file
 
     from shared.wire import StepResult, decode
-    from trainer.worker import TrainerRank
 
     spec = _trainer_spec(load([]))
     out = tmp_path / "out"
 
     def rank(name):
-        r = TrainerRank(0, 1, "gloo", f"file://{tmp_path / name}", str(tiny_pair[1]), spec, str(out), None)
-        r.setup()
-        return r
+        return _rank(tiny_pair, tmp_path / name, spec, out)
 
     def step2(r):
         res = decode(r.train_step(_batch(2, 2)), StepResult)
@@ -542,15 +548,12 @@ def test_a_full_disk_during_an_adapter_and_a_checkpoint_write_keeps_the_previous
 
     from shared.runtime import first_line
     from shared.wire import StepResult, decode
-    from trainer.worker import TrainerRank
 
     spec = _trainer_spec(load([]))
     out = small_disk / "run"
 
     def rank(name):
-        r = TrainerRank(0, 1, "gloo", f"file://{tmp_path / name}", str(tiny_pair[1]), spec, str(out), None)
-        r.setup()
-        return r
+        return _rank(tiny_pair, tmp_path / name, spec, out)
 
     threads = torch.get_num_threads()
     try:
