@@ -243,6 +243,7 @@ def test_failure_without_restart_names_the_role_and_cancels_in_flight_work(local
     with pytest.raises(RoleFailure) as e:
         orch.run()
     assert e.value.role == "trainer" and "\n" not in str(e.value)
+    assert str(e.value).startswith("trainer failed: trainer-0: ") and str(e.value).endswith("(see logs/trainer-0.log)")
     assert not orch.pipe.inflight
 
 
@@ -263,6 +264,7 @@ def test_a_hung_trainer_stops_the_run_at_its_deadline(local_ray, tiny_pair, tmp_
         orch.run()
     waited = time.monotonic() - t0
     assert e.value.role == "trainer" and "\n" not in str(e.value)
+    assert str(e.value).startswith("trainer failed: trainer-0: ") and str(e.value).endswith("(see logs/trainer-0.log)")
     assert "trainer-0 did not answer train_step in step 2 within its deadline" in str(e.value)
     assert e.value.detail.splitlines()[-1] == "rank 0: entering the step's all-reduce"
     assert waited < 30, waited  # the deadline, not the hour the step would take
