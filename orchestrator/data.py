@@ -97,12 +97,18 @@ def parse_row(line: str) -> tuple[Prompt | None, str | None]:
     return Prompt(text=row["prompt"], answer=row.get("answer"), teacher_context=context), None
 
 
+BAD_LINES_KEPT = 5  # line numbers of skipped rows kept, to name them (orchestrator/skips.py)
+
+
 class Dataset(Sequence[Prompt]):
     """The good rows of a JSONL file, read back by byte offset (see the module docstring).
 
     ``dataset[i]`` is the i-th good row; ``lines[i]`` its 1-based line number; ``tags[i]`` the value of
-    the loader's ``tag`` for it (0/1), when one was given; ``bad`` the rows skipped.
+    the loader's ``tag`` for it (0/1), when one was given; ``bad`` the rows skipped, ``bad_lines`` the line
+    numbers of the first :data:`BAD_LINES_KEPT` of them.
     """
+
+    bad_lines: list[int] = []
 
     def __init__(self, path: str, offsets: array, lengths: array, lines: array, tags: bytearray | None,
                  bad: int, digest: str, stamp: tuple[int, int]):
@@ -186,7 +192,7 @@ def load_jsonl(
     """
     offsets, lengths, lines = array("q"), array("I"), array("I")
     tags = bytearray() if tag is not None else None
-    bad = 0
+    bad, bad_lines = 0, []
     sha = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -210,6 +216,8 @@ def load_jsonl(
                         raise DatasetError(
                             f"{path}:{lineno}: {problem} (set orchestrator.dataset.on_bad_row = \"skip\" to skip)")
                     bad += 1
+                    if len(bad_lines) < BAD_LINES_KEPT:
+                        bad_lines.append(lineno)
                     continue
                 offsets.append(start)
                 lengths.append(len(raw))
@@ -225,7 +233,9 @@ def load_jsonl(
     if not offsets:
         raise DatasetError(f"{path}: no usable prompts ({bad} bad rows)")
     stamp = (st.st_size, st.st_mtime_ns)
-    return Dataset(path, offsets, lengths, lines, tags, bad, "sha256:" + sha.hexdigest(), stamp), bad
+    dataset = Dataset(path, offsets, lengths, lines, tags, bad, "sha256:" + sha.hexdigest(), stamp)
+    dataset.bad_lines = bad_lines
+    return dataset, bad
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> array:

@@ -20,9 +20,10 @@ class RoleFailure(RuntimeError):
         return f"{self.role} failed: {self.cause}"
 
 
-def get(role: str, refs: Any, timeout: float | None = None, what: str = "") -> Any:
-    """``ray.get`` that turns a dead actor or a raised method into :class:`RoleFailure` naming ``role``; with
-    ``timeout``, no answer within it (a hung role) too, naming ``what`` was asked."""
+def get(role: str, refs: Any, timeout: float | None = None, what: str = "", actor: str = "") -> Any:
+    """``ray.get`` that turns a dead actor or a raised method into :class:`RoleFailure` naming ``role`` (and
+    ``actor``, with its log, when the caller knows which one answered); with ``timeout``, no answer within it (a
+    hung role) too, naming ``what`` was asked."""
     import ray
 
     try:
@@ -30,4 +31,4 @@ def get(role: str, refs: Any, timeout: float | None = None, what: str = "") -> A
     except ray.exceptions.GetTimeoutError:
         raise RoleFailure(role, f"no answer to {what or 'a call'} within {timeout:.0f} s") from None
     except ray.exceptions.RayError as e:  # the actor died (killed, out of memory) or its method raised
-        raise RoleFailure(role, first_line(e)) from None
+        raise RoleFailure(role, f"{actor}: {first_line(e)} (see logs/{actor}.log)" if actor else first_line(e)) from None

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from orchestrator import skips
 from orchestrator.data import DatasetView
 from shared.config import Config, ConfigError, to_toml
 from shared.fsutil import MB, WriteError, atomic_write_chunks, atomic_write_text, free_bytes
@@ -50,22 +51,29 @@ def preflight(cfg: Config) -> RunPlan:
         ckpt_sign.load_key()  # created now (first use): signing a checkpoint mid-run must not be the first to fail on it
         _check_gpus(actors)
     env = environments.make(cfg)  # an unknown environment, or a bad dataset row (file:line), raises here
+    skipped = {"malformed": env.bad_rows} if env.bad_rows else {}
+    if env.bad_rows:  # on_bad_row = "skip": said at once, and counted in metrics.jsonl and the report
+        dataset = env.dataset
+        print(skips.rows_line(dataset.path, env.bad_rows, len(dataset) + env.bad_rows, dataset.bad_lines, "malformed"),
+              file=sys.stderr)
     if dry and not (models.is_built(cfg.model.name) and models.is_built(cfg.teacher.name)):
         print(f"dry run: model, tokenizer, prompt-length and disk checks skipped: {cfg.model.name} or "
               f"{cfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
-        return RunPlan(student=cfg.model.name, teacher=cfg.teacher.name, actors=actors)
+        return RunPlan(student=cfg.model.name, teacher=cfg.teacher.name, actors=actors, skipped=skipped)
     student = models.resolve(cfg.model.name, "model.name")
     teacher = models.resolve(cfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
     chat_templates.check(cfg, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
-    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors)
+    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors, skipped=skipped)
     if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)
         run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))
     kept = check_prompt_lengths(cfg, env, s_tok, student)
-    if kept is not None and not dry:
-        run.dataset = str(_write_kept_rows(out, kept))
+    if kept is not None:
+        run.skipped["too_long"] = len(kept.base) - len(kept)
+        if not dry:
+            run.dataset = str(_write_kept_rows(out, kept))
     if cfg.trainer.finetune == "full":  # each step writes a whole model; the newest two are kept (all with a gate)
         cont = cfg.orchestrator.continual
         _check_free_space(cfg, out, models.weights_bytes(student), "model", copies=3,
@@ -193,14 +201,15 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
 
     ds = cfg.orchestrator.dataset
     dataset = getattr(env, "dataset", None)
-    kept, skipped = array("I"), 0  # indices of the rows that fit: 4 bytes a row, the rows stay in the file
+    kept, skipped = array("I"), []  # indices of the rows that fit: 4 bytes a row, the rows stay in the file
     if dataset is not None:
         for i, prompt in enumerate(dataset):  # one read of the file, row by row
             n, view = length(prompt)
             if n <= budget:
                 kept.append(i)
             elif ds.on_bad_row == "skip":
-                skipped += 1
+                if len(skipped) < skips.SHOWN:
+                    skipped.append(dataset.lines[i])
             else:
                 raise ConfigError(
                     f"{ds.path}:{dataset.lines[i]}: {too_small(n, view, 'this prompt')}; raise model.max_model_len, "
@@ -219,11 +228,10 @@ def check_prompt_lengths(cfg: Config, env: Any, tokenizer: Any, student_dir: Pat
                 f"{too_small(n, view, f'the longest of {len(sample)} prompts of {env.name!r}')}; "
                 f"raise model.max_model_len to at least {n + mt} or lower inference.max_tokens"
             )
-    if not skipped:
+    if len(kept) == len(dataset or ()):
         return None
-    print(f"warning: {ds.path}: skipped {skipped} of {len(dataset)} prompts longer than model.max_model_len = {mml} "
-          f"minus inference.max_tokens = {mt} allows, and {env.bad_rows} malformed rows "
-          "(orchestrator.dataset.on_bad_row = \"skip\")", file=sys.stderr)
+    why = f"prompts longer than model.max_model_len = {mml} minus inference.max_tokens = {mt} allows"
+    print(skips.rows_line(ds.path, len(dataset) - len(kept), len(dataset), skipped, why), file=sys.stderr)
     return DatasetView(dataset, kept)
 
 
@@ -476,8 +484,12 @@ class _StopOnSignal:
                                            f"ckpt.stop_timeout = {self.timeout:g}s; stopped without one")
 
 
+RESTART_MARK = "; restarting every role from "  # in the orchestrator's line for each restart (orchestrator.py)
+
+
 class _Progress:
-    """A console bar fed from metrics.jsonl: step, teacher_kl, step time."""
+    """A console bar fed from metrics.jsonl: step, teacher_kl, step time; and one line for each restart of the
+    roles (``ckpt.on_failure = "restart"``), copied from the orchestrator's log, whose output goes there."""
 
     def __init__(self, total: int, path: Path):
         from tqdm import tqdm
@@ -485,9 +497,19 @@ class _Progress:
         self.path = path
         self.bar = tqdm(total=total, desc="starting roles", unit="step", file=sys.stderr, dynamic_ncols=True)
         self.seen = 0
+        self.restarts = 0
 
     def update(self) -> None:
-        rows = [r for r in read_metrics(self.path) if "teacher_kl" in r] if self.path.exists() else []
+        rows = read_metrics(self.path) if self.path.exists() else []
+        restarts = sum(1 for r in rows if "restarted_from" in r)
+        if restarts > self.restarts:
+            for line in restart_lines(self.path.parent / "logs" / "orchestrator.log")[self.restarts:restarts]:
+                self.bar.write(line, file=sys.stderr)
+            self.restarts = restarts
+        rows = [r for r in rows if "teacher_kl" in r]
+        if len(rows) < self.seen:  # a restart cut the rows after its checkpoint: they run again
+            self.bar.n = self.seen = len(rows)
+            self.bar.refresh()
         if len(rows) > self.seen:
             last = rows[-1]
             self.bar.set_description("training")
@@ -498,3 +520,12 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def restart_lines(log: Path) -> list[str]:
+    """The orchestrator's line for each restart so far (``step N: <role> failed: ...; restarting ...``)."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if RESTART_MARK in ln]

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from orchestrator import checkpoint, continual, environments, workflows
+from orchestrator import checkpoint, continual, environments, skips, workflows
 from orchestrator.pipeline import Pipeline, split_stale
 from orchestrator.prompts import Renderer
 from orchestrator.failures import RoleFailure
@@ -235,7 +235,7 @@ class Orchestrator:
         """The step's row with the teacher backend's entries (an endpoint's request counts)."""
         row = self._train_step(env, step)
         row.update(self.roles.teacher.step_metrics(self.roles.actors.get("teacher", []), self.score_failed))
-        row.update(self.pipe.heartbeat())
+        row.update({**self.pipe.heartbeat(), **self.pipe.counts()})
         if not self.scores:  # nothing was scored: the sampler's log-probs stood in for the teacher's
             row.update({"teacher_kl": float("nan"), "teacher_kl/seq": float("nan")})
         return row
@@ -357,7 +357,7 @@ class Orchestrator:
                 logger.log({"step": resume[0], "resumed_from": float(resume[0]), **startup,
                             "time/resume": time.perf_counter() - t0})
             else:
-                logger.log({"step": 0, **startup})
+                logger.log({"step": 0, **startup, **skips.data_metrics(self.plan.skipped)})  # rows skipped at start
                 history = {"first_eval": self._first_eval(env)}
                 logger.log(history["first_eval"])
             start = resume[0] if resume is not None else 0

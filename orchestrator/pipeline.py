@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import ray
 
-from orchestrator import checkpoint
+from orchestrator import checkpoint, skips
 from orchestrator.data import Prompt
 from orchestrator.failures import get
 from orchestrator.roles import Roles, rollouts_of, scores_of
@@ -49,6 +49,7 @@ class Batch:
     rollouts: list[Rollout] | None = None  # the non-empty ones, by prompt index
     adapter_steps: dict[int, int] = field(default_factory=dict)  # prompt index -> adapter step that sampled it
     empty: int = 0
+    too_long: int = 0  # rollouts not sampled: their prompt leaves no room for inference.max_tokens
     teacher_lp: list[list[float] | None] | None = None  # set once scored: the batch is complete
     t_sampled: float = 0.0
     t_scored: float = 0.0
@@ -57,7 +58,8 @@ class Batch:
         """A complete batch as plain data for a checkpoint (msgpack keeps the floats exact)."""
         return {"step": self.step, "prompts": msgspec.to_builtins(self.prompts), "base": self.base,
                 "rollouts": msgspec.to_builtins(self.rollouts),
-                "adapter_steps": self.adapter_steps, "empty": self.empty, "teacher_lp": self.teacher_lp}
+                "adapter_steps": self.adapter_steps, "empty": self.empty, "too_long": self.too_long,
+                "teacher_lp": self.teacher_lp}
 
     def view(self, role: str) -> list[list[int]]:
         """The prompts as ``role`` sees them: the student engines' view, or the teacher's."""
@@ -68,7 +70,7 @@ class Batch:
         return cls(step=s["step"], prompts=msgspec.convert(s["prompts"], list[Prompt]), base=s["base"],
                    rollouts=msgspec.convert(s["rollouts"], list[Rollout]),
                    adapter_steps={int(k): v for k, v in s["adapter_steps"].items()}, empty=s["empty"],
-                   teacher_lp=s["teacher_lp"])
+                   too_long=s.get("too_long", 0), teacher_lp=s["teacher_lp"])
 
 
 def staleness(step: int, adapter_step: int) -> int:
@@ -166,6 +168,7 @@ class Pipeline:
         self.timeline = Timeline()
         self.queue: deque[Batch] = deque()
         self.next_draw = 1  # the step whose prompts are drawn next
+        self.too_long = 0  # rollouts of the last batch not sampled (prompt too long)
 
     # -- calls in flight ---------------------------------------------------------------------------
     def submit(self, role: str, refs: list) -> list:
@@ -195,11 +198,11 @@ class Pipeline:
         now = time.perf_counter()
         for ref in ready:
             label, start = self.inflight.pop(ref)
-            self.roles.owner.pop(ref, None)
+            actor = self.roles.owner.pop(ref, "")
             self.timeline.add(label, start, now)
             deadlines.record(label, now - start)
             role = "inference" if label == "weight_update" else label
-            self.results[ref] = get(role, ref)
+            self.results[ref] = get(role, ref, actor=actor)
             self.last_reply[role] = now
 
     def heartbeat(self) -> dict[str, float]:
@@ -249,8 +252,15 @@ class Pipeline:
         base = self.source.position - len(prompts)  # rollouts carry global prompt indices (seeds follow them)
         batch = Batch(step=step, prompts=prompts, base=base, stream=stream)
         self.render_batch(batch)
+        # a prompt too long for the context (a teacher-written question; a generator checked on a sample only)
+        # is not sampled: dropped and counted, never a failed engine call
+        keep = skips.fitting([max(len(s), len(t)) for s, t in zip(batch.prompt_ids, batch.teacher_ids)],
+                             self.cfg.model.max_model_len, self.cfg.inference.max_tokens)
+        batch.too_long = (len(prompts) - len(keep)) * oc.group_size
+        view = batch.view(self.sampler)
         batch.sample_refs = self.submit(self.sampler, self.roles.sample_refs(
-            self.sampler, batch.view(self.sampler), base, oc.group_size, self.cfg.inference.temperature))
+            self.sampler, [view[i] for i in keep], base, oc.group_size, self.cfg.inference.temperature,
+            indices=[base + i for i in keep]))
         return batch
 
     def advance(self) -> None:
@@ -288,7 +298,12 @@ class Pipeline:
             if batch.teacher_lp is not None:
                 break
             self.poll()
+        self.too_long = batch.too_long
         return self.queue.popleft()
+
+    def counts(self) -> dict[str, float]:
+        """The last batch's skip counters that no workflow sees (``orchestrator/skips.py``)."""
+        return {"rollouts/too_long": float(self.too_long)}
 
     def settle(self, timeout: float) -> tuple[list[dict[str, Any]], Any]:
         """For a checkpoint: wait (at most ``timeout`` s) for the queued batches to be scored; the complete ones

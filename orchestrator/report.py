@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from orchestrator import skips
 from shared.fsutil import atomic_write_bytes, atomic_write_text
 from shared.metrics import read_metrics
 from shared.redact import redact_text
@@ -110,7 +111,8 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
         if cont.get("gate_failed"):
             lines.append(f"\nThe gate failed ({', '.join(f'{k} {v:+.3f}' for k, v in cont['regressions'].items())}); "
                          f"the final adapter is the restored step {cont['final_step']}.")
-    lines += ["", "## Time", "", f"- wall time: {summary.get('wall_seconds', float('nan')):.1f} s "
+    lines += ["", *skips.report_lines(rows)]  # nothing left out in silence: every skip counter's total
+    lines += ["## Time", "", f"- wall time: {summary.get('wall_seconds', float('nan')):.1f} s "
               f"for {len(train)} steps"]
     for role, secs in summary.get("role_seconds", {}).items():
         lines.append(f"- {role}: {secs:.1f} s busy")

@@ -145,10 +145,11 @@ class Roles:
 
     # -- calls ---------------------------------------------------------------------------------------
     def sample_refs(self, role: str, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,
-                    max_tokens: int | None = None) -> list:
-        """Submit sampling to ``role``'s engines (prompts spread across them); the refs of their replies."""
+                    max_tokens: int | None = None, indices: list[int] | None = None) -> list:
+        """Submit sampling to ``role``'s engines (prompts spread across them); the refs of their replies. The
+        prompts' global indices are ``first_index, first_index + 1, ...`` unless ``indices`` gives them."""
         engines = self.actors[role]
-        idx = list(range(first_index, first_index + len(prompt_ids)))
+        idx = indices if indices is not None else list(range(first_index, first_index + len(prompt_ids)))
         inf = self.cfg.inference
         return [self._owned(e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens or inf.max_tokens,
                                               self.cfg.seed * 1_000_003), f"{role}-{i}")
@@ -173,9 +174,14 @@ class Roles:
         return out
 
     def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
-        """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts)."""
+        """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts). A pair
+        longer than ``model.max_model_len`` is never sent (:func:`orchestrator.skips.scorable`): it comes back
+        unscored (None in :func:`scores_of`)."""
+        from orchestrator.skips import scorable
+
         engines = self.actors["teacher"]
-        parts = [p for p in split(list(range(len(prompt_ids))), len(engines)) if p]
+        fit = scorable(prompt_ids, completion_ids, self.cfg.model.max_model_len)
+        parts = [p for p in split(fit, len(engines)) if p]
         refs = [self._owned(e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
                                                                completion_ids=[completion_ids[i] for i in part]))),
                             f"teacher-{i}")
@@ -251,8 +257,9 @@ def rollouts_of(replies: list[bytes], adapter_base: int) -> tuple[list, dict[int
 
 
 def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> list[list[float] | None]:
-    """Teacher log-probs of each completion; None where an external teacher failed to score it."""
-    out: list[list[float] | None] = [[] for _ in range(n)]
+    """Teacher log-probs of each completion; None where an external teacher failed to score it, or where it was
+    not sent (longer than ``model.max_model_len``)."""
+    out: list[list[float] | None] = [None] * n
     for part, data in zip(parts, replies):
         result = decode(data, ScoreResult)
         for i, lps in zip(part, result.logprobs):

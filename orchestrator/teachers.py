@@ -32,7 +32,8 @@ class TeacherBackend:
         raise NotImplementedError
 
     def step_metrics(self, actors: list, score_failed: int) -> dict[str, float]:
-        return {}
+        """The step's row entries: rollouts dropped unscored (too long to score, or an endpoint's failures)."""
+        return {"teacher/score_failed": float(score_failed)}
 
 
 class EngineTeacher(TeacherBackend):

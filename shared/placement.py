@@ -243,6 +243,7 @@ class RunPlan(Struct, kw_only=True):
     endpoint_model: str = ""  # an endpoint teacher: the served model's name
     endpoint_prompts: str = ""  # an endpoint teacher: how prompts are sent (ids or text)
     dataset: str = ""  # the dataset file of the rows kept after preflight's length check; empty = as configured
+    skipped: dict[str, int] = {}  # dataset rows skipped before the run, by kind (orchestrator/skips.py)
 
 
 def node_list(nodes: list[dict[str, Any]]) -> str:

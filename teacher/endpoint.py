@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -211,12 +212,11 @@ def _check_prompt_logprobs(cfg: Config, client: Client, model: str, tokenizer: A
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids[: cfg.model.max_model_len]  # fits
     try:
         reply = client.post("/completions", _score_body(model, ids))
-        entries = reply["choices"][0]["prompt_logprobs"]
-        values = [_token_logprob(e, t) for e, t in zip(entries[1:], ids[1:])]
-        ok = len(entries) == len(ids) and all(math.isfinite(v) for v in values)
+        completion_logprobs(reply, 1, ids[1:])  # the first position has no log-prob
+        ok = True
     except HttpError as e:
         _refuse_scoring(cfg, f"/completions with prompt_logprobs on token ids fails ({e})")
-    except (KeyError, IndexError, TypeError, AttributeError):
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         ok = False
     if not ok:
         _refuse_scoring(cfg, "/completions returned no per-token prompt_logprobs for token ids")
@@ -242,13 +242,35 @@ def _score_body(model: str, ids: list[int]) -> dict:
             "return_token_ids": True}
 
 
+LOGPROB_SLACK = 1e-4  # a log-prob above 0 by more than rounding is no log-prob
+
+
 def _token_logprob(entry: Any, token: int) -> float:
-    """vLLM's prompt_logprobs entry ({"<id>": {"logprob": x, ...}}) → the log-prob of ``token`` (NaN if absent;
-    the orchestrator clips and counts NaN like the in-cluster engine's)."""
+    """vLLM's prompt_logprobs entry (``{"<id>": {"logprob": x, ...}}``) -> the log-prob of ``token``.
+
+    Raises ValueError when the entry lacks ``token`` or its value cannot be a log-probability: not finite
+    (``NaN``, ``Infinity``, ``-Infinity``, which Python's JSON reader accepts; vLLM itself writes -9999 for a
+    probability of 0) or above 0 (a probability above 1). The item it belongs to is then refused and counted
+    (``ScoreResult.failed``), never trained on: one wrong number in a teacher's log-probs is an advantage of
+    any size."""
     if not isinstance(entry, dict) or str(token) not in entry:
-        return float("nan")
+        raise ValueError(f"no log-prob for token {token}")
     value = entry[str(token)]
-    return float(value["logprob"] if isinstance(value, dict) else value)
+    x = float(value["logprob"] if isinstance(value, dict) else value)
+    if not math.isfinite(x) or x > LOGPROB_SLACK:
+        raise ValueError(f"log-prob {x!r} of token {token} is not a log-probability (finite, at most 0)")
+    return x
+
+
+def completion_logprobs(reply: dict, n_prompt: int, completion: list[int]) -> list[float]:
+    """The teacher's log-prob of each ``completion`` token from a ``/completions`` reply that echoed
+    ``prompt + completion`` with ``prompt_logprobs``; ValueError (the item is refused) when the reply has another
+    number of positions than ``n_prompt + len(completion)`` or a value is not a log-probability."""
+    entries = reply["choices"][0]["prompt_logprobs"]
+    if len(entries) != n_prompt + len(completion):
+        raise ValueError(f"prompt_logprobs for {len(entries)} positions, expected {n_prompt + len(completion)} "
+                         f"({n_prompt} prompt + {len(completion)} completion tokens)")
+    return [_token_logprob(e, t) for e, t in zip(entries[n_prompt:], completion)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,15 +354,7 @@ class EndpointTeacher:
     def score(self, request: bytes) -> bytes:
         req = decode(request, ScoreRequest)
 
-        def parser(n_prompt: int, completion: list[int]) -> Any:
-            def parse(reply: dict) -> list[float]:
-                entries = reply["choices"][0]["prompt_logprobs"][n_prompt:]
-                if len(entries) != len(completion):
-                    raise ValueError(f"prompt_logprobs for {len(entries)} completion tokens, expected {len(completion)}")
-                return [_token_logprob(e, t) for e, t in zip(entries, completion)]
-            return parse
-
-        results = self._map([(_score_body(self.model, p + c), parser(len(p), c))
+        results = self._map([(_score_body(self.model, p + c), partial(completion_logprobs, n_prompt=len(p), completion=c))
                              for p, c in zip(req.prompt_ids, req.completion_ids)])
         failed = [i for i, r in enumerate(results) if r is None]
         return encode(ScoreResult(logprobs=[r or [] for r in results], failed=failed))

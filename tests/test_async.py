@@ -67,9 +67,10 @@ def test_timeline_forget_keeps_calls_still_relevant():
 # -- the real orchestrator loop over real Ray actors that stand in for the engines and the trainer ------------
 # (seconds instead of minutes: the pipeline's scheduling, staleness, drops, checkpoints and restarts do not
 # depend on what the roles compute.)
-def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None, hang_at=None):
+def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None, hang_at=None, context=None):
     """Actor classes with the roles' methods; ``fail_at``: the trainer's process dies in that step once
-    (a marker file remembers it, so the restarted trainer goes on)."""
+    (a marker file remembers it, so the restarted trainer goes on); ``context``: the engines refuse, as vLLM
+    does, a prompt + max_tokens (sampling) or a prompt + completion (scoring) longer than this."""
     import os
     import time
     from pathlib import Path
@@ -83,6 +84,8 @@ def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None, hang_at=None):
 
         def generate(self, prompt_ids, indices, n, temperature, top_p, max_tokens, seed):
             time.sleep(sample_s)
+            if context and max(map(len, prompt_ids)) + max_tokens > context:
+                raise ValueError(f"prompt of {max(map(len, prompt_ids))} tokens + {max_tokens} > {context}")
             rollouts = [Rollout(prompt_index=i, prompt_ids=ids, completion_ids=[5, 6, 7], logprobs=[-1.0] * 3)
                         for ids, i in zip(prompt_ids, indices) for _ in range(n)]
             return encode(RolloutBatch(rollouts=rollouts, adapter_step=self.adapter_step))
@@ -94,6 +97,8 @@ def _fake_roles(out, sample_s=0.15, train_s=0.3, fail_at=None, hang_at=None):
         def score(self, data):
             req = decode(data, ScoreRequest)
             time.sleep(0.02)
+            if context and any(len(p) + len(c) > context for p, c in zip(req.prompt_ids, req.completion_ids)):
+                raise ValueError(f"more than {context} positions to score")
             return encode(ScoreResult(logprobs=[[-1.5] * len(c) for c in req.completion_ids]))
 
     class Trainer:
@@ -136,7 +141,7 @@ def local_ray():
     ray.shutdown()
 
 
-def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, wrap=None, **fake):
+def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, wrap=None, skipped=None, **fake):
     """The real Orchestrator over the stand-in roles of :func:`_fake_roles` (``wrap``: a function that returns
     other classes from those three, as tests/test_colocation.py's recording ones)."""
     import msgspec
@@ -150,7 +155,7 @@ def _orchestrator(tiny_pair, tmp_path, monkeypatch, *args, wrap=None, **fake):
                 "--orchestrator.group_size", "2", "--orchestrator.eval.interval", "0", *args])
     monkeypatch.setattr(om, "redirect_output", lambda path: None)
     orch = om.Orchestrator(msgspec.json.encode(cfg), msgspec.json.encode(
-        RunPlan(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), actors=plan(cfg))))
+        RunPlan(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), actors=plan(cfg), skipped=skipped or {})))
     classes = _fake_roles(tmp_path / "run", **fake)
     classes = wrap(*classes) if wrap else classes
 
@@ -241,6 +246,7 @@ def test_failure_without_restart_names_the_role_and_cancels_in_flight_work(local
     with pytest.raises(RoleFailure) as e:
         orch.run()
     assert e.value.role == "trainer" and "\n" not in str(e.value)
+    assert str(e.value).startswith("trainer failed: trainer-0: ") and str(e.value).endswith("(see logs/trainer-0.log)")
     assert not orch.pipe.inflight
 
 
@@ -288,3 +294,33 @@ def test_deadline_is_the_floor_then_a_multiple_of_the_median(tmp_path):
     assert d.limit("inference") == 10  # 4 x 0.5 = 2 < the floor
     (tmp_path / "a.log").write_text("\n".join(f"line {i}" for i in range(20)) + "\n\n")
     assert log_tail(tmp_path / "a.log", 3) == "line 17\nline 18\nline 19" and log_tail(tmp_path / "none.log") == ""
+
+
+def test_prompts_too_long_at_run_time_are_dropped_counted_and_reported(local_ray, tiny_pair, tmp_path, monkeypatch):
+    """Prompts that leave no room for inference.max_tokens (here: dataset rows the preflight would have caught, as
+    a teacher-written question would not be) are never sent to an engine that would refuse them: each step's row
+    counts their rollouts in ``rollouts/too_long``, the run completes, and the report totals them with the
+    dataset rows skipped at start (the plan's ``skipped``, logged in the step-0 row)."""
+    import json
+
+    from orchestrator.report import write_report
+
+    rows = [{"prompt": "abcd=", "answer": "dcba"}, {"prompt": "x" * 70 + "=", "answer": "x" * 70},
+            {"prompt": "dcb=", "answer": "bcd"}, {"prompt": "y" * 70 + "=", "answer": "y" * 70}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    orch = _orchestrator(tiny_pair, tmp_path, monkeypatch, "--max_steps", "3", "--orchestrator.environment",
+                         "reverse_text", "--orchestrator.dataset.path", str(data), "--model.max_model_len", "64",
+                         "--inference.max_tokens", "16", skipped={"malformed": 3}, context=64)
+    summary = orch.run()
+    metrics = _rows(tmp_path)
+    assert metrics[0]["step"] == 0 and metrics[0]["data/skipped_malformed"] == 3.0
+    train = [r for r in metrics if "teacher_kl" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    # 4 prompts a step (batch_size 4 = the whole file each epoch), 2 of them too long, 2 samples each
+    assert [r["rollouts/too_long"] for r in train] == [4.0, 4.0, 4.0]
+    assert all(r["skipped_step"] == 0.0 and r["teacher/score_failed"] == 0.0 for r in train)
+    report = write_report(tmp_path / "run", summary, "").read_text()
+    assert "| dataset rows skipped (malformed) | `data/skipped_malformed` | 3 |" in report
+    assert "| rollouts not sampled: prompt + inference.max_tokens longer than model.max_model_len | " \
+           "`rollouts/too_long` | 12 |" in report

@@ -198,7 +198,9 @@ def test_dataset_rows_too_long_are_skipped_and_counted(tiny_pair, student_tok, t
     kept = check_prompt_lengths(cfg, environments.make(cfg), student_tok, tiny_pair[1])
     assert [p.text for p in kept] == ["abcd="]
     err = capsys.readouterr().err
-    assert "skipped 1 of 2 prompts longer than model.max_model_len = 32" in err
+    assert err.strip() == (f"dataset: 1 of 2 rows skipped (prompts longer than model.max_model_len = 32 minus "
+                           f"inference.max_tokens = 12 allows): {cfg.orchestrator.dataset.path}:3 "
+                           "(orchestrator.dataset.on_bad_row = \"skip\")")
     path = _write_kept_rows(tmp_path, kept)
     rows, bad = load_jsonl(str(path))
     assert [(r.text, r.answer) for r in rows] == [("abcd=", "dcba")] and bad == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def fake_logprob(token: int, position: int) -> float:
 class FakeServer(ThreadingHTTPServer):
     """``/v1/models``, ``/tokenize`` (vllm=True only) and ``/v1/completions`` with token-id prompts and
     ``prompt_logprobs``.  ``faults``: a list consumed one per completions request, each None (answer),
-    an HTTP status, a float (seconds to stall before answering) or a str (a reply without log-probs)."""
+    an HTTP status, a float (seconds to stall before answering), a str (a reply without log-probs) or a function
+    that rewrites the ``prompt_logprobs`` entries of the reply (wrong numbers, wrong positions)."""
 
     daemon_threads = True
 
@@ -102,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not srv.vllm:
                 return self._reply(400, {"error": {"message": "unknown field prompt_logprobs"}})
             entries = [None] + [{str(t): {"logprob": fake_logprob(t, i), "rank": 1}} for i, t in enumerate(prompt)][1:]
+            if callable(fault):
+                entries = fault(entries)
             return self._reply(200, {"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]})
         n = body.get("n", 1)
         text = "dcba" if isinstance(prompt, list) else f"<{prompt}>"
@@ -288,6 +292,53 @@ def test_unscorable_completions_are_reported_and_counted_and_4xx_is_not_retried(
     server.faults = ["no log-probs here"]  # a malformed reply fails the item, and is not retried
     assert _score(teacher, [[1]], [[5]]).failed == [0]
     assert teacher.retries == 2 and teacher.failed == 3 and "unexpected reply (KeyError" in teacher.last_error
+
+
+def _set(value):
+    """A fault: the last position's log-prob replaced by ``value`` (json writes NaN/Infinity as Python reads them)."""
+    def rewrite(entries):
+        (token,) = entries[-1]
+        return [*entries[:-1], {token: {"logprob": value, "rank": 1}}]
+    return rewrite
+
+
+@pytest.mark.parametrize("entries, problem", [
+    ([None, {"5": {"logprob": -0.5}}, {"6": {"logprob": 0.7}}], "log-prob 0.7 of token 6 is not a log-probability"),
+    ([None, {"5": {"logprob": -0.5}}, {"6": {"logprob": float("inf")}}], "log-prob inf of token 6"),
+    ([None, {"5": {"logprob": float("-inf")}}, {"6": {"logprob": -1.0}}], "log-prob -inf of token 5"),
+    ([None, {"5": {"logprob": float("nan")}}, {"6": {"logprob": -1.0}}], "log-prob nan of token 5"),
+    ([None, {"5": {"logprob": -0.5}}], "prompt_logprobs for 2 positions, expected 3 (1 prompt + 2 completion"),
+    ([None, {"5": -0.5}, {"6": -1.0}, {"7": -1.0}], "prompt_logprobs for 4 positions, expected 3"),
+    ([None, {"5": {"logprob": -0.5}}, {"9": {"logprob": -1.0}}], "no log-prob for token 6"),
+])
+def test_completion_logprobs_refuses_what_is_no_log_probability(entries, problem):
+    from teacher.endpoint import completion_logprobs
+
+    reply = json.loads(json.dumps({"choices": [{"prompt_logprobs": entries}]}))  # NaN/Infinity survive as Python's json
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        completion_logprobs(reply, 1, [5, 6])
+
+
+def test_completion_logprobs_keeps_zero_and_rounding_above_it():
+    from teacher.endpoint import completion_logprobs
+
+    reply = {"choices": [{"prompt_logprobs": [None, {"5": {"logprob": 0.0}}, {"6": {"logprob": 3e-5}}]}]}
+    assert completion_logprobs(reply, 1, [5, 6]) == [0.0, 3e-5]  # probability 1 (up to float rounding)
+
+
+def test_bad_log_probs_from_the_endpoint_are_refused_and_counted(server, tiny_pair):
+    """Positive log-probs, Infinity, NaN and the wrong number of positions from a server: each such completion is
+    failed (the orchestrator drops it and counts it in ``teacher/score_failed``), never handed on with its numbers;
+    the good one between them is scored exactly."""
+    teacher = _teacher(_cfg(server.url, "--teacher.retries", "2", "--teacher.max_failure_rate", "1",
+                            "--teacher.max_concurrency", "1"), tiny_pair)  # one at a time: the faults in item order
+    server.faults = [_set(0.5), _set(float("inf")), _set(float("nan")), None, lambda e: e[:-1]]
+    res = _score(teacher, [[1]] * 5, [[5, 6]] * 5)
+    assert res.failed == [0, 1, 2, 4]
+    assert [res.logprobs[i] for i in (0, 1, 2, 4)] == [[], [], [], []]
+    assert res.logprobs[3] == pytest.approx([fake_logprob(5, 1), fake_logprob(6, 2)])
+    assert teacher.failed == 4 and teacher.retries == 0  # a malformed reply is final: not retried
+    assert "is not a log-probability" in teacher.last_error or "positions" in teacher.last_error
 
 
 def test_the_failure_rate_bound_stops_the_run(server, tiny_pair):

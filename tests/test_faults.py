@@ -1,8 +1,10 @@
-"""Faults injected for real into a running `rl` (tiny pair): a role stopped with SIGSTOP (a hang) is caught by
-its deadline, and signals during start-up end the run in one line. Each checks that no process of the run is
-left behind: every process the run started inherits a marker in its environment, and none may outlive it.
-(A trainer rank killed mid-step and resumed: tests/test_resume.py; a stand-in trainer that hangs:
-tests/test_async.py.)"""
+"""Faults injected for real into a running `rl` (tiny pair), folded into few engine starts: one run with
+``on_failure = "restart"`` in which the student engine, the teacher engine and one of two trainer ranks are
+SIGKILLed and the teacher SIGSTOPped (a hang, caught by its deadline), one after the other; a run whose
+orchestrator actor is SIGKILLed, resumed until its teacher hangs, resumed to the end; signals during start-up.
+Each checks that no process of the run is left behind: every process the run started inherits a marker in its
+environment, and none may outlive it. (A trainer rank killed mid-step and resumed with the same numbers:
+tests/test_resume.py; a stand-in trainer that hangs: tests/test_async.py.)"""
 
 import json
 import os
@@ -67,24 +69,120 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> N
         time.sleep(0.1)
 
 
-def test_a_stopped_teacher_is_caught_by_its_deadline(tiny_pair, tmp_path):
-    """SIGSTOP of the teacher engine's process after step 1: its next score call outlives the deadline (floor
-    15 s); the run exits 1 with one error line naming the teacher, the actor and the call, then the tail of
-    its log; no traceback, and no process of the run left behind (the stopped one included)."""
-    out = tmp_path / "run"
-    proc, mark = _start(out, "--max_steps", "50", "--orchestrator.deadline.floor_s", "15")
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, float]:
+    """The run's stderr once it ends (killed if it outlives ``timeout``), and the seconds waited for it."""
+    t0 = time.monotonic()
     try:
-        rows = out / "metrics.jsonl"
-        _wait_for(lambda: rows.exists() and '"teacher_kl"' in rows.read_text(), proc, 400, "step 1")
-        pid = json.loads((out / "logs" / "pids.json").read_text())["teacher-0"]
-        os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=240)
-        waited = time.monotonic() - t0
+        _, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1, err[-3000:]
+    return err, time.monotonic() - t0
+
+
+def _rows(out: Path) -> list[dict]:
+    from shared.metrics import read_metrics
+
+    return read_metrics(out / "metrics.jsonl")
+
+
+def _trained_since_restart(out: Path, restarts: int) -> bool:
+    """``restarts`` restarts have happened and a training step has been logged after the last of them (so the
+    roles of ``logs/pids.json``, rewritten by the restart, are at work)."""
+    rows = _rows(out)
+    marks = [i for i, r in enumerate(rows) if "restarted_from" in r]
+    if len(marks) != restarts:
+        return False
+    after = marks[-1] if marks else -1
+    return any("teacher_kl" in r for r in rows[after + 1:]) and any((out / "checkpoints").glob("step_*"))
+
+
+def _one_row_per_step(out: Path, steps: int) -> list[dict]:
+    rows = _rows(out)
+    assert [r["step"] for r in rows if "teacher_kl" in r] == list(range(1, steps + 1))  # none lost, none twice
+    return rows
+
+
+# The faults of one run with ckpt.on_failure = "restart", in order: each strikes while a step is in progress,
+# after the previous restart has trained a step on the new roles.
+FAULTS = [("inference-0", signal.SIGKILL), ("teacher-0", signal.SIGKILL), ("trainer-1", signal.SIGKILL),
+          ("teacher-0", signal.SIGSTOP)]
+
+
+def test_every_role_killed_or_hung_mid_step_is_restarted_and_the_run_completes(tiny_pair, tmp_path):
+    """One run (checkpoints every step, ``on_failure = "restart"``, two trainer ranks, deadline floor 15 s):
+    SIGKILL of the student engine's process, then of the teacher engine's, then of one of the two trainer ranks
+    (its peer is stuck in a collective), then SIGSTOP of the teacher (a hang, caught by its deadline); each time
+    every role restarts from the newest checkpoint and the run goes on. It completes (exit 0) with one
+    ``restarted_from`` row per fault, every step exactly once in metrics.jsonl, each restart named on the
+    console and in the orchestrator's log, and no process of the run left behind (the stopped one included)."""
+    out = tmp_path / "run"
+    steps = 8
+    proc, mark = _start(out, "--max_steps", str(steps), "--ckpt.interval", "1", "--ckpt.on_failure", "restart",
+                        "--ckpt.max_restarts", str(len(FAULTS)), "--orchestrator.deadline.floor_s", "15",
+                        "--trainer.cpu_ranks", "2")
+    killed = []
+    try:
+        for n, (actor, sig) in enumerate(FAULTS):
+            _wait_for(lambda: _trained_since_restart(out, n), proc, 600, f"a step after restart {n}")
+            pid = json.loads((out / "logs" / "pids.json").read_text())[actor]
+            assert pid not in killed  # pids.json names the restarted roles' processes
+            os.kill(pid, sig)
+            killed.append(pid)
+    finally:
+        err, _ = _finish(proc, 900)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    rows = _one_row_per_step(out, steps)
+    restarts = [r for r in rows if "restarted_from" in r]
+    assert [r["restarts"] for r in restarts] == [1.0, 2.0, 3.0, 4.0]
+    assert all(r["restarted_from"] == r["step"] >= 1 for r in restarts)
+    log = (out / "logs" / "orchestrator.log").read_text()
+    lines = [ln for ln in log.splitlines() if "; restarting every role from " in ln]
+    assert len(lines) == len(FAULTS), log[-3000:]
+    for line, (actor, sig) in zip(lines, FAULTS):
+        role = actor.split("-")[0]
+        assert line.startswith("step ") and f": {role} failed: {actor}" in line, line  # the role and its actor
+        assert line in err  # the console shows each restart too
+    # the hang: one line naming the role, the actor, the call and the step, caught by the deadline
+    assert f"teacher failed: teacher-0 did not answer score (or generate) in step " in lines[-1]
+    assert "within its deadline" in lines[-1] and "logs/teacher-0.log" in lines[-1]
+    _none_left(mark)
+
+
+def test_orchestrator_killed_then_a_hung_teacher_each_stop_the_run_in_one_line_and_resume_completes(tiny_pair,
+                                                                                                     tmp_path):
+    """``on_failure = "stop"`` (the default): SIGKILL of the orchestrator actor mid-step ends the run with exit 1
+    and one line naming the orchestrator; ``--resume`` goes on from the newest checkpoint until its teacher is
+    SIGSTOPped: its next score call outlives the deadline (floor 15 s), exit 1 with one line naming the teacher,
+    the actor and the call, then the tail of its log; a second ``--resume`` completes. metrics.jsonl ends with
+    every step exactly once, and no process of any of the three launches is left behind."""
+    out = tmp_path / "run"
+    steps = 5
+    args = ("--max_steps", str(steps), "--ckpt.interval", "1", "--orchestrator.deadline.floor_s", "15")
+
+    def launch(*extra: str, fault: tuple[str, int] | None, after: int) -> tuple[int, str, float]:
+        proc, mark = _start(out, *args, *extra)
+        try:
+            if fault is not None:
+                _wait_for(lambda: any(r["step"] > after and "teacher_kl" in r for r in _rows(out))
+                          and any((out / "checkpoints").glob("step_*")), proc, 600, f"a step after step {after}")
+                os.kill(json.loads((out / "logs" / "pids.json").read_text())[fault[0]], fault[1])
+        finally:
+            err, waited = _finish(proc, 600)
+        _none_left(mark)
+        return proc.returncode, err, waited
+
+    rc, err, waited = launch(fault=("orchestrator-0", signal.SIGKILL), after=0)
+    assert rc == 1, err[-3000:]
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: orchestrator failed: "), err[-3000:]
+    assert waited < 30, waited
+    first = max(r["step"] for r in _rows(out) if "teacher_kl" in r)
+
+    rc, err, waited = launch("--resume", fault=("teacher-0", signal.SIGSTOP), after=first)
+    assert rc == 1, err[-3000:]
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("error: ")]
@@ -94,7 +192,11 @@ def test_a_stopped_teacher_is_caught_by_its_deadline(tiny_pair, tmp_path):
     tail = lines[lines.index(errors[0]) + 1:]
     assert tail and all(ln.startswith("  | ") for ln in tail), tail  # the actor's last log lines
     assert waited < 15 + 90, waited  # caught by the deadline, not by a person
-    _none_left(mark)
+
+    rc, err, _ = launch("--resume", fault=None, after=0)
+    assert rc == 0, err[-3000:]
+    rows = _one_row_per_step(out, steps)
+    assert len([r for r in rows if "resumed_from" in r]) == 2
 
 
 @pytest.mark.parametrize("signals", [1, 2])
@@ -109,12 +211,8 @@ def test_signals_during_start_up_end_the_run_in_one_line(tiny_pair, tmp_path, si
         for _ in range(signals):
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.05)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=120)
-        waited = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        err, waited = _finish(proc, 120)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "SystemError" not in err
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]

@@ -429,23 +429,29 @@ def test_trainer_loss_terms(tiny_pair, tmp_path):
     assert (tmp_path / "broadcast" / "step_5" / "COMPLETE").exists()
 
 
-def test_a_step_with_an_exactly_zero_gradient_is_not_applied(tiny_pair, tmp_path):
-    """RL with no rewarded sample: every advantage is 0 and no other term is on, so the gradient is exactly
-    zero; AdamW would still move the weights on the momentum of the step before (and weight decay), so the
-    trainer does not step: the adapter it publishes is bit-identical to the previous one."""
-    import torch.distributed as dist
-    from safetensors.torch import load_file
+def _one_sample(tiny_pair):
+    """A single-rank trainer spec (LoRA on q/v, AdamW with weight decay) and one reverse-text sample as token ids:
+    ``(student, spec, prompt_ids, completion_ids)``."""
     from transformers import AutoTokenizer
-
-    from shared.wire import StepResult
-    from trainer.worker import TrainerRank
 
     _, student = tiny_pair
     tok = AutoTokenizer.from_pretrained(str(student))
     spec = dict(seed=0, dtype="float32", lr=0.01, weight_decay=0.1, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
                 lora_dropout=0.0, lora_targets=["q_proj", "v_proj"], mask_ratio_low=0.125, mask_ratio_high=8.0,
                 ref_kl_coef=0.0, ref_kl_estimator="k3", entropy_coef=0.0)
-    p, c = tok("abcd=").input_ids, tok("dcba").input_ids[1:] + [tok.eos_token_id]
+    return student, spec, tok("abcd=").input_ids, tok("dcba").input_ids[1:] + [tok.eos_token_id]
+
+
+def test_a_step_with_an_exactly_zero_gradient_is_not_applied(tiny_pair, tmp_path):
+    """RL with no rewarded sample: every advantage is 0 and no other term is on, so the gradient is exactly
+    zero; AdamW would still move the weights on the momentum of the step before (and weight decay), so the
+    trainer does not step: the adapter it publishes is bit-identical to the previous one."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from shared.wire import StepResult
+    from trainer.worker import TrainerRank
+
+    student, spec, p, c = _one_sample(tiny_pair)
 
     def batch(step, adv):
         return encode(TrainBatch(step=step, total_tokens=len(c), samples=[TrainSample(
@@ -465,3 +471,55 @@ def test_a_step_with_an_exactly_zero_gradient_is_not_applied(tiny_pair, tmp_path
     w = {s: load_file(tmp_path / "broadcast" / f"step_{s}" / "adapter_model.safetensors") for s in (1, 2, 3)}
     assert all(torch.equal(w[1][k], w[2][k]) for k in w[1])  # step 2 applied nothing
     assert any(not torch.equal(w[2][k], w[3][k]) for k in w[2])  # and step 3 learns again
+
+
+def test_a_non_finite_loss_on_a_real_rank_is_skipped_and_counted_then_stops_the_run(tiny_pair, tmp_path):
+    """NaN advantages reach a real trainer rank through the wire (as a broken reward or teacher would send them):
+    the loss and the all-reduced gradient norm are NaN, so the rank skips the step (``skipped_step`` = 1) and
+    publishes the previous weights unchanged, AdamW's moments stay finite, and the next good step trains again.
+    The loop's counter stops the run, in one line, after ``trainer.max_bad_steps`` such steps in a row."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from shared.metrics import BadSteps, TrainingStopped
+    from shared.wire import StepResult
+    from trainer.worker import TrainerRank
+
+    student, spec, p, c = _one_sample(tiny_pair)
+
+    def batch(step, adv):
+        return encode(TrainBatch(step=step, total_tokens=len(c), samples=[TrainSample(
+            input_ids=p + c, prompt_len=len(p), inference_logprobs=[-1.0] * len(c),
+            advantages=[1.0] * (len(c) - 1) + [adv])]))  # one poisoned token is enough
+
+    rank = TrainerRank(0, 1, "gloo", f"tcp://127.0.0.1:{_port()}", str(student), spec, str(tmp_path), None)
+    try:
+        rank.setup()
+        steps = [decode(rank.train_step(batch(s, adv)), StepResult).metrics
+                 for s, adv in enumerate([1.0, float("nan"), float("nan"), 1.0], start=1)]
+        moments = [v for st in rank.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    finally:
+        dist.destroy_process_group()
+    assert [m["skipped_step"] for m in steps] == [0.0, 1.0, 1.0, 0.0]
+    assert math.isnan(steps[1]["grad_norm"]) and math.isnan(steps[1]["loss/policy"])
+    assert math.isfinite(steps[3]["grad_norm"]) and steps[3]["grad_norm"] > 0
+    assert all(bool(torch.isfinite(m.full_tensor() if hasattr(m, "full_tensor") else m).all()) for m in moments)
+    w = {s: load_file(tmp_path / "broadcast" / f"step_{s}" / "adapter_model.safetensors") for s in (1, 2, 3, 4)}
+    assert all(torch.equal(w[1][k], w[3][k]) for k in w[1])  # steps 2 and 3 applied nothing
+    assert any(not torch.equal(w[3][k], w[4][k]) for k in w[3]) and all(bool(torch.isfinite(v).all()) for v in w[4].values())
+
+    rows = [{"step": s, "skipped_step": m["skipped_step"], "grad_norm": m["grad_norm"], "loss/policy": m["loss/policy"]}
+            for s, m in enumerate(steps, start=1)]
+    patient = BadSteps(3)
+    for row in rows:  # two in a row are fewer than 3: the run goes on, and step 4 resets the count
+        patient.update(row)
+    assert (patient.in_a_row, patient.last_good) == (0, 4)
+    strict = BadSteps(2)
+    strict.update(rows[0])
+    strict.update(rows[1])
+    with pytest.raises(TrainingStopped) as stopped:
+        strict.update(rows[2])
+    assert str(stopped.value) == (
+        "steps 2-3: 2 training steps in a row were skipped (non-finite loss or gradient norm, or no usable samples; "
+        "trainer.max_bad_steps = 2); broadcast/step_1 is the last good adapter (later steps left it unchanged)")

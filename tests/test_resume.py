@@ -279,6 +279,15 @@ def _batch(step: int, seed: int) -> bytes:
     return encode(TrainBatch(step=step, samples=samples, total_tokens=24, num_micro_batches=2))
 
 
+def _rank(tiny_pair, rendezvous, spec: dict, out):
+    """A real single-rank trainer (gloo, in this process) on the tiny student, set up; it meets at ``rendezvous``."""
+    from trainer.worker import TrainerRank
+
+    r = TrainerRank(0, 1, "gloo", f"file://{rendezvous}", str(tiny_pair[1]), spec, str(out), None)
+    r.setup()
+    return r
+
+
 def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
     """Step 2 after a restore from the checkpoint of step 1 equals step 2 of the run that went on (weights,
     AdamW moments, cosine schedule and the dropout RNG all restored); without the restore it differs."""
@@ -287,15 +296,12 @@ def test_trainer_rank_resumes_bit_for_bit(tiny_pair, tmp_path):
     from safetensors.torch import load_file
 
     from shared.wire import StepResult, decode
-    from trainer.worker import TrainerRank
 
     spec = _trainer_spec(load([]))
     out = tmp_path / "out"
 
     def rank(name):
-        r = TrainerRank(0, 1, "gloo", f"file://{tmp_path / name}", str(tiny_pair[1]), spec, str(out), None)
-        r.setup()
-        return r
+        return _rank(tiny_pair, tmp_path / name, spec, out)
 
     def step2(r):
         res = decode(r.train_step(_batch(2, 2)), StepResult)
@@ -490,3 +496,101 @@ def test_async_run_with_two_engines_and_two_ranks_stops_on_sigterm_and_resumes(t
             assert 0 < r["busy/inference"] <= 1 and r["time/overlap"] > 0, r
     # the two engines both sampled: a buffered group's adapter step is the one that engine served
     assert all(set(map(int, b["adapter_steps"].values())) == {stopped - 1} for b in buffered)
+
+
+# -- a full disk: ENOSPC while writing an adapter and a checkpoint --------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MB tmpfs (the run's output directory on a disk that fills up); needs root to mount."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): ENOSPC is not injected")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(disk) -> None:
+    """Write a ballast file until the disk is full (ENOSPC), down to its last byte."""
+    import errno
+    import os
+
+    fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
+    try:
+        size = 1 << 20
+        while size:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                size //= 2
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_during_an_adapter_and_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_pair, small_disk,
+                                                                                         tmp_path):
+    """A real rank writing to a tmpfs that fills up after the checkpoint of step 1: step 2's adapter write and
+    then the checkpoint of step 2 fail with ENOSPC, each as one line (what the run prints after ``trainer
+    failed:``), leaving no half-written adapter; the checkpoint of step 1 stays complete and verifies, the
+    partial one is removed as a resumed run starts, and a fresh rank resumes from step 1 (on the freed disk)
+    and trains step 2 exactly as the uninterrupted rank would have."""
+    import errno
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from shared.runtime import first_line
+    from shared.wire import StepResult, decode
+
+    spec = _trainer_spec(load([]))
+    out = small_disk / "run"
+
+    def rank(name):
+        return _rank(tiny_pair, tmp_path / name, spec, out)
+
+    threads = torch.get_num_threads()
+    try:
+        first = rank("rdv1")
+        first.train_step(_batch(1, 1))
+        tmp = checkpoint.begin(out, 1)
+        first.save_checkpoint(str(tmp))
+        signed = checkpoint.commit(out, 1, tmp, keep=2)
+        before = {p.relative_to(signed): p.read_bytes() for p in signed.rglob("*") if p.is_file()}
+        _fill(small_disk)
+        with pytest.raises(OSError) as adapter_error:
+            first.train_step(_batch(2, 2))
+        assert adapter_error.value.errno == errno.ENOSPC
+        assert not (out / "broadcast" / ".step_2.tmp").exists() and not (out / "broadcast" / "step_2").exists()
+        tmp = checkpoint.begin(out, 2)
+        with pytest.raises(OSError) as ckpt_error:
+            first.save_checkpoint(str(tmp))
+        assert ckpt_error.value.errno == errno.ENOSPC
+        dist.destroy_process_group()
+
+        (small_disk / "ballast").unlink()  # the user frees space and resumes
+        checkpoint.remove_partial(out)  # what a resumed run does first
+        assert checkpoint.require_latest(out) == (1, signed)  # complete, signed, unchanged
+        assert {p.relative_to(signed): p.read_bytes() for p in signed.rglob("*") if p.is_file()} == before
+        assert not list((out / "checkpoints").glob(".step_*"))
+        resumed = rank("rdv2")
+        resumed.load_checkpoint(str(signed), 1)
+        again = decode(resumed.train_step(_batch(2, 2)), StepResult)
+        dist.destroy_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+    for error in (adapter_error.value, ckpt_error.value):
+        line = first_line(error)
+        assert "\n" not in line and "No space left on device" in line, line
+    assert again.metrics["skipped_step"] == 0.0 and math.isfinite(again.metrics["grad_norm"])
+    assert (out / "broadcast" / "step_2" / "COMPLETE").exists()
+    assert load_file(out / "broadcast" / "step_2" / "adapter_model.safetensors").keys() == \
+        load_file(out / "broadcast" / "step_1" / "adapter_model.safetensors").keys()

@@ -31,6 +31,22 @@ if TYPE_CHECKING:  # msgspec is imported where bytes are decoded, so the step ru
     from shared.wire import TrainBatch
 
 
+@contextlib.contextmanager
+def _first_failure():
+    """``torch.distributed.checkpoint`` raises a ``CheckpointException``: a BaseException (not an Exception)
+    whose text is every rank's traceback. Raise the first rank's own error instead (e.g. ``OSError: [Errno 28]
+    No space left on device``), which the run reports in one line like any other failure of the role."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        error = next((exc for exc, _ in e.failures.values() if isinstance(exc, Exception)), None)
+        if error is None:
+            raise
+        raise error from None
+
+
 class TrainerRank:
     def __init__(self, rank: int, world: int, backend: str, init_method: str, model_path: str, spec: dict,
                  output_dir: str, log_path: str):
@@ -278,7 +294,8 @@ class TrainerRank:
 
         t0 = time.perf_counter()
         where = Path(directory) / "trainer"
-        dcp.save(self._state(), checkpoint_id=str(where))
+        with _first_failure():
+            dcp.save(self._state(), checkpoint_id=str(where))
         extra = {
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -302,7 +319,8 @@ class TrainerRank:
         t0 = time.perf_counter()
         where = Path(directory) / "trainer"
         state = self._state()
-        dcp.load(state, checkpoint_id=str(where))
+        with _first_failure():
+            dcp.load(state, checkpoint_id=str(where))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: from setup
         extra = torch.load(where / f"rank_{self.rank}.pt", weights_only=True)
@@ -334,8 +352,12 @@ class TrainerRank:
         if self.rank == 0:
             tmp = final.with_name(f".step_{step}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            (tmp / ADAPTER_COMPLETE).write_text(str(step))
+            try:
+                self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                (tmp / ADAPTER_COMPLETE).write_text(str(step))
+            except OSError:  # a full disk: no half-written adapter left to fill it further
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         return final
