@@ -19,7 +19,7 @@ import ray
 
 from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
-from orchestrator.failures import get
+from orchestrator.failures import RoleFailure, get
 from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
@@ -167,9 +167,16 @@ class Roles:
 
         t0 = time.perf_counter()
         limit = self.deadlines.limit(kind)
-        out = get(role, refs, timeout=limit, what=f"{kind} (deadline {limit:.0f} s)")
+        each = refs if isinstance(refs, list) else [refs]
+        try:
+            out = get(role, refs, timeout=limit, what=f"{kind} (deadline {limit:.0f} s)")
+        except RoleFailure:
+            for ref in each:  # which actor failed: its own error, named (the others are still pending or fine)
+                if ray.wait([ref], timeout=0)[0]:
+                    get(role, ref, actor=self.owner.get(ref, ""))
+            raise
         self.deadlines.record(kind, time.perf_counter() - t0)
-        for ref in refs if isinstance(refs, list) else [refs]:
+        for ref in each:
             self.owner.pop(ref, None)
         return out
 
@@ -210,7 +217,8 @@ class Roles:
 
     def trainer_call(self, method: str, *args: Any) -> list:
         """The same call on every trainer rank; their results (within the deadline of ``method``)."""
-        return self.call("trainer", method, [getattr(r, method).remote(*args) for r in self.actors["trainer"]])
+        return self.call("trainer", method, [self._owned(getattr(r, method).remote(*args), f"trainer-{i}")
+                                             for i, r in enumerate(self.actors["trainer"])])
 
     def _join_weight_group(self) -> None:
         """Trainer rank 0 and every engine open the NCCL weight-update group together (shared/weight_sync.py)."""
