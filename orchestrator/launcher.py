@@ -364,15 +364,15 @@ def await_run(orch: Any, ref: Any, cfg: Config, progress: bool) -> dict[str, Any
 
     out = Path(cfg.output_dir)
     bar = _Progress(cfg.max_steps, out / "metrics.jsonl") if progress else None
-    with _StopOnSignal(cfg.ckpt.stop_timeout) as stop:
-        while True:
-            done, _ = ray.wait([ref], timeout=0.5)
-            if bar:
-                bar.update()
-            if done:
-                break
-            stop.check(orch)
-    try:
+    try:  # the bar is closed (its line ended) before any error line is printed
+        with _StopOnSignal(cfg.ckpt.stop_timeout) as stop:
+            while True:
+                done, _ = ray.wait([ref], timeout=0.5)
+                if bar:
+                    bar.update()
+                if done:
+                    break
+                stop.check(orch)
         summary = orchestrator_result(ref)
         summary["signal"] = stop.signum
     finally:

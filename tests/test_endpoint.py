@@ -608,6 +608,8 @@ def test_failures_mid_run_are_dropped_and_counted_then_stop_the_run(vllm_serve, 
                 "--teacher.max_failure_rate", "0.1")
         assert p.returncode == 1
         last = p.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: teacher failed: EndpointError: teacher.endpoint http://127.0.0.1:"), p.stderr[-2000:]
+        assert last.startswith("error: teacher failed: teacher-0: EndpointError: teacher.endpoint http://127.0.0.1:"), \
+            p.stderr[-2000:]
+        assert last.endswith("(see logs/teacher-0.log)")
         assert "> teacher.max_failure_rate = 0.1); last error: POST /v1/completions: HTTP 503 injected 503" in last
         assert "Traceback" not in p.stderr

@@ -222,3 +222,51 @@ def test_signals_during_start_up_end_the_run_in_one_line(tiny_pair, tmp_path, si
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert waited < 60, waited  # start-up is not waited out
     _none_left(mark)
+
+
+def test_sigint_twice_in_a_hung_step_then_once_mid_step(tiny_pair, tmp_path):
+    """Ctrl-C while a step is in progress. Twice (the trainer SIGSTOPped, so the step cannot finish): the first
+    asks for a checkpoint after the step, the second stops at once: exit 130, one line, no traceback, no process
+    left, and --resume finds the newest complete checkpoint, which verifies. Once: the step finishes, a
+    checkpoint is written, exit 130 with the --resume line. Resumed again, the run completes with every step
+    exactly once. (Two signals less than one wait of the launcher's loop apart, 0.5 s, reach Python as one.)"""
+    from orchestrator import checkpoint
+
+    out, steps = tmp_path / "run", 8
+    args = ("--max_steps", str(steps), "--ckpt.interval", "1")
+    proc, mark = _start(out, *args)
+    try:
+        _wait_for(lambda: any((out / "checkpoints").glob("step_*")), proc, 400, "the first checkpoint")
+        os.kill(json.loads((out / "logs" / "pids.json").read_text())["trainer-0"], signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        err, waited = _finish(proc, 120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "SystemError" not in err and "KeyboardInterrupt" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: stopped by a second SIGINT without a checkpoint"], err[-3000:]
+    assert waited < 60, waited
+    _none_left(mark)
+    first, directory = checkpoint.require_latest(out)  # the newest complete one verifies (signed manifest)
+    assert first >= 1 and directory.name == f"step_{first}"
+
+    proc, mark = _start(out, *args, "--resume")
+    try:
+        _wait_for(lambda: any(r.get("step", 0) > first and "teacher_kl" in r for r in _rows(out)), proc, 400,
+                  "a step after the resume")
+        proc.send_signal(signal.SIGINT)
+    finally:
+        err, _ = _finish(proc, 300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    second = checkpoint.require_latest(out)[0]
+    assert second > first and f"stopped by SIGINT after step {second}; checkpoint: " in err
+    _none_left(mark)
+
+    proc, mark = _start(out, *args, "--resume")
+    err, _ = _finish(proc, 400)
+    assert proc.returncode == 0, err[-3000:]
+    _one_row_per_step(out, steps)
+    _none_left(mark)
