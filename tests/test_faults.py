@@ -80,6 +80,13 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, float]:
     return err, time.monotonic() - t0
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if a failed assertion left it running (the test's own error stays the one reported)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _rows(out: Path) -> list[dict]:
     from shared.metrics import read_metrics
 
@@ -201,70 +208,110 @@ def test_orchestrator_killed_then_a_hung_teacher_each_stop_the_run_in_one_line_a
     assert len([r for r in rows if "resumed_from" in r]) == 2
 
 
-@pytest.mark.parametrize("signals", [1, 2])
-def test_signals_during_start_up_end_the_run_in_one_line(tiny_pair, tmp_path, signals):
-    """SIGTERM while the roles are starting (nothing to checkpoint yet): once stops the run at once; twice in a
-    row too. Either way: exit 143, one error line, no traceback (a handler raising inside Ray's C calls used to
+@pytest.mark.parametrize("sig, signals", [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 2)])
+def test_signals_during_start_up_end_the_run_in_one_line(tiny_pair, tmp_path, sig, signals):
+    """SIGTERM or SIGINT while the roles are starting (nothing to checkpoint yet): once stops the run at once; twice
+    in a row too. Either way: exit 128 + the signal, one error line, no traceback (a handler raising inside Ray's C calls used to
     print a SystemError), no checkpoint, and no process of the run left behind."""
     out = tmp_path / "run"
     proc, mark = _start(out, "--max_steps", "5")
     try:
         _wait_for(lambda: (out / "logs" / "orchestrator.log").exists(), proc, 300, "start-up")
         for _ in range(signals):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             time.sleep(0.05)
     finally:
         err, waited = _finish(proc, 120)
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err and "SystemError" not in err
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and "SIGTERM" in errors[0], err[-3000:]
+    assert len(errors) == 1 and signal.Signals(sig).name in errors[0], err[-3000:]
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert waited < 60, waited  # start-up is not waited out
     _none_left(mark)
 
 
-def test_sigint_twice_in_a_hung_step_then_once_mid_step(tiny_pair, tmp_path):
-    """Ctrl-C while a step is in progress. Twice (the trainer SIGSTOPped, so the step cannot finish): the first
-    asks for a checkpoint after the step, the second stops at once: exit 130, one line, no traceback, no process
-    left, and --resume finds the newest complete checkpoint, which verifies. Once: the step finishes, a
-    checkpoint is written, exit 130 with the --resume line. Resumed again, the run completes with every step
-    exactly once. (Two signals less than one wait of the launcher's loop apart, 0.5 s, reach Python as one.)"""
+def test_signals_during_a_checkpoint_write_and_mid_step(tiny_pair, tmp_path):
+    """Signals at the moments that matter, on one run resumed three times (``ckpt.interval`` 1):
+
+    1. SIGTERM twice during a checkpoint write: the moment a checkpoint's temporary directory appears the
+       orchestrator is frozen (SIGSTOP), so the write cannot finish; the second signal stops at once: exit 143,
+       one line, the half-written checkpoint left as a temporary directory that --resume never takes (the newest
+       complete one verifies and the resume removes the leftover).
+    2. Ctrl-C (SIGINT) twice while a step hangs (the trainer frozen): exit 130, one line.
+    3. Ctrl-C once mid-step: the step finishes, a checkpoint is written, exit 130 with the --resume line.
+    4. Resumed to the end: every step exactly once. No process of the run is left behind after any stop.
+    (Two signals less than one wait of the launcher's loop apart, 0.5 s, reach Python as one: they are sent
+    1.5 s apart.)"""
     from orchestrator import checkpoint
 
-    out, steps = tmp_path / "run", 8
+    out, steps = tmp_path / "run", 40  # enough steps (0.2 s each) that no stage ends the run before its signal
     args = ("--max_steps", str(steps), "--ckpt.interval", "1")
+    ckpts = out / "checkpoints"
+
+    def pid(actor: str) -> int:
+        return json.loads((out / "logs" / "pids.json").read_text())[actor]
+
+    def trained_after_resume(n: int) -> bool:
+        """The n-th resume is logged and a step trained after it (the roles of pids.json are this run's)."""
+        rows = _rows(out)
+        marks = [i for i, r in enumerate(rows) if "resumed_from" in r]
+        return len(marks) == n and any("teacher_kl" in r for r in rows[marks[-1] + 1:])
+
+    def twice(proc: subprocess.Popen, sig: int) -> str:
+        proc.send_signal(sig)
+        time.sleep(1.5)
+        proc.send_signal(sig)
+        err, waited = _finish(proc, 120)
+        assert waited < 60, waited
+        assert "Traceback" not in err and "SystemError" not in err and "KeyboardInterrupt" not in err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert errors == [f"error: stopped by a second {signal.Signals(sig).name} without a checkpoint"], err[-3000:]
+        return err
+
+    # 1. twice during a checkpoint write
     proc, mark = _start(out, *args)
     try:
-        _wait_for(lambda: any((out / "checkpoints").glob("step_*")), proc, 400, "the first checkpoint")
-        os.kill(json.loads((out / "logs" / "pids.json").read_text())["trainer-0"], signal.SIGSTOP)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: any(ckpts.glob("step_*")), proc, 400, "the first checkpoint")
+        _wait_for(lambda: any(ckpts.glob(".step_*.tmp")), proc, 120, "the next checkpoint's write")
+        os.kill(pid("orchestrator-0"), signal.SIGSTOP)
+        partial = sorted(ckpts.glob(".step_*.tmp"))
+        twice(proc, signal.SIGTERM)
     finally:
-        err, waited = _finish(proc, 120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "SystemError" not in err and "KeyboardInterrupt" not in err
-    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert errors == ["error: stopped by a second SIGINT without a checkpoint"], err[-3000:]
-    assert waited < 60, waited
+        _stop(proc)
+    assert proc.returncode == 143
     _none_left(mark)
+    assert partial and all(p.exists() for p in partial)  # stopped mid-write: never completed
     first, directory = checkpoint.require_latest(out)  # the newest complete one verifies (signed manifest)
-    assert first >= 1 and directory.name == f"step_{first}"
+    assert directory.name == f"step_{first}" and f".step_{first}.tmp" not in [p.name for p in partial]
 
+    # 2. Ctrl-C twice while a step hangs
     proc, mark = _start(out, *args, "--resume")
     try:
-        _wait_for(lambda: any(r.get("step", 0) > first and "teacher_kl" in r for r in _rows(out)), proc, 400,
-                  "a step after the resume")
+        _wait_for(lambda: trained_after_resume(1), proc, 400, "a step after the resume")
+        os.kill(pid("trainer-0"), signal.SIGSTOP)
+        twice(proc, signal.SIGINT)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 130
+    _none_left(mark)
+    second = checkpoint.require_latest(out)[0]
+    assert second > first
+
+    # 3. Ctrl-C once mid-step
+    proc, mark = _start(out, *args, "--resume")
+    try:
+        _wait_for(lambda: trained_after_resume(2), proc, 400, "a step after the second resume")
         proc.send_signal(signal.SIGINT)
     finally:
         err, _ = _finish(proc, 300)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    second = checkpoint.require_latest(out)[0]
-    assert second > first and f"stopped by SIGINT after step {second}; checkpoint: " in err
+    third = checkpoint.require_latest(out)[0]
+    assert third > second and f"stopped by SIGINT after step {third}; checkpoint: " in err
     _none_left(mark)
 
+    # 4. to the end
     proc, mark = _start(out, *args, "--resume")
     err, _ = _finish(proc, 400)
     assert proc.returncode == 0, err[-3000:]
