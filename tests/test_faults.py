@@ -295,8 +295,8 @@ def test_signals_during_a_checkpoint_write_and_mid_step(tiny_pair, tmp_path):
         _stop(proc)
     assert proc.returncode == 130
     _none_left(mark)
-    second = checkpoint.require_latest(out)[0]
-    assert second > first
+    second = checkpoint.require_latest(out)[0]  # no new checkpoint is promised: the stop may cut one short
+    assert second >= first
 
     # 3. Ctrl-C once mid-step
     proc, mark = _start(out, *args, "--resume")
