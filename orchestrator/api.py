@@ -142,7 +142,8 @@ def _result(cfg: Config, summary: dict[str, Any], export: str | Path | None, mer
 # else (models, engines, placement, the LoRA shape) was fixed when the session started its roles.
 RUN_KEYS = ("max_steps", "seed", "output_dir", "wandb", "orchestrator", "inference.temperature", "inference.top_p",
             "inference.max_tokens", "trainer.lr", "trainer.lr_schedule", "trainer.warmup_steps", "trainer.min_lr_ratio",
-            "trainer.weight_decay", "trainer.max_grad_norm", "trainer.micro_batch_size", "trainer.max_bad_steps",
+            "trainer.weight_decay", "trainer.max_grad_norm", "trainer.micro_batch_size",
+            "trainer.micro_batch_tokens", "trainer.max_bad_steps",
             "trainer.loss", "ckpt.interval", "ckpt.keep", "ckpt.stop_timeout")
 FIXED_KEYS = ("orchestrator.env_args.answers", "orchestrator.env_args.answer_choice")  # the student engines' setup
 

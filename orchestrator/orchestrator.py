@@ -183,7 +183,8 @@ class Orchestrator:
                     "teacher_kl": float("nan"), **built.reward_metrics, "async/dropped_rollouts": float(n_dropped),
                     "time/step": time.perf_counter() - t0}
         self.roles.colocation.before_train()  # engines beside the trainer on its GPUs sleep while it steps
-        refs = self.roles.train_refs(step, samples, total_tokens, cfg.trainer.micro_batch_size)
+        refs = self.roles.train_refs(step, samples, total_tokens, cfg.trainer.micro_batch_size,
+                                     cfg.trainer.micro_batch_tokens)
         results = [decode(d, StepResult) for d in self.pipe.wait(self.pipe.submit("trainer", refs))]
         self.roles.colocation.after_train()  # ... and wake before they load the new adapter
         t3 = time.perf_counter()

@@ -195,14 +195,19 @@ class Roles:
                 for i, (e, part) in enumerate(zip(engines, parts))]
         return refs, parts
 
-    def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int) -> list:
+    def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int,
+                   micro_batch_tokens: int = 0) -> list:
         """One optimizer step on every trainer rank, the samples dealt round robin (every rank runs the same
-        number of micro-batches, for the collectives)."""
+        number of micro-batches, for the collectives: counted here from the lengths each rank will pack)."""
+        from trainer.packing import micro_batch_count
+
         ranks = self.actors["trainer"]
         shares = [samples[i::len(ranks)] for i in range(len(ranks))]
-        micro = -(-max(len(s) for s in shares) // micro_batch_size)
-        return [self._owned(rank.train_step.remote(encode(TrainBatch(step=step, samples=share, total_tokens=total_tokens,
-                                                                      num_micro_batches=micro))), f"trainer-{i}")
+        micro = micro_batch_count([[len(s.input_ids) for s in sh] for sh in shares], micro_batch_size,
+                                  micro_batch_tokens)
+        return [self._owned(rank.train_step.remote(encode(TrainBatch(
+                    step=step, samples=share, total_tokens=total_tokens, num_micro_batches=micro,
+                    micro_batch_tokens=micro_batch_tokens))), f"trainer-{i}")
                 for i, (rank, share) in enumerate(zip(ranks, shares))]
 
     def weight_update_refs(self, adapter: str, version: int) -> list:

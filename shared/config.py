@@ -217,6 +217,8 @@ class TrainerConfig(_Section):
     weight_decay: _doc(float, "AdamW weight decay", ge=0) = 0.0
     max_grad_norm: _doc(float, "gradient-norm clip; 0 = off", ge=0) = 1.0
     micro_batch_size: _doc(int, "sequences per forward/backward on each rank", ge=1) = 64
+    micro_batch_tokens: _doc(int, "pack each forward/backward into one row of at most this many tokens, no padding "
+                                  "(trainer/packing.py); 0 = micro_batch_size padded sequences", ge=0, le=1 << 20) = 0
     max_bad_steps: _doc(int, "stop the run after this many skipped (non-finite or empty) steps in a row; 0 = never",
                         ge=0) = 5
     loss: LossConfig = field(default_factory=LossConfig)

@@ -75,6 +75,7 @@ class TrainBatch(Struct, tag=True, kw_only=True):
     samples: list[TrainSample]
     total_tokens: int  # completion tokens across all ranks: the loss normaliser
     num_micro_batches: int = 1  # the same on every rank, so FSDP's collectives line up
+    micro_batch_tokens: int = 0  # > 0: pack micro-batches by this token budget (trainer/packing.py); 0: by count
 
 
 # StepResult metrics that are sums over a rank's micro-batches; the orchestrator adds the ranks' up.

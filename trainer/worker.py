@@ -25,6 +25,7 @@ import torch
 
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from trainer.loss import entropy, masked_nll, policy_loss, reference_kl, token_logprobs
+from trainer.packing import pack, padded, plan_micro_batches, use_segment_attention
 from trainer.schedule import lr_multiplier
 
 if TYPE_CHECKING:  # msgspec is imported where bytes are decoded, so the step runs without it
@@ -107,6 +108,9 @@ class TrainerRank:
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
             fully_shard(model, mesh=mesh, mp_policy=mp)
+        for m in (model, self.reference):  # packed rows attend within each sequence only (trainer/packing.py)
+            if m is not None:
+                use_segment_attention(m)
         self.model = model
         self.device = torch.device(device_type)
         self._make_optimizer()
@@ -149,36 +153,21 @@ class TrainerRank:
         return str(self.save_adapter(0))
 
     # ------------------------------------------------------------------------------------------
-    def _micro_batch(self, samples):
-        """Right-padded tensors; per-token arrays placed at the positions that predict each token.
+    def _chunks(self, batch) -> list[list]:
+        """This rank's micro-batches, exactly ``batch.num_micro_batches`` of them (empty ones padded in).
 
-        Only positions ``first..length-2`` predict a completion token (``first`` = the earliest
-        ``prompt_len - 1`` in the micro-batch), so the per-token arrays start there and the model is
-        asked for logits from there on (``logits_to_keep``): no lm_head or log-softmax work over the
-        prompt (the chat template alone is ~30 tokens on SmolLM2, a 49k-word vocabulary).
-        ``mask`` covers the completion tokens of policy samples; ``lockin`` / ``corrective`` hold the
-        supervised weight of each completion token of policy / non-policy (teacher-answer) samples.
-        Returns the tensors and ``keep`` (the ``logits_to_keep`` argument).
+        By sequence count (``micro_batch_tokens = 0``): dealt round-robin.  By tokens: the
+        :func:`~trainer.packing.plan_micro_batches` plan, which the orchestrator counted from the same lengths.
         """
-        length = max(len(s.input_ids) for s in samples)
-        first = min(s.prompt_len for s in samples) - 1
-        n = len(samples)
-        ids = torch.full((n, length), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((n, length), dtype=torch.long)
-        mask, inf_lp, adv, lockin, corrective = (torch.zeros((n, length - 1 - first)) for _ in range(5))
-        for i, s in enumerate(samples):
-            L = len(s.input_ids)
-            ids[i, :L] = torch.tensor(s.input_ids)
-            attn[i, :L] = 1
-            a, b = s.prompt_len - 1 - first, L - 1 - first  # logits at a..b-1 predict prompt_len..L-1
-            if s.policy:
-                mask[i, a:b] = 1
-                inf_lp[i, a:b] = torch.tensor(s.inference_logprobs)
-                adv[i, a:b] = torch.tensor(s.advantages)
-            (lockin if s.policy else corrective)[i, a:b] = s.sft_weight
-        dev = self.device
-        tensors = [t.to(dev) for t in (ids, attn, mask, inf_lp, adv, lockin, corrective)]
-        return tensors, length - first
+        samples, n = batch.samples, batch.num_micro_batches
+        budget = getattr(batch, "micro_batch_tokens", 0)
+        if not budget:
+            return [samples[i::n] for i in range(n)]
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], budget)
+        if len(plan) > n:  # the ranks would disagree on the number of collectives: fail, never hang
+            raise ValueError(f"{len(plan)} packed micro-batches of {budget} tokens on rank {self.rank}, but the "
+                             f"batch allows {n}")
+        return [[samples[i] for i in b] for b in plan] + [[] for _ in range(n - len(plan))]
 
     def train_step(self, batch_bytes: bytes) -> bytes:
         """One optimizer step on a msgpack :class:`TrainBatch`: :meth:`accumulate`, :meth:`apply_update`,
@@ -212,26 +201,26 @@ class TrainerRank:
         model = self.model
         model.train()
         samples = batch.samples
-        chunks = [samples[i :: batch.num_micro_batches] for i in range(batch.num_micro_batches)]
+        chunks = self._chunks(batch)
+        packed = bool(getattr(batch, "micro_batch_tokens", 0))
         ref_coef, ent_coef = float(spec.get("ref_kl_coef", 0.0)), float(spec.get("entropy_coef", 0.0))
         n_tokens = float(max(batch.total_tokens, 1))  # every term's normaliser: policy tokens across ranks
         totals: dict[str, float] = defaultdict(float)
         for k, chunk in enumerate(chunks):
             weight = 1.0
-            if not chunk:  # keep collectives aligned across ranks: a zero-weight pass
-                chunk, weight = samples[:1], 0.0
-            (ids, attn, mask, inf_lp, adv, lockin, corrective), keep = self._micro_batch(chunk)
-            mask, lockin, corrective = mask * weight, lockin * weight, corrective * weight
-            targets = ids[:, ids.shape[1] - keep + 1:]  # the tokens that logits[:, :-1] predict
+            if not chunk:  # keep collectives aligned across ranks: a zero-weight pass on the shortest sample
+                chunk, weight = [min(samples, key=lambda s: len(s.input_ids))], 0.0
+            mb = pack(chunk, self.device) if packed else padded(chunk, self.pad_id, self.device)
+            mask, lockin, corrective = mb.mask * weight, mb.lockin * weight, mb.corrective * weight
             model.set_requires_gradient_sync(k == len(chunks) - 1)
             if ref_coef:  # the frozen reference: the LoRA adapter switched off, or full FT's frozen copy
                 with torch.no_grad(), self._reference() as ref:
-                    ref_logits = ref(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
-                    ref_lp = token_logprobs(ref_logits[:, :-1], targets)
-            logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
-            logp = token_logprobs(logits, targets)
+                    ref_lp = token_logprobs(ref(**mb.model_kwargs).logits, mb.targets)
+            logits = model(**mb.model_kwargs).logits  # [B, M, V]: only the positions that predict a target
+            logp = token_logprobs(logits, mb.targets)
             loss, stats = policy_loss(
-                logp, inf_lp, adv, mask, spec["mask_ratio_low"], spec["mask_ratio_high"], n_tokens,
+                logp, mb.inference_logprobs, mb.advantages, mask, spec["mask_ratio_low"], spec["mask_ratio_high"],
+                n_tokens,
             )
             terms = {"loss/policy": loss}
             if ref_coef:
