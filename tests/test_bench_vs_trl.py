@@ -21,9 +21,9 @@ import trl_env  # noqa: E402
 import vs_trl  # noqa: E402
 
 
-def _side(step_s, tok_s, acc, run_s=100.0):
+def _side(step_s, tok_s, acc, run_s=100.0, flop_s=1e9):
     return {"step_s": step_s, "tok_s": tok_s, "acc_after": acc, "run_s": run_s, "tokens_per_step": tok_s * step_s,
-            "acc_before": 0.2, "steps": 40}
+            "acc_before": 0.2, "steps": 40, "flop_s": flop_s}
 
 
 def test_side_summary_leaves_warmup_out_on_both_sides():
@@ -39,7 +39,9 @@ def test_pair_ratios_and_their_min_median_max():
     pairs = [{"ratio": vs_trl.pair_ratios(_side(0.5, 2000, 0.4), _side(1.0, 500, 0.2))},
              {"ratio": vs_trl.pair_ratios(_side(0.6, 1800, 0.3), _side(1.0, 600, 0.3))},
              {"ratio": vs_trl.pair_ratios(_side(0.4, 2400, 0.5), _side(1.0, 400, 0.0))}]  # TRL accuracy 0
-    assert pairs[0]["ratio"] == {"step_s": 0.5, "tok_s": 4.0, "acc_after": 2.0, "run_s": 1.0}
+    assert pairs[0]["ratio"] == {"step_s": 0.5, "tok_s": 4.0, "acc_after": 2.0, "run_s": 1.0, "flop_s": 1.0}
+    no_flops = {k: v for k, v in _side(0.5, 2000, 0.4).items() if k != "flop_s"}
+    assert math.isnan(vs_trl.pair_ratios(no_flops, _side(1.0, 500, 0.2))["flop_s"])  # a side without the count
     assert math.isnan(pairs[2]["ratio"]["acc_after"])
     table = {label: (st, undefined) for label, st, undefined in vs_trl.ratio_table(pairs)}
     st, undefined = table["wall time per step (s)"]
@@ -51,7 +53,8 @@ def test_pair_ratios_and_their_min_median_max():
 
 
 def test_spec_holds_our_prompts_schedule_and_lora():
-    spec = vs_trl.build_spec(3, 0, ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32"))
+    spec = vs_trl.build_spec(vs_trl.SETUPS["tiny"], 3, 0,
+                             ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32"))
     assert len(spec["train_prompts"]) == 3 and all(len(step) == 32 for step in spec["train_prompts"])
     first = spec["train_prompts"][0]
     assert first[:4] == [first[0]] * 4 and first[0].endswith("=")  # each prompt group_size times in a row
@@ -64,6 +67,37 @@ def test_spec_holds_our_prompts_schedule_and_lora():
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert spec["lora"] == {"rank": 32, "alpha": 64.0, "dropout": 0.0, "target_modules": targets}
     assert (spec["max_tokens"], spec["temperature"], spec["lr"], spec["micro_batch_size"]) == (12, 1.0, 2e-3, 64)
+    # no chat template and no context: each prompt's tokens are its characters plus BOS, the same for the teacher
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["student"])
+    assert spec["prompt_tokens"][0] == sum(len(tok(p).input_ids) for p in first) == spec["teacher_prompt_tokens"][0]
+    assert spec["mode"] == "distillation"
+
+
+def test_model_flops_by_hand():
+    # N = 10: sampling 2N (P + C) = 20 * 7, teacher 2N (P_t + C) = 20 * 9, training 4N (P + C) = 40 * 7
+    assert vs_trl.model_flops(10, 3, 5, 4) == 140 + 180 + 280
+    # per step from the spec's prompt counts and a side's completion tokens; the mean over steady steps / time
+    spec = {"prompt_tokens": [3, 3], "teacher_prompt_tokens": [5, 5]}
+    flops = vs_trl.step_flops(spec, 10, [4, 8])
+    assert flops == [600, 20 * 11 + 20 * 13 + 40 * 11]
+    s = vs_trl.side_summary([2.0, 4.0], [4, 8], 0.0, 0.0, 10.0, flops)
+    assert s["flop_s"] == pytest.approx((600 + 920) / 2 / 3.0)
+
+
+def test_smollm2_spec_gives_sdft_its_messages_context_and_eval(tmp_path):
+    setup = vs_trl.SETUPS["smollm2"]
+    spec = vs_trl.build_spec(setup, 2, 0, setup.quick["overrides"])
+    assert spec["mode"] == "sdft" and spec["privileged_context"] == "Answer in French."
+    assert len(spec["train_messages"]) == 2 and all(len(step) == 2 for step in spec["train_messages"])
+    assert spec["train_messages"][0][0][0]["role"] == "user" and spec["group_size"] == 1
+    assert len(spec["eval_messages"]) == len(spec["eval_texts"]) == 4
+    # the teacher's view adds the context's tokens to every prompt
+    assert all(t > p for p, t in zip(spec["prompt_tokens"], spec["teacher_prompt_tokens"]))
+    # TRL's held-out texts are graded by our french environment
+    assert vs_trl.grade(setup, spec, ["Bonjour, je suis très content de vous aider aujourd'hui."] * 2
+                        + ["Hello, I am happy to help you today."] * 2) == 0.5
 
 
 def test_trl_env_without_a_torch_wheel_folder_is_one_clear_error(tmp_path, monkeypatch):
