@@ -1,0 +1,153 @@
+"""The top-k teacher estimator (trainer/topk.py) against hand-worked numbers on a 4-token vocabulary.
+
+Student ``p = (0.4, 0.3, 0.2, 0.1)``; the teacher's top-2 are token 1 (q = 0.5) and token 0 (q = 0.25), so
+its tail holds 0.25 and the student's tail (tokens 2, 3) 0.3.  Buckets {1}, {0}, tail:
+
+    reverse = 0.3 ln(0.3/0.5) + 0.4 ln(0.4/0.25) + 0.3 ln(0.3/0.25)
+            = -0.1532477 + 0.1880014 + 0.0546965 = 0.0894502
+    forward = 0.5 ln(0.5/0.3) + 0.25 ln(0.25/0.4) + 0.25 ln(0.25/0.3)
+            = 0.2554128 - 0.1175009 - 0.0455804 = 0.0923315
+
+Gradients with respect to the student's logits (bucket b(v) of token v, r_b = ln(P_b / Q_b)):
+reverse ``p_v (r_b(v) - KL)`` = (0.1522205, -0.1800828, 0.0185743, 0.0092871);
+forward ``p_v (1 - Q_b(v) / P_b(v))`` = (0.15, -0.2, 0.0333333, 0.0166667).
+"""
+
+import math
+
+import pytest
+import torch
+
+from trainer import loss as loss_mod
+from trainer.topk import support_logprobs, teacher_tail, topk_kl
+
+P = [0.4, 0.3, 0.2, 0.1]
+IDS = [1, 0]
+Q = [0.5, 0.25]
+FLOOR = -20.0
+
+
+def _setup(dtype=torch.float64):
+    z = torch.log(torch.tensor([[P]], dtype=dtype)).requires_grad_()  # (1, T=1, V=4)
+    ids = torch.tensor([[IDS]])  # (1, 1, K=2)
+    lq = torch.log(torch.tensor([[Q]], dtype=torch.float64))
+    return z, ids, lq
+
+
+def test_support_logprobs_are_the_log_softmax_at_the_ids_and_the_tail_mass():
+    z, ids, _ = _setup()
+    lp, tail = support_logprobs(z + 3.0, ids)  # a shift of the logits changes nothing
+    assert torch.exp(lp).flatten().tolist() == pytest.approx([0.3, 0.4], abs=1e-12)
+    assert float(torch.exp(tail.detach())) == pytest.approx(0.3, abs=1e-12)
+
+
+def test_reverse_value_and_gradient_by_hand():
+    z, ids, lq = _setup()
+    lp, tail = support_logprobs(z, ids)
+    kl = topk_kl(lp, tail, lq, 1.0, FLOOR)
+    assert float(kl) == pytest.approx(0.0894502, abs=1e-7)
+    kl.sum().backward()
+    assert z.grad.flatten().tolist() == pytest.approx([0.1522205, -0.1800828, 0.0185743, 0.0092871], abs=1e-6)
+
+
+def test_forward_value_and_gradient_by_hand():
+    z, ids, lq = _setup()
+    lp, tail = support_logprobs(z, ids)
+    kl = topk_kl(lp, tail, lq, 0.0, FLOOR)
+    assert float(kl) == pytest.approx(0.0923315, abs=1e-7)
+    kl.sum().backward()
+    assert z.grad.flatten().tolist() == pytest.approx([0.15, -0.2, 1 / 30, 1 / 60], abs=1e-7)
+
+
+def test_mixture_is_the_weighted_sum():
+    z, ids, lq = _setup()
+    lp, tail = support_logprobs(z, ids)
+    assert float(topk_kl(lp, tail, lq, 0.25, FLOOR)) == pytest.approx(0.25 * 0.0894502 + 0.75 * 0.0923315, abs=1e-7)
+
+
+def test_backward_matches_autograd_through_an_explicit_log_softmax_in_blocks(monkeypatch):
+    """The hand-written backward (a block of positions at a time) against autograd of the plain formula,
+    on float64 logits with rows of several blocks (CHUNK = 3) and random weights on every output."""
+    monkeypatch.setattr(loss_mod, "CHUNK", 3)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 7, 11, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(11, generator=g)[:4] for _ in range(14)]).view(2, 7, 4)
+    w, w_tail = torch.randn(2, 7, 4, generator=g, dtype=torch.float64), torch.randn(2, 7, generator=g, dtype=torch.float64)
+
+    a = z.clone().requires_grad_()
+    lp, tail = support_logprobs(a, ids)
+    ((lp * w).sum() + (tail * w_tail).sum()).backward()
+
+    b = z.clone().requires_grad_()
+    logp = torch.log_softmax(b, -1)
+    lp2 = logp.gather(-1, ids)
+    tail2 = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), -1)
+    ((lp2 * w).sum() + (tail2 * w_tail).sum()).backward()
+    assert torch.allclose(lp, lp2) and torch.allclose(tail, tail2)
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+def test_full_support_is_the_exact_kl_without_nans():
+    """k = V: the tail is empty on both sides (the teacher's clipped to exp(floor)); reverse is KL(p || q)
+    exactly, forward KL(q || p), and every gradient is finite and equals the exact one."""
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    p, q = torch.softmax(zs, -1), torch.softmax(zt, -1)
+    ids = torch.argsort(q, descending=True).view(1, 1, 5)
+    lq = torch.log(q)[ids]
+    for beta, exact in ((1.0, (p * (p.log() - q.log())).sum()), (0.0, (q * (q.log() - p.log())).sum())):
+        z = zs.view(1, 1, 5).clone().requires_grad_()
+        lp, tail = support_logprobs(z, ids)
+        assert float(tail) == -math.inf
+        kl = topk_kl(lp, tail, lq, beta, FLOOR)
+        assert float(kl) == pytest.approx(float(exact), abs=1e-7)
+        kl.sum().backward()
+        ref = zs.clone().requires_grad_()
+        pr = torch.softmax(ref, -1)
+        (pr * (pr.log() - q.log())).sum().backward() if beta == 1.0 else (q * (q.log() - pr.log())).sum().backward()
+        assert torch.isfinite(z.grad).all()
+        assert torch.allclose(z.grad.flatten(), ref.grad, atol=1e-7)
+
+
+def test_buckets_never_exceed_the_full_kl():
+    """Collapsing onto buckets lowers a KL (data processing): for random pairs and every k."""
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        zs, zt = torch.randn(8, generator=g, dtype=torch.float64) * 2, torch.randn(8, generator=g, dtype=torch.float64) * 2
+        p, q = torch.softmax(zs, -1), torch.softmax(zt, -1)
+        full = float((p * (p.log() - q.log())).sum())
+        for k in range(1, 9):
+            ids = torch.argsort(q, descending=True)[:k].view(1, 1, k)
+            lp, tail = support_logprobs(zs.view(1, 1, 8), ids)
+            assert float(topk_kl(lp, tail, torch.log(q)[ids], 1.0, FLOOR)) <= full + 1e-12
+
+
+def test_teacher_tail_is_clipped_and_bad_log_probs_too():
+    lq, tail = teacher_tail(torch.tensor([[-0.1, float("nan"), -float("inf")]]), FLOOR)
+    assert lq.tolist()[0] == pytest.approx([-0.1, FLOOR, FLOOR])
+    assert float(tail) == pytest.approx(math.log(1 - math.exp(-0.1) - 2 * math.exp(FLOOR)), rel=1e-6)
+    _, over = teacher_tail(torch.log(torch.tensor([[0.6, 0.400001]])), FLOOR)  # rounding above 1
+    assert float(over) == FLOOR
+
+
+def test_padded_positions_stay_finite_under_a_mask():
+    """The trainer pads positions that are not completion tokens with ids 0 and the floor: finite values, and
+    a zero mask leaves a zero gradient there."""
+    z = torch.randn(1, 3, 6, dtype=torch.float64).requires_grad_()
+    ids = torch.tensor([[[2, 5], [0, 0], [0, 0]]])
+    lq = torch.tensor([[[-0.2, -2.0], [FLOOR, FLOOR], [FLOOR, FLOOR]]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    for beta in (1.0, 0.5, 0.0):
+        z.grad = None
+        lp, tail = support_logprobs(z, ids)
+        kl = topk_kl(lp, tail, lq, beta, FLOOR)
+        assert torch.isfinite(kl).all()
+        (kl * mask).sum().backward()
+        assert torch.isfinite(z.grad).all() and float(z.grad[0, 1:].abs().sum()) == 0.0
+
+
+def test_bf16_logits_accumulate_in_float32():
+    z, ids, lq = _setup(torch.bfloat16)
+    lp, tail = support_logprobs(z, ids)
+    assert lp.dtype == torch.float32 and float(topk_kl(lp, tail, lq.float(), 1.0, FLOOR)) == pytest.approx(0.0894502,
+                                                                                                          abs=2e-2)
