@@ -121,3 +121,22 @@ def topk_kl(student_lp: Tensor, student_log_tail: Tensor, teacher_lp: Tensor, re
         fwd = (torch.exp(lq) * (lq - student_lp)).sum(-1) + torch.exp(lq_tail) * (lq_tail - lp_tail)
         kl = kl + (1.0 - reverse_weight) * fwd
     return kl
+
+
+def topk_tensors(samples, length: int, first: int, floor: float) -> tuple[Tensor, Tensor] | None:
+    """The teacher's top-k ids and log-probs of a micro-batch placed like the trainer's per-token arrays
+    (``trainer/worker.py`` ``_micro_batch``: position ``prompt_len - 1 - first + j`` predicts completion token
+    ``j``), ``[n, length - 1 - first, K]`` each; positions without any (prompts, padding, non-policy samples)
+    hold id 0 and log-prob ``floor`` (finite; the mask zeroes them).  None when no sample carries any."""
+    k = max((len(row) for s in samples for row in (getattr(s, "topk_ids", None) or [])[:1]), default=0)
+    if not k:
+        return None
+    ids = torch.zeros((len(samples), length - 1 - first, k), dtype=torch.long)
+    lps = torch.full((len(samples), length - 1 - first, k), floor, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        if getattr(s, "policy", True) and getattr(s, "topk_ids", None):
+            a = s.prompt_len - 1 - first
+            n = len(s.topk_ids)
+            ids[i, a:a + n] = torch.tensor(s.topk_ids, dtype=torch.long)
+            lps[i, a:a + n] = torch.tensor(s.topk_logprobs, dtype=torch.float32)
+    return ids, lps

@@ -26,6 +26,7 @@ import torch
 from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from trainer.loss import entropy, masked_nll, policy_loss, reference_kl, token_logprobs
 from trainer.schedule import lr_multiplier
+from trainer.topk import support_logprobs, topk_kl, topk_tensors
 
 if TYPE_CHECKING:  # msgspec is imported where bytes are decoded, so the step runs without it
     from shared.wire import TrainBatch
@@ -214,6 +215,9 @@ class TrainerRank:
         samples = batch.samples
         chunks = [samples[i :: batch.num_micro_batches] for i in range(batch.num_micro_batches)]
         ref_coef, ent_coef = float(spec.get("ref_kl_coef", 0.0)), float(spec.get("entropy_coef", 0.0))
+        topk_coef, floor = float(spec.get("topk_coef", 0.0)), float(spec.get("logprob_floor", -20.0))
+        # the student's policy is softmax(z / T) at the sampling temperature T (shared/sampling.py); T = 1: as is
+        temperature = float(spec.get("temperature", 1.0))
         n_tokens = float(max(batch.total_tokens, 1))  # every term's normaliser: policy tokens across ranks
         totals: dict[str, float] = defaultdict(float)
         for k, chunk in enumerate(chunks):
@@ -227,8 +231,12 @@ class TrainerRank:
             if ref_coef:  # the frozen reference: the LoRA adapter switched off, or full FT's frozen copy
                 with torch.no_grad(), self._reference() as ref:
                     ref_logits = ref(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+                    if temperature != 1.0:
+                        ref_logits = ref_logits / temperature
                     ref_lp = token_logprobs(ref_logits[:, :-1], targets)
             logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
+            if temperature != 1.0:
+                logits = logits / temperature
             logp = token_logprobs(logits, targets)
             loss, stats = policy_loss(
                 logp, inf_lp, adv, mask, spec["mask_ratio_low"], spec["mask_ratio_high"], n_tokens,
@@ -242,6 +250,12 @@ class TrainerRank:
                 terms["loss/lockin"] = masked_nll(logp, lockin, n_tokens)
             if bool(corrective.any()):
                 terms["loss/corrective"] = masked_nll(logp, corrective, n_tokens)
+            topk = topk_tensors(chunk, ids.shape[1], ids.shape[1] - keep, floor) if topk_coef else None
+            if topk is not None:  # the top-k estimator (trainer/topk.py): an exact KL over the teacher's top k + tail
+                s_lp, s_tail = support_logprobs(logits, topk[0].to(self.device))
+                kl = mask * topk_kl(s_lp, s_tail, topk[1].to(self.device), float(spec["topk_reverse_weight"]), floor)
+                terms["loss/topk"] = topk_coef * kl.sum() / n_tokens
+                totals["topk_kl_sum"] += float(kl.detach().sum())
             if ent_coef:
                 ent = mask * entropy(logits)
                 terms["loss/entropy"] = -ent_coef * ent.sum() / n_tokens  # a bonus: more entropy, lower loss
