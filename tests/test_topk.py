@@ -151,3 +151,56 @@ def test_bf16_logits_accumulate_in_float32():
     lp, tail = support_logprobs(z, ids)
     assert lp.dtype == torch.float32 and float(topk_kl(lp, tail, lq.float(), 1.0, FLOOR)) == pytest.approx(0.0894502,
                                                                                                           abs=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The term on a real trainer rank (one gloo rank, the tiny pair, no Ray), at a sampling temperature of 0.8
+
+
+def test_a_trainer_rank_adds_the_topk_term_at_the_sampling_temperature(tiny_pair, tmp_path):
+    """Step 1's ``topk_kl_sum`` and ``loss/topk`` equal the KL computed here by the plain formula from the
+    student's ``log_softmax(logits / 0.8)`` (transformers, LoRA B = 0) and the teacher's top-3 (temperature 1);
+    the ratio of the trainer's log-probs to the tempered ones an engine returns is 1; with zero advantages the
+    top-k term alone trains, and it falls."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.wire import StepResult, TrainBatch, TrainSample, decode, encode
+    from tests.test_loss import _port
+    from trainer.worker import TrainerRank
+
+    teacher_dir, student_dir = tiny_pair
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    p, c = tok("abcdef=").input_ids, tok("fedcab").input_ids[1:] + [tok.eos_token_id]
+    n, k, temp = len(c), 3, 0.8
+    with torch.no_grad():
+        def logits(path):
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            return model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: -1].double()  # (n, V)
+
+        ls, lt = torch.log_softmax(logits(student_dir) / temp, -1), torch.log_softmax(logits(teacher_dir), -1)
+    top = torch.topk(lt, k, -1)
+    ps, qs = ls.exp().gather(-1, top.indices), lt.exp().gather(-1, top.indices)  # (n, k)
+    p_tail, q_tail = 1 - ps.sum(-1), 1 - qs.sum(-1)
+    want = float(((ps * (ps / qs).log()).sum(-1) + p_tail * (p_tail / q_tail).log()).sum())
+
+    sample = TrainSample(input_ids=p + c, prompt_len=len(p), advantages=[0.0] * n,
+                         inference_logprobs=ls.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist(),
+                         topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist())
+    spec = dict(seed=0, dtype="float32", lr=0.01, weight_decay=0.0, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
+                lora_dropout=0.0, lora_targets=["q_proj", "v_proj"], mask_ratio_low=0.125, mask_ratio_high=8.0,
+                ref_kl_coef=0.0, ref_kl_estimator="k3", entropy_coef=0.0, temperature=temp, topk_coef=0.5,
+                topk_reverse_weight=1.0, logprob_floor=-20.0)
+    rank = TrainerRank(0, 1, "gloo", f"tcp://127.0.0.1:{_port()}", str(student_dir), spec, str(tmp_path), None)
+    try:
+        rank.setup()
+        steps = [decode(rank.train_step(encode(TrainBatch(step=s, samples=[sample], total_tokens=n))), StepResult).metrics
+                 for s in range(1, 6)]
+    finally:
+        dist.destroy_process_group()
+    first = steps[0]
+    assert first["topk_kl_sum"] == pytest.approx(want, rel=1e-4)
+    assert first["loss/topk"] == pytest.approx(0.5 * want / n, rel=1e-4)
+    assert first["ratio_sum"] / first["tokens"] == pytest.approx(1.0, abs=1e-5)  # logits / T on both sides
+    assert first["loss/policy"] == 0.0 and first["masked_low"] == first["masked_high"] == 0
+    assert steps[-1]["topk_kl_sum"] < 0.9 * want
