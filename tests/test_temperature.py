@@ -109,3 +109,15 @@ def test_the_topk_estimator_at_t_is_the_exact_tempered_kl_on_full_support_and_a_
 def test_policy_temperature_and_the_engines_logprobs_mode(argv, temperature, mode):
     cfg = load(["--inference.max_tokens", "8", *argv])
     assert policy_temperature(cfg) == temperature and sampler_logprobs_mode(cfg) == mode
+
+
+def test_a_sessions_run_may_not_cross_between_raw_and_tempered_log_probs():
+    """The student engines' logprobs_mode is fixed when a session starts them (orchestrator/api.py)."""
+    from orchestrator.api import session_run_config
+    from shared.config import ConfigError
+
+    at_08 = session_run_config({"inference": {"temperature": 0.8}}, overrides={"inference.temperature": 0.7})
+    assert policy_temperature(at_08) == 0.7
+    with pytest.raises(ConfigError, match=r"^inference\.temperature: 0\.8 needs the student engines' logprobs_mode = "
+                                          r"processed_logprobs, and the session's were started with raw_logprobs"):
+        session_run_config({"inference": {"temperature": 1.0}}, overrides={"inference.temperature": 0.8})

@@ -204,3 +204,59 @@ def test_a_trainer_rank_adds_the_topk_term_at_the_sampling_temperature(tiny_pair
     assert first["ratio_sum"] / first["tokens"] == pytest.approx(1.0, abs=1e-5)  # logits / T on both sides
     assert first["loss/policy"] == 0.0 and first["masked_low"] == first["masked_high"] == 0
     assert steps[-1]["topk_kl_sum"] < 0.9 * want
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--orchestrator.workflow", "sft", "--trainer.loss.teacher_topk", "4"],
+     r'^trainer\.loss\.teacher_topk: must be 0 with orchestrator\.workflow = "sft"'),
+    (["--trainer.loss.teacher_topk", "300"], r"^trainer\.loss\.teacher_topk: expected int <= 256, got 300$"),
+    (["--trainer.loss.topk_reverse_weight", "1.5"], r"^trainer\.loss\.topk_reverse_weight: expected float <= 1"),
+    (["--trainer.loss.topk_coef", "-1"], r"^trainer\.loss\.topk_coef: expected float >= 0"),
+])
+def test_topk_config_errors_name_the_key(argv, message):
+    from shared.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match=message):
+        load(argv)
+
+
+def test_the_teacher_scores_for_the_topk_term_alone():
+    """kl_coef = 0 leaves no sampled-token term; the top-k term still needs the teacher's log-probs."""
+    from shared.config import kl_in_advantage, load, needs_teacher_logprobs, topk_in_loss
+
+    cfg = load(["--trainer.loss.kl_coef", "0", "--trainer.loss.teacher_topk", "4"])
+    assert not kl_in_advantage(cfg) and topk_in_loss(cfg) and needs_teacher_logprobs(cfg)
+    assert not topk_in_loss(load(["--trainer.loss.teacher_topk", "4", "--trainer.loss.topk_coef", "0"]))
+    assert not topk_in_loss(load([]))  # the default: the sampled-token estimator alone
+
+
+def test_topk_tensors_line_up_with_the_trainers_per_token_arrays():
+    """Position ``prompt_len - 1 - first + j`` predicts completion token ``j`` (trainer/worker.py); prompts,
+    padding and non-policy samples hold id 0 and the floor."""
+    from shared.wire import TrainSample
+    from trainer.topk import topk_tensors
+
+    a = TrainSample(input_ids=[1, 2, 3, 4, 5], prompt_len=3, inference_logprobs=[-1.0, -1.0], advantages=[0.0, 0.0],
+                    topk_ids=[[7, 8], [9, 10]], topk_logprobs=[[-0.1, -0.2], [-0.3, -0.4]])
+    b = TrainSample(input_ids=[1, 2, 6], prompt_len=2, inference_logprobs=[-1.0], advantages=[0.0],
+                    topk_ids=[[11, 12]], topk_logprobs=[[-0.5, -0.6]])
+    c = TrainSample(input_ids=[1, 2, 9], prompt_len=2, inference_logprobs=[], advantages=[], policy=False)
+    ids, lps = topk_tensors([a, b, c], length=5, first=1, floor=-20.0)  # first = min prompt_len - 1
+    assert ids.tolist() == [[[0, 0], [7, 8], [9, 10]], [[11, 12], [0, 0], [0, 0]], [[0, 0]] * 3]
+    assert torch.allclose(lps[0], torch.tensor([[-20.0, -20.0], [-0.1, -0.2], [-0.3, -0.4]]))
+    assert lps[1, 0].tolist() == pytest.approx([-0.5, -0.6]) and float(lps[2].max()) == -20.0
+    assert topk_tensors([c], length=3, first=1, floor=-20.0) is None
+
+
+def test_attach_topk_puts_the_teachers_top_k_on_the_scored_rollouts():
+    from orchestrator.roles import attach_topk, scores_of
+    from shared.wire import Rollout, ScoreResult, encode
+
+    rollouts = [Rollout(prompt_index=i, prompt_ids=[1], completion_ids=[5, 6], logprobs=[-1.0, -1.0]) for i in range(3)]
+    replies = [encode(ScoreResult(logprobs=[[-0.5, -0.6], []], failed=[1], topk_ids=[[[5, 4], [6, 4]], []],
+                                  topk_logprobs=[[[-0.5, -1.5], [-0.6, -1.6]], []]))]
+    parts = [[2, 0]]  # rollout 2 scored, rollout 0 failed; rollout 1 not sent
+    assert scores_of(parts, replies, 3) == [None, None, [-0.5, -0.6]]
+    attach_topk(rollouts, parts, replies)
+    assert rollouts[2].teacher_topk_ids == [[5, 4], [6, 4]] and rollouts[2].teacher_topk_logprobs[1] == [-0.6, -1.6]
+    assert rollouts[0].teacher_topk_ids == [] and rollouts[1].teacher_topk_ids == []
