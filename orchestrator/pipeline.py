@@ -275,9 +275,9 @@ class Pipeline:
                 b.rollouts = [r for r in rollouts if r.completion_ids]
                 b.t_sampled = time.perf_counter()
                 if self.scores:
+                    topk = self.cfg.trainer.loss.teacher_topk if topk_in_loss(self.cfg) else 0  # trainer/topk.py
                     refs, b.score_parts = self.roles.score_refs([b.teacher_ids[r.prompt_index - b.base] for r in b.rollouts],
-                                                                [r.completion_ids for r in b.rollouts],
-                                                                topk=self.cfg.trainer.loss.teacher_topk if topk_in_loss(self.cfg) else 0)
+                                                                [r.completion_ids for r in b.rollouts], topk=topk)
                     b.score_refs = self.submit("teacher", refs)
                 else:  # nothing to score: the sampler's own log-probs stand in (a KL of 0, logged as NaN)
                     b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
