@@ -68,7 +68,8 @@ class InferenceConfig(_Section):
         default_factory=list
     )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    temperature: _doc(float, "sampling temperature", ge=0) = 1.0
+    temperature: _doc(float, "sampling temperature T; the student's policy is softmax(z / T): at T != 1 the engines "
+                             "return and the trainer computes its log-probs (shared/sampling.py)", ge=0) = 1.0
     top_p: _doc(float, "nucleus sampling mass", gt=0, le=1) = 1.0
     max_tokens: _doc(int, "longest completion, in tokens", ge=1) = 16
     kv_cache_gib: _doc(int, "KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE), GiB", ge=1) = 1
