@@ -600,13 +600,13 @@ def test_vllm_serve_scores_exactly_like_the_teacher_in_transformers(vllm_serve, 
         assert got == pytest.approx(want, abs=2e-3)
     # the top-k estimator's scoring (trainer.loss.teacher_topk = 5): the same log-probs and the 5 most likely
     top = decode(teacher.score(encode(ScoreRequest(prompt_ids=prompts, completion_ids=comps, topk=5))), ScoreResult)
-    assert top.failed == [] and top.logprobs == pytest.approx(res.logprobs, abs=1e-6)
+    assert top.failed == [] and all(a == pytest.approx(b, abs=1e-6) for a, b in zip(top.logprobs, res.logprobs))
     for p, c, ids, lps in zip(prompts, comps, top.topk_ids, top.topk_logprobs):
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].double(), -1)
         want = torch.topk(logp[len(p) - 1: len(p) - 1 + len(c)], 5, -1)
         assert len(ids) == len(c) and [row[0] for row in ids] == want.indices[:, 0].tolist()  # the arg-max
-        assert torch.tensor(lps).double() == pytest.approx(want.values, abs=2e-3)
+        assert torch.allclose(torch.tensor(lps, dtype=torch.float64), want.values, atol=2e-3)
     answer = decode(teacher.generate([prompts[0]], [0], 1, 0.0, 1.0, 8, 0), RolloutBatch).rollouts[0]
     assert answer.text.startswith("edcba") and answer.completion_ids[:len(comps[0])] == comps[0]  # greedy reversal
 
