@@ -33,6 +33,8 @@ class InferenceEngine(Sleeps):
             from shared.weight_sync import engine_config
 
             extra = engine_config()
+        if spec.get("logprobs_mode", "raw_logprobs") != "raw_logprobs":  # T != 1: log-probs of softmax(z / T)
+            extra = {**(extra or {}), "logprobs_mode": spec["logprobs_mode"]}  # (shared/sampling.py)
         lora = self.mode == "adapter" and not self.full
         self.llm = make_llm_from_spec(model_path, spec, lora_rank=spec["lora_rank"] if lora else 0, extra=extra)
         self.merger = None

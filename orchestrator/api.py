@@ -34,6 +34,7 @@ import msgspec
 
 from orchestrator.export import export_student, latest_adapter
 from shared.config import Config, ConfigError, deep_merge, from_dict, load_toml
+from shared.sampling import sampler_logprobs_mode
 
 Source = str | Path | Mapping[str, Any] | Config
 
@@ -179,6 +180,10 @@ def session_run_config(session: Mapping[str, Any], *sources: Source, overrides: 
     base = from_dict(dict(session))
     cfg = from_dict(deep_merge(dict(session), _merged(*sources, overrides=overrides, **keys)))
     _check_session_config(cfg, "session's run")
+    if sampler_logprobs_mode(cfg) != sampler_logprobs_mode(base):  # fixed when the student engines started
+        raise ConfigError(f"inference.temperature: {cfg.inference.temperature:g} needs the student engines' "
+                          f"logprobs_mode = {sampler_logprobs_mode(cfg)}, and the session's were started with "
+                          f"{sampler_logprobs_mode(base)} (temperature {base.inference.temperature:g}; shared/sampling.py)")
     key = session_mismatch(base, cfg)
     if key is not None:
         raise ConfigError(f"{key}: differs from the session's, whose roles are already started with it "

@@ -31,7 +31,7 @@ from orchestrator.pipeline import Pipeline, split_stale
 from orchestrator.prompts import Renderer
 from orchestrator.failures import RoleFailure
 from orchestrator.roles import Roles, rollouts_of, scores_of
-from shared.config import Config, kl_in_advantage
+from shared.config import Config, kl_in_advantage, topk_in_loss
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
 from shared.placement import RunPlan
@@ -53,6 +53,8 @@ def loss_rows(lc: Any, tm: dict[str, float]) -> dict[str, float]:
         row["loss/corrective"] = tm["loss/corrective"]
     if lc.entropy_coef:
         row.update({"loss/entropy": tm["loss/entropy"], "entropy/mean": tm["entropy_sum"] / n})
+    if lc.teacher_topk and lc.topk_coef:  # the top-k estimator's KL (its reverse/forward mixture) per policy token
+        row.update({"loss/topk": tm.get("loss/topk", 0.0), "teacher_kl/topk": tm.get("topk_kl_sum", 0.0) / n})
     return row
 
 
@@ -150,7 +152,8 @@ class Orchestrator:
         self.scorer = self.continual.scorer(env)
         # The teacher scores the student's rollouts when the advantage uses its log-probs, or when scoring is
         # cheap enough to do for the teacher_kl metric alone (not over a paid endpoint).
-        self.scores = self.workflow.scores_rollouts and (kl_in_advantage(cfg) or self.roles.teacher.scores_for_metrics)
+        self.scores = self.workflow.scores_rollouts and (kl_in_advantage(cfg) or topk_in_loss(cfg)
+                                                          or self.roles.teacher.scores_for_metrics)
 
     def _pipeline(self) -> Pipeline:
         return Pipeline(self.cfg, self.roles, self.source, lambda p, teacher: self.renderer.ids(p, teacher=teacher),

@@ -28,7 +28,8 @@ import ray
 from orchestrator import checkpoint, skips
 from orchestrator.data import Prompt
 from orchestrator.failures import get
-from orchestrator.roles import Roles, rollouts_of, scores_of
+from orchestrator.roles import Roles, attach_topk, rollouts_of, scores_of
+from shared.config import topk_in_loss
 from shared.wire import Rollout
 
 
@@ -274,14 +275,17 @@ class Pipeline:
                 b.rollouts = [r for r in rollouts if r.completion_ids]
                 b.t_sampled = time.perf_counter()
                 if self.scores:
+                    topk = self.cfg.trainer.loss.teacher_topk if topk_in_loss(self.cfg) else 0  # trainer/topk.py
                     refs, b.score_parts = self.roles.score_refs([b.teacher_ids[r.prompt_index - b.base] for r in b.rollouts],
-                                                                [r.completion_ids for r in b.rollouts])
+                                                                [r.completion_ids for r in b.rollouts], topk=topk)
                     b.score_refs = self.submit("teacher", refs)
                 else:  # nothing to score: the sampler's own log-probs stand in (a KL of 0, logged as NaN)
                     b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
                     b.t_scored = b.t_sampled
             if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
-                b.teacher_lp = scores_of(b.score_parts, [self.results.pop(r) for r in b.score_refs], len(b.rollouts))
+                replies = [self.results.pop(r) for r in b.score_refs]
+                b.teacher_lp = scores_of(b.score_parts, replies, len(b.rollouts))
+                attach_topk(b.rollouts, b.score_parts, replies)  # the top-k estimator's teacher side, if asked for
                 b.t_scored = time.perf_counter()
 
     def next_batch(self, step: int) -> Batch:

@@ -21,9 +21,10 @@ from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import RoleFailure, get
 from orchestrator.teachers import teacher_backend
-from shared.config import Config
+from shared.config import Config, topk_in_loss
 from shared.fsutil import atomic_write_text
 from shared.placement import ActorPlan, RunPlan, node_affinity
+from shared.sampling import policy_temperature, sampler_logprobs_mode
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, TrainBatch, decode, encode
 
 ROLES = ("inference", "teacher", "trainer")
@@ -85,7 +86,7 @@ class Roles:
                             answer_choice=cfg.orchestrator.env_args.answer_choice,
                             gpu_memory_utilization=inf.gpu_memory_utilization,
                             finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer,
-                            sleep=a.sleeps)
+                            sleep=a.sleeps, logprobs_mode=sampler_logprobs_mode(cfg))
                 options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib))
                 self.actors["inference"].append(
                     ray.remote(InferenceEngine).options(**options).remote(self.run.student, spec, log))
@@ -134,6 +135,9 @@ class Roles:
             mask_ratio_low=t.loss.mask_ratio_low, mask_ratio_high=t.loss.mask_ratio_high,
             ref_kl_coef=t.loss.ref_kl_coef, ref_kl_estimator=t.loss.ref_kl_estimator,
             entropy_coef=t.loss.entropy_coef,
+            # the student's policy softmax(z / T) (shared/sampling.py) and the top-k estimator (trainer/topk.py)
+            temperature=policy_temperature(cfg), topk_coef=t.loss.topk_coef if topk_in_loss(cfg) else 0.0,
+            topk_reverse_weight=t.loss.topk_reverse_weight, logprob_floor=t.loss.logprob_floor,
         )
 
     def finetune_spec(self) -> dict[str, Any]:
@@ -180,7 +184,8 @@ class Roles:
             self.owner.pop(ref, None)
         return out
 
-    def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
+    def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], topk: int = 0
+                   ) -> tuple[list, list]:
         """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts). A pair
         longer than ``model.max_model_len`` is never sent (:func:`orchestrator.skips.scorable`): it comes back
         unscored (None in :func:`scores_of`)."""
@@ -190,7 +195,8 @@ class Roles:
         fit = scorable(prompt_ids, completion_ids, self.cfg.model.max_model_len)
         parts = [p for p in split(fit, len(engines)) if p]
         refs = [self._owned(e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
-                                                               completion_ids=[completion_ids[i] for i in part]))),
+                                                               completion_ids=[completion_ids[i] for i in part],
+                                                               topk=topk))),
                             f"teacher-{i}")
                 for i, (e, part) in enumerate(zip(engines, parts))]
         return refs, parts
@@ -280,3 +286,12 @@ def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> list[list
         for k in result.failed:
             out[part[k]] = None
     return out
+
+
+def attach_topk(rollouts: list, parts: list[list[int]], replies: list[bytes]) -> None:
+    """Put the teacher's top-k ids and log-probs of each scored rollout on it (``Rollout.teacher_topk_*``), where
+    the replies carry them (``ScoreRequest.topk``); rollouts that were not scored keep none."""
+    for part, data in zip(parts, replies):
+        result = decode(data, ScoreResult)
+        for i, ids, lps in zip(part, result.topk_ids, result.topk_logprobs):
+            rollouts[i].teacher_topk_ids, rollouts[i].teacher_topk_logprobs = ids, lps

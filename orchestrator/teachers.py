@@ -47,6 +47,8 @@ class EngineTeacher(TeacherBackend):
 
         spec = dict(base, dtype=cfg.teacher.dtype, tp=a.tp, gpu_memory_utilization=cfg.teacher.gpu_memory_utilization,
                     sleep=a.sleeps)
+        if cfg.trainer.loss.teacher_topk > 20:  # vLLM's default max_logprobs
+            spec["max_logprobs"] = cfg.trainer.loss.teacher_topk
         options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib))
         return ray.remote(TeacherEngine).options(**options).remote(run.teacher, spec, log)
 

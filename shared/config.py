@@ -68,7 +68,8 @@ class InferenceConfig(_Section):
         default_factory=list
     )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    temperature: _doc(float, "sampling temperature", ge=0) = 1.0
+    temperature: _doc(float, "sampling temperature T; the student's policy is softmax(z / T): at T != 1 the engines "
+                             "return and the trainer computes its log-probs (shared/sampling.py)", ge=0) = 1.0
     top_p: _doc(float, "nucleus sampling mass", gt=0, le=1) = 1.0
     max_tokens: _doc(int, "longest completion, in tokens", ge=1) = 16
     kv_cache_gib: _doc(int, "KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE), GiB", ge=1) = 1
@@ -196,6 +197,13 @@ class LossConfig(_Section):
     logprob_floor: _doc(float, "teacher log-probs below this (or -inf/NaN) are clipped to it and counted", lt=0) = (
         -20.0
     )
+    teacher_topk: _doc(int, "top-k estimator: the teacher returns its k most likely tokens at each completion position "
+                            "and the loss adds a KL over them plus a tail bucket (trainer/topk.py); 0 = off (the "
+                            "sampled-token estimator alone)", ge=0, le=256) = 0
+    topk_coef: _doc(float, "weight of the top-k KL term (with teacher_topk > 0; set kl_coef = 0 to train on it alone)",
+                    ge=0) = 1.0
+    topk_reverse_weight: _doc(float, "top-k term: beta in beta * KL(student || teacher) + (1 - beta) * KL(teacher || "
+                                     "student) (1 = reverse, 0 = forward)", ge=0, le=1) = 1.0
 
     def __post_init__(self) -> None:
         # Resolved once, so the written config.toml (TOML has no null) and the trainer see numbers.
@@ -807,7 +815,12 @@ def load(argv: list[str]) -> Config:
 
 
 # Loss keys that act on the student's own samples (or the task reward), meaningless under workflow = "sft".
-ON_POLICY_ONLY = ("adv_tau", "lockin_coef", "corrective_coef", "ref_kl_coef", "entropy_coef")
+ON_POLICY_ONLY = ("adv_tau", "lockin_coef", "corrective_coef", "ref_kl_coef", "entropy_coef", "teacher_topk")
+
+
+def topk_in_loss(cfg: Config) -> bool:
+    """Whether the loss has the top-k term (the teacher must return its top-k log-probs of the student's rollouts)."""
+    return cfg.orchestrator.workflow != "sft" and cfg.trainer.loss.teacher_topk > 0 and cfg.trainer.loss.topk_coef > 0
 
 
 def kl_in_advantage(cfg: Config) -> bool:
@@ -819,7 +832,7 @@ def needs_teacher_logprobs(cfg: Config) -> bool:
     """Whether the run trains on any per-token teacher log-probs: the KL term, or a judge that decides by the
     log-likelihoods of its replies (what an external teacher must then serve)."""
     oc = cfg.orchestrator
-    return kl_in_advantage(cfg) or (oc.workflow == "judge" and oc.judge.verdict == "loglik")
+    return kl_in_advantage(cfg) or topk_in_loss(cfg) or (oc.workflow == "judge" and oc.judge.verdict == "loglik")
 
 
 def _validate_sft(cfg: Config) -> None:
@@ -838,6 +851,14 @@ def _validate_sft(cfg: Config) -> None:
         raise ConfigError("orchestrator.workflow: \"sft\" needs the in-cluster teacher engine (teacher.endpoint is set)")
     if oc.continual.core_environments:
         raise ConfigError("orchestrator.workflow: \"sft\" does not combine with orchestrator.continual")
+
+
+def _validate_topk(cfg: Config) -> None:
+    """``trainer.loss.teacher_topk``: the teacher's top-k log-probs come from vLLM's ``prompt_logprobs``."""
+    if topk_in_loss(cfg) and cfg.teacher.endpoint and cfg.teacher.endpoint_api == "chat":
+        raise ConfigError(f"trainer.loss.teacher_topk: teacher.endpoint_api = \"chat\" returns text, not the top-"
+                          f"{cfg.trainer.loss.teacher_topk} teacher log-probs the top-k term needs; use \"completions\" "
+                          "with a vLLM server or set trainer.loss.teacher_topk = 0")
 
 
 def _validate_ray_address(addr: str) -> None:
@@ -930,6 +951,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"orchestrator.teacher_model.context_mode: {tm.context_mode!r} needs model.chat_template on")
     _validate_judge_comparator(cfg)
     _validate_endpoint(cfg)
+    _validate_topk(cfg)
     _validate_env_args(cfg)
     _validate_finetune(cfg)
     if not cfg.output_dir.strip():

@@ -122,6 +122,27 @@ def completion_logprobs(llm: Any, prompt_ids: list[list[int]], completion_ids: l
     return result
 
 
+def completion_topk(llm: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]], k: int,
+                    ) -> tuple[list[list[float]], list[list[list[int]]], list[list[list[float]]]]:
+    """:func:`completion_logprobs` plus the ``k`` most likely tokens at each completion position: per completion
+    the token log-probs, the top-k ids and their log-probs (most likely first), from one ``prompt_logprobs = k``
+    pass (vLLM adds the scored token when it is not among the top k; it is left out of the top k here).
+    The log-probs are the model's own (vLLM's prompt log-probs are untempered in every ``logprobs_mode``)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+    prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    lps, ids, tops = [], [], []
+    for p, c, out in zip(prompt_ids, completion_ids, outputs):
+        entries = out.prompt_logprobs[len(p):]
+        lps.append([float(e[t].logprob) if e is not None else float("nan") for t, e in zip(c, entries)])
+        best = [sorted(e.items(), key=lambda kv: -kv[1].logprob)[:k] for e in entries]
+        ids.append([[int(t) for t, _ in b] for b in best])
+        tops.append([[float(x.logprob) for _, x in b] for b in best])
+    return lps, ids, tops
+
 
 SLEEP_LEVEL = 1  # level 1 keeps the weights (copied to CPU memory); level 2 would drop them, and the base
 # weights (LoRA) or the last merged ones (merge) would have to be reloaded from disk every step

@@ -45,7 +45,7 @@ def _ends_torn(path: Path) -> bool:
 # W&B sections: a metric keeps its name when it already starts with one of these; any other is a
 # training metric and goes under train/ (teacher_kl is the teacher's view of the student: teacher/kl).
 WANDB_SECTIONS = ("train", "eval", "time", "teacher", "judge", "comparator", "continual", "util", "async", "heartbeat")
-WANDB_RENAMES = {"teacher_kl": "teacher/kl", "teacher_kl/seq": "teacher/kl_seq"}
+WANDB_RENAMES = {"teacher_kl": "teacher/kl", "teacher_kl/seq": "teacher/kl_seq", "teacher_kl/topk": "teacher/kl_topk"}
 UTIL_ROLES = ("inference", "teacher", "trainer")
 
 

@@ -18,7 +18,7 @@ class WireError(ValueError):
     """A frame that is not one of our messages, or too large."""
 
 
-class Rollout(Struct, tag=True, kw_only=True):
+class Rollout(Struct, tag=True, kw_only=True, omit_defaults=True):
     """One sampled completion of one prompt, with the sampler's per-token log-probs."""
 
     prompt_index: int
@@ -27,6 +27,10 @@ class Rollout(Struct, tag=True, kw_only=True):
     logprobs: list[float]
     finish_reason: str = ""
     text: str = ""
+    # the teacher's top-k token ids and log-probs at each completion position (trainer.loss.teacher_topk > 0),
+    # attached once scored (orchestrator.roles.attach_topk); empty otherwise
+    teacher_topk_ids: list[list[int]] = msgspec.field(default_factory=list)
+    teacher_topk_logprobs: list[list[float]] = msgspec.field(default_factory=list)
 
 
 # ``Rollout.finish_reason`` of a teacher answer that an external endpoint failed to give (after retries).
@@ -38,22 +42,26 @@ class RolloutBatch(Struct, tag=True, kw_only=True):
     adapter_step: int = 0
 
 
-class ScoreRequest(Struct, tag=True, kw_only=True):
+class ScoreRequest(Struct, tag=True, kw_only=True, omit_defaults=True):
     """Score each completion after its teacher prompt (the teacher's prompt may carry extra context)."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
+    topk: int = 0  # also return the teacher's top-k tokens and log-probs at each completion position
 
 
-class ScoreResult(Struct, tag=True, kw_only=True):
+class ScoreResult(Struct, tag=True, kw_only=True, omit_defaults=True):
     """Teacher log-prob of every completion token (same lengths as the request's completions); ``failed``:
     indices of completions the teacher could not score (an external endpoint; their lists are empty)."""
 
     logprobs: list[list[float]]
     failed: list[int] = msgspec.field(default_factory=list)
+    # with ScoreRequest.topk = k: per completion, per position, the k ids and log-probs (most likely first)
+    topk_ids: list[list[list[int]]] = msgspec.field(default_factory=list)
+    topk_logprobs: list[list[list[float]]] = msgspec.field(default_factory=list)
 
 
-class TrainSample(Struct, kw_only=True):
+class TrainSample(Struct, kw_only=True, omit_defaults=True):
     """A prompt + completion; per-completion-token arrays align with ``input_ids[prompt_len:]``.
 
     ``policy``: the completion was sampled by the student and enters the policy-gradient loss (and
@@ -68,6 +76,9 @@ class TrainSample(Struct, kw_only=True):
     advantages: list[float]
     sft_weight: float = 0.0
     policy: bool = True
+    # the teacher's top-k ids / log-probs per completion token (the top-k estimator, trainer/topk.py); empty = none
+    topk_ids: list[list[int]] = msgspec.field(default_factory=list)
+    topk_logprobs: list[list[float]] = msgspec.field(default_factory=list)
 
 
 class TrainBatch(Struct, tag=True, kw_only=True):
@@ -82,7 +93,7 @@ class TrainBatch(Struct, tag=True, kw_only=True):
 # ``loss/*`` are each term's contribution to the loss (already divided by the batch's policy tokens),
 # ``ref_kl_sum`` / ``entropy_sum`` / ``ratio_sum`` sums over policy tokens, ``tokens`` their count.
 SUMMED_METRICS = ("loss/policy", "loss/ref_kl", "loss/lockin", "loss/corrective", "loss/entropy", "ref_kl_sum",
-                  "entropy_sum", "masked_low", "masked_high", "ratio_sum", "tokens")
+                  "entropy_sum", "masked_low", "masked_high", "ratio_sum", "tokens", "loss/topk", "topk_kl_sum")
 
 
 class StepResult(Struct, tag=True, kw_only=True):

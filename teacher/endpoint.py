@@ -43,7 +43,7 @@ from functools import partial
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from shared.config import Config, ConfigError, needs_teacher_logprobs
+from shared.config import Config, ConfigError, needs_teacher_logprobs, topk_in_loss
 from shared.wire import TEACHER_FAILED, Rollout, RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 # The fixed text whose tokenization must match ours before token ids are sent (letters, digits,
@@ -186,6 +186,8 @@ def probe(cfg: Config, tokenizer: Any) -> dict[str, str]:
         if not same:
             _refuse_scoring(cfg, f"its tokenizer cannot be checked against ours: {why}")
         _check_prompt_logprobs(cfg, client, model, tokenizer)
+        if topk_in_loss(cfg):
+            _check_topk(cfg, client, model, tokenizer)
     else:  # completions only: one short generation shows the route works
         try:
             client.post("/completions", {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0.0})
@@ -222,6 +224,23 @@ def _check_prompt_logprobs(cfg: Config, client: Client, model: str, tokenizer: A
         _refuse_scoring(cfg, "/completions returned no per-token prompt_logprobs for token ids")
 
 
+def _check_topk(cfg: Config, client: Client, model: str, tokenizer: Any) -> None:
+    """The top-k estimator (``trainer.loss.teacher_topk = k``) needs the server's k most likely tokens at each
+    position: vLLM returns them for ``prompt_logprobs = k`` up to its ``--max-logprobs`` (20 by default)."""
+    k = cfg.trainer.loss.teacher_topk
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids[: cfg.model.max_model_len]
+    try:
+        completion_topk(client.post("/completions", _score_body(model, ids, k)), 1, ids[1:], k)
+        return
+    except HttpError as e:
+        lacks = f"/completions with prompt_logprobs = {k} fails ({e})"
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        lacks = f"/completions did not return the top {k} prompt log-probs at each position ({e})"
+    raise ConfigError(f"trainer.loss.teacher_topk: {k} needs the teacher's top-{k} log-probs at each position, and "
+                      f"{cfg.teacher.endpoint} lacks them: {lacks}. Serve the teacher with vLLM (vllm serve "
+                      f"--max-logprobs {max(k, 20)}), or set trainer.loss.teacher_topk = 0")
+
+
 def _refuse_scoring(cfg: Config, lacks: str) -> NoReturn:
     oc = cfg.orchestrator
     if cfg.trainer.loss.teacher_tau > 0:
@@ -235,10 +254,10 @@ def _refuse_scoring(cfg: Config, lacks: str) -> NoReturn:
     )
 
 
-def _score_body(model: str, ids: list[int]) -> dict:
+def _score_body(model: str, ids: list[int], topk: int = 0) -> dict:
     # echo + max_tokens 0: nothing is generated, so prompt + completion may fill max_model_len exactly.
-    # return_token_ids: the echoed prompt is not detokenized.
-    return {"model": model, "prompt": ids, "max_tokens": 0, "echo": True, "prompt_logprobs": 0, "temperature": 0.0,
+    # return_token_ids: the echoed prompt is not detokenized. prompt_logprobs = k: also the k most likely tokens.
+    return {"model": model, "prompt": ids, "max_tokens": 0, "echo": True, "prompt_logprobs": topk, "temperature": 0.0,
             "return_token_ids": True}
 
 
@@ -271,6 +290,23 @@ def completion_logprobs(reply: dict, n_prompt: int, completion: list[int]) -> li
         raise ValueError(f"prompt_logprobs for {len(entries)} positions, expected {n_prompt + len(completion)} "
                          f"({n_prompt} prompt + {len(completion)} completion tokens)")
     return [_token_logprob(e, t) for e, t in zip(entries[n_prompt:], completion)]
+
+
+def completion_topk(reply: dict, n_prompt: int, completion: list[int], k: int
+                    ) -> tuple[list[float], list[list[int]], list[list[float]]]:
+    """:func:`completion_logprobs` plus, at each completion position, the ``k`` most likely tokens and their
+    log-probs (most likely first) from a reply with ``prompt_logprobs = k`` (each entry holds the top k and the
+    scored token); ValueError (the item is refused) when an entry has fewer than ``k`` tokens or a value is not
+    a log-probability."""
+    lps = completion_logprobs(reply, n_prompt, completion)
+    ids, tops = [], []
+    for entry in reply["choices"][0]["prompt_logprobs"][n_prompt:]:
+        if len(entry) < k:
+            raise ValueError(f"{len(entry)} tokens in a prompt_logprobs entry, expected the top {k}")
+        best = sorted(((_token_logprob(entry, int(t)), int(t)) for t in entry), reverse=True)[:k]
+        ids.append([t for _, t in best])
+        tops.append([x for x, _ in best])
+    return lps, ids, tops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,6 +389,14 @@ class EndpointTeacher:
 
     def score(self, request: bytes) -> bytes:
         req = decode(request, ScoreRequest)
+        if req.topk:  # the top-k estimator (trainer/topk.py)
+            got = self._map([(_score_body(self.model, p + c, req.topk),
+                              partial(completion_topk, n_prompt=len(p), completion=c, k=req.topk))
+                             for p, c in zip(req.prompt_ids, req.completion_ids)])
+            return encode(ScoreResult(logprobs=[r[0] if r else [] for r in got],
+                                      failed=[i for i, r in enumerate(got) if r is None],
+                                      topk_ids=[r[1] if r else [] for r in got],
+                                      topk_logprobs=[r[2] if r else [] for r in got]))
 
         results = self._map([(_score_body(self.model, p + c), partial(completion_logprobs, n_prompt=len(p), completion=c))
                              for p, c in zip(req.prompt_ids, req.completion_ids)])

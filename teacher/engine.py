@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from shared.engines import Sleeps, completion_logprobs, make_llm_from_spec, sample
+from shared.engines import Sleeps, completion_logprobs, completion_topk, make_llm_from_spec, sample
 from shared.runtime import redirect_output
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
@@ -16,7 +16,9 @@ class TeacherEngine(Sleeps):
     def __init__(self, model_path: str, spec: dict, log_path: str):
         redirect_output(log_path)
         t0 = time.perf_counter()
-        self.llm = make_llm_from_spec(model_path, spec)
+        # vLLM refuses prompt_logprobs above max_logprobs (20 by default): raised for trainer.loss.teacher_topk
+        extra = {"max_logprobs": spec["max_logprobs"]} if spec.get("max_logprobs") else None
+        self.llm = make_llm_from_spec(model_path, spec, extra=extra)
         self.start_seconds = time.perf_counter() - t0
 
     def ready(self) -> float:
@@ -24,6 +26,9 @@ class TeacherEngine(Sleeps):
 
     def score(self, request: bytes) -> bytes:
         req = decode(request, ScoreRequest)
+        if req.topk:  # the top-k estimator (trainer/topk.py): the same pass also returns the top k
+            lps, ids, tops = completion_topk(self.llm, req.prompt_ids, req.completion_ids, req.topk)
+            return encode(ScoreResult(logprobs=lps, topk_ids=ids, topk_logprobs=tops))
         return encode(ScoreResult(logprobs=completion_logprobs(self.llm, req.prompt_ids, req.completion_ids)))
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,

@@ -22,10 +22,14 @@ def run_rl(*args, timeout=600):
 def test_two_step_run(tiny_pair, tmp_path):
     """Pure on-policy distillation (workflow 1, experiments/on_policy: skip_verification, one step of
     asynchrony): no task reward is computed in training; the held-out evaluation still scores answers.
-    (The reward path runs in tests/test_api.py, the synchronous skeleton in tests/test_resume.py.)"""
+    (The reward path runs in tests/test_api.py, the synchronous skeleton in tests/test_resume.py.)
+    Also at sampling temperature 0.8 with the top-k term beside the sampled-token one (trainer/topk.py,
+    shared/sampling.py): the teacher engine's top-4 reach the trainer, and the student engine's tempered
+    log-probs agree with the trainer's ``logits / 0.8`` (step 1 trains on the weights that sampled it)."""
     out = tmp_path / "run"
     p = run_rl("@", "experiments/on_policy/rl.toml", "--max_steps", "2", "--output_dir", str(out),
-               "--orchestrator.eval.num_prompts", "16", "--orchestrator.batch_size", "8")
+               "--orchestrator.eval.num_prompts", "16", "--orchestrator.batch_size", "8",
+               "--inference.temperature", "0.8", "--trainer.loss.teacher_topk", "4")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if "teacher_kl" in r]
@@ -39,6 +43,8 @@ def test_two_step_run(tiny_pair, tmp_path):
             assert train[0][f"busy/{role}"] > 0.0, role
         assert r["seq_len/mean"] > 0
         assert "reward/mean" not in r
+        assert r["loss/topk"] > 0 and 0 < r["teacher_kl/topk"] < 20
+    assert train[0]["ratio/mean"] == pytest.approx(1.0, abs=0.01) and train[0]["masked/low"] == 0
     evals = [r for r in rows if "eval/reverse_text/avg" in r]
     assert [r["step"] for r in evals] == [0, 2]
     for step in (1, 2):

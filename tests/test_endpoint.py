@@ -37,6 +37,12 @@ def fake_logprob(token: int, position: int) -> float:
     return -0.1 * (token % 7 + 1) - 0.01 * position
 
 
+def fake_top(k: int, position: int) -> dict:
+    """The fake server's ``k`` most likely tokens at a position (``prompt_logprobs = k``): ids 40, 41, ...
+    with log-probs -0.05, -0.10, ... (minus 0.01 per position)."""
+    return {str(40 + j): {"logprob": -0.05 * (j + 1) - 0.01 * position, "rank": j + 1} for j in range(k)}
+
+
 class FakeServer(ThreadingHTTPServer):
     """``/v1/models``, ``/tokenize`` (vllm=True only) and ``/v1/completions`` with token-id prompts and
     ``prompt_logprobs``.  ``faults``: a list consumed one per completions request, each None (answer),
@@ -49,6 +55,7 @@ class FakeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.tok, self.vllm, self.models, self.shift, self.context = tokenizer, vllm, list(models), shift, context
         self.faults: list = []
+        self.max_logprobs = 20  # vLLM's default --max-logprobs
         self.requests: list[tuple[str, dict, dict]] = []  # (path, headers, body)
         self.lock = threading.Lock()
 
@@ -103,7 +110,12 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("prompt_logprobs") is not None:
             if not srv.vllm:
                 return self._reply(400, {"error": {"message": "unknown field prompt_logprobs"}})
-            entries = [None] + [{str(t): {"logprob": fake_logprob(t, i), "rank": 1}} for i, t in enumerate(prompt)][1:]
+            k = body["prompt_logprobs"]
+            if k > srv.max_logprobs:  # as vLLM refuses it
+                return self._reply(400, {"error": {"message": f"Requested prompt logprobs of {k}, which is greater "
+                                                              f"than max allowed: {srv.max_logprobs}"}})
+            entries = [None] + [{**fake_top(k, i), str(t): {"logprob": fake_logprob(t, i), "rank": 1}}
+                                for i, t in enumerate(prompt)][1:]
             if callable(fault):
                 entries = fault(entries)
             return self._reply(200, {"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]})
@@ -269,6 +281,43 @@ def test_score_values_and_retries_of_transient_errors(server, tiny_pair):
     assert res.logprobs[1] == pytest.approx([fake_logprob(10, 3)])
     assert teacher.stats() == {"teacher/endpoint_requests": 2.0, "teacher/endpoint_failed": 0.0,
                                "teacher/endpoint_retries": 2.0, "teacher/endpoint_failure_rate": 0.0}
+
+
+def test_topk_scoring_returns_the_top_k_most_likely_first_and_refuses_an_entry_without_them(server, tiny_pair):
+    """``ScoreRequest.topk = 3``: ``prompt_logprobs = 3`` is sent, and each position's 3 most likely tokens come
+    back sorted (here the fake's ids 40, 41, 42 at -0.05, -0.10, -0.15 minus 0.01 per position; the scored
+    token's own entry is not among them); a reply whose entries lack the top 3 is refused and counted."""
+    teacher = _teacher(_cfg(server.url, "--trainer.loss.teacher_topk", "3"), tiny_pair)
+    req = ScoreRequest(prompt_ids=[[1, 4], [1, 5, 6]], completion_ids=[[13, 6], [20]], topk=3)  # -0.7 - 0.01 * position
+    res = decode(teacher.score(encode(req)), ScoreResult)
+    assert res.failed == [] and server.completions("/v1/completions")[-1]["prompt_logprobs"] == 3
+    assert res.logprobs[0] == pytest.approx([fake_logprob(13, 2), fake_logprob(6, 3)])
+    assert res.topk_ids == [[[40, 41, 42], [40, 41, 42]], [[40, 41, 42]]]
+    assert res.topk_logprobs[0][0] == pytest.approx([-0.07, -0.12, -0.17])
+    assert res.topk_logprobs[0][1] == pytest.approx([-0.08, -0.13, -0.18])
+    assert res.topk_logprobs[1][0] == pytest.approx([-0.08, -0.13, -0.18])
+    server.faults = [lambda entries: [e and dict(list(e.items())[-1:]) for e in entries]]  # the scored token only
+    res = decode(teacher.score(encode(ScoreRequest(prompt_ids=[[1, 4]], completion_ids=[[7]], topk=3))), ScoreResult)
+    assert res.failed == [0] and res.topk_ids == [[]] and teacher.stats()["teacher/endpoint_failed"] == 1.0
+
+
+def test_probe_asks_for_the_top_k_and_refuses_a_server_that_serves_fewer(server, tok):
+    cfg = _cfg(server.url, "--trainer.loss.teacher_topk", "5", "--trainer.loss.kl_coef", "0")
+    assert probe(cfg, tok)["endpoint_prompts"] == "ids"
+    assert server.completions("/v1/completions")[-1]["prompt_logprobs"] == 5
+    server.max_logprobs = 4
+    with pytest.raises(ConfigError, match=r"^trainer\.loss\.teacher_topk: 5 needs the teacher's top-5 log-probs at "
+                                          r"each position, and .* lacks them: /completions with prompt_logprobs = 5 "
+                                          r"fails \(.*HTTP 400.*\)\. Serve the teacher with vLLM \(vllm serve "
+                                          r"--max-logprobs 20\)") as e:
+        probe(cfg, tok)
+    assert "\n" not in str(e.value)
+
+
+def test_a_chat_endpoint_cannot_serve_the_top_k():
+    with pytest.raises(ConfigError, match=r'^trainer\.loss\.teacher_topk: teacher\.endpoint_api = "chat" returns text'):
+        load(["--teacher.endpoint", "http://h/v1", "--teacher.endpoint_api", "chat", "--trainer.loss.kl_coef", "0",
+              "--trainer.loss.teacher_topk", "4", "--orchestrator.workflow", "judge"])
 
 
 def test_a_stalled_request_times_out_and_is_retried(server, tiny_pair):
@@ -549,6 +598,15 @@ def test_vllm_serve_scores_exactly_like_the_teacher_in_transformers(vllm_serve, 
             logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].double(), -1)  # (T, V)
         want = [float(logp[len(p) - 1 + k, t]) for k, t in enumerate(c)]
         assert got == pytest.approx(want, abs=2e-3)
+    # the top-k estimator's scoring (trainer.loss.teacher_topk = 5): the same log-probs and the 5 most likely
+    top = decode(teacher.score(encode(ScoreRequest(prompt_ids=prompts, completion_ids=comps, topk=5))), ScoreResult)
+    assert top.failed == [] and all(a == pytest.approx(b, abs=1e-6) for a, b in zip(top.logprobs, res.logprobs))
+    for p, c, ids, lps in zip(prompts, comps, top.topk_ids, top.topk_logprobs):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].double(), -1)
+        want = torch.topk(logp[len(p) - 1: len(p) - 1 + len(c)], 5, -1)
+        assert len(ids) == len(c) and [row[0] for row in ids] == want.indices[:, 0].tolist()  # the arg-max
+        assert torch.allclose(torch.tensor(lps, dtype=torch.float64), want.values, atol=2e-3)
     answer = decode(teacher.generate([prompts[0]], [0], 1, 0.0, 1.0, 8, 0), RolloutBatch).rollouts[0]
     assert answer.text.startswith("edcba") and answer.completion_ids[:len(comps[0])] == comps[0]  # greedy reversal
 

@@ -148,7 +148,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_trainer_loss_and_gradients_packed_equal_padded(tiny_pair, tmp_path):
-    """Every loss term (policy with non-zero advantages, reference KL, entropy, lock-in, corrective) and every
+    """Every loss term (policy with non-zero advantages, reference KL, entropy, lock-in, corrective, top-k, at a
+    sampling temperature of 0.8) and every
     LoRA gradient agree padded (2 micro-batches of 3 sequences) and packed (a 30-token budget: 3 micro-batches,
     grouped differently): |diff| <= 1e-5 * max(1, |value|) in float32."""
     import torch.distributed as dist
@@ -160,7 +161,8 @@ def test_trainer_loss_and_gradients_packed_equal_padded(tiny_pair, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(student))
     spec = dict(seed=0, dtype="float32", lr=0.01, weight_decay=0.0, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
                 lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], mask_ratio_low=0.125,
-                mask_ratio_high=8.0, ref_kl_coef=0.1, ref_kl_estimator="k3", entropy_coef=0.01)
+                mask_ratio_high=8.0, ref_kl_coef=0.1, ref_kl_estimator="k3", entropy_coef=0.01,
+                temperature=0.8, topk_coef=1.0, topk_reverse_weight=0.5)  # tempered policy, top-k term
     samples = []
     for i, text in enumerate(["abcdef", "xyz", "hello", "qrstuvwx", "mn", "pqrs"]):
         p, c = tok(f"{text}=").input_ids, tok(text[::-1]).input_ids[1:] + [tok.eos_token_id]
@@ -168,9 +170,11 @@ def test_trainer_loss_and_gradients_packed_equal_padded(tiny_pair, tmp_path):
             samples.append(TrainSample(input_ids=p + c, prompt_len=len(p), inference_logprobs=[], advantages=[],
                                        sft_weight=1.0, policy=False))
         else:
+            top = [] if i == 5 else [[(3 * k + j + i) % 20 for j in range(3)] for k in range(len(c))]  # 5: unscored
             samples.append(TrainSample(input_ids=p + c, prompt_len=len(p), inference_logprobs=[-2.0] * len(c),
                                        advantages=[(-1.0) ** i * (1 + 0.1 * k) for k in range(len(c))],
-                                       sft_weight=0.5 if i == 0 else 0.0))
+                                       sft_weight=0.5 if i == 0 else 0.0, topk_ids=top,
+                                       topk_logprobs=[[-0.5, -1.5, -2.5]] * len(top)))
     n = sum(len(s.input_ids) - s.prompt_len for s in samples if s.policy)
     lengths = [len(s.input_ids) for s in samples]
     plan = plan_micro_batches(lengths, 30)
@@ -199,6 +203,7 @@ def test_trainer_loss_and_gradients_packed_equal_padded(tiny_pair, tmp_path):
     (t_pad, g_pad) = out["padded"]
     assert t_pad["tokens"] == n and t_pad["ref_kl_sum"] > 0 and t_pad["loss/corrective"] > 0
     assert t_pad["loss/lockin"] > 0 and t_pad["entropy_sum"] > 0 and t_pad["loss/policy"] != 0
+    assert t_pad["topk_kl_sum"] > 0 and t_pad["loss/topk"] > 0
     assert any("lora_A" in k for k in g_pad) and all(g.abs().max() > 0 for g in g_pad.values())
     for name in ("packed", "packed+1"):  # packed+1: one zero-weight pass added, as a rank with fewer would run
         t, g = out[name]

@@ -27,6 +27,7 @@ from shared.runtime import ADAPTER_COMPLETE, redirect_output
 from trainer.loss import entropy, masked_nll, policy_loss, reference_kl, token_logprobs
 from trainer.packing import pack, padded, plan_micro_batches, use_segment_attention
 from trainer.schedule import lr_multiplier
+from trainer.topk import packed_topk_tensors, support_logprobs, topk_kl, topk_tensors
 
 if TYPE_CHECKING:  # msgspec is imported where bytes are decoded, so the step runs without it
     from shared.wire import TrainBatch
@@ -204,6 +205,9 @@ class TrainerRank:
         chunks = self._chunks(batch)
         packed = bool(getattr(batch, "micro_batch_tokens", 0))
         ref_coef, ent_coef = float(spec.get("ref_kl_coef", 0.0)), float(spec.get("entropy_coef", 0.0))
+        topk_coef, floor = float(spec.get("topk_coef", 0.0)), float(spec.get("logprob_floor", -20.0))
+        # the student's policy is softmax(z / T) at the sampling temperature T (shared/sampling.py); T = 1: as is
+        temperature = float(spec.get("temperature", 1.0))
         n_tokens = float(max(batch.total_tokens, 1))  # every term's normaliser: policy tokens across ranks
         totals: dict[str, float] = defaultdict(float)
         for k, chunk in enumerate(chunks):
@@ -215,8 +219,13 @@ class TrainerRank:
             model.set_requires_gradient_sync(k == len(chunks) - 1)
             if ref_coef:  # the frozen reference: the LoRA adapter switched off, or full FT's frozen copy
                 with torch.no_grad(), self._reference() as ref:
-                    ref_lp = token_logprobs(ref(**mb.model_kwargs).logits, mb.targets)
+                    ref_logits = ref(**mb.model_kwargs).logits
+                    if temperature != 1.0:
+                        ref_logits = ref_logits / temperature
+                    ref_lp = token_logprobs(ref_logits, mb.targets)
             logits = model(**mb.model_kwargs).logits  # [B, M, V]: only the positions that predict a target
+            if temperature != 1.0:
+                logits = logits / temperature
             logp = token_logprobs(logits, mb.targets)
             loss, stats = policy_loss(
                 logp, mb.inference_logprobs, mb.advantages, mask, spec["mask_ratio_low"], spec["mask_ratio_high"],
@@ -231,6 +240,16 @@ class TrainerRank:
                 terms["loss/lockin"] = masked_nll(logp, lockin, n_tokens)
             if bool(corrective.any()):
                 terms["loss/corrective"] = masked_nll(logp, corrective, n_tokens)
+            topk = None
+            if topk_coef:  # laid out like the micro-batch's per-token arrays, packed or padded
+                topk = (packed_topk_tensors(chunk, floor) if packed else
+                        topk_tensors(chunk, mb.model_kwargs["input_ids"].shape[1],
+                                     int(mb.model_kwargs["logits_to_keep"][0]), floor))
+            if topk is not None:  # the top-k estimator (trainer/topk.py): an exact KL over the teacher's top k + tail
+                s_lp, s_tail = support_logprobs(logits, topk[0].to(self.device))
+                kl = mask * topk_kl(s_lp, s_tail, topk[1].to(self.device), float(spec["topk_reverse_weight"]), floor)
+                terms["loss/topk"] = topk_coef * kl.sum() / n_tokens
+                totals["topk_kl_sum"] += float(kl.detach().sum())
             if ent_coef:
                 ent = mask * entropy(logits)
                 terms["loss/entropy"] = -ent_coef * ent.sum() / n_tokens  # a bonus: more entropy, lower loss

@@ -154,7 +154,8 @@ class PolicyWorkflow(Workflow):
         lockin = [lc.lockin_coef if rw > 0 else 0.0 for rw in rewards] or [0.0] * len(rollouts)
         samples = [
             TrainSample(input_ids=r.prompt_ids + r.completion_ids, prompt_len=len(r.prompt_ids),
-                        inference_logprobs=r.logprobs, advantages=adv.tolist(), sft_weight=w)
+                        inference_logprobs=r.logprobs, advantages=adv.tolist(), sft_weight=w,
+                        topk_ids=r.teacher_topk_ids, topk_logprobs=r.teacher_topk_logprobs)  # top-k: trainer/topk.py
             for r, adv, w in zip(rollouts, advs, lockin)
         ]
         all_kl = torch.cat(kls) if kls else torch.zeros(1)
