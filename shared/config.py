@@ -439,6 +439,14 @@ class ReasoningGymConfig(_Section):
     )
 
 
+class RunningSumConfig(_Section):
+    reward: _doc(
+        Literal["exact", "partial"],
+        "running_sum: the reward: exact match, or the fraction of steps right before the first wrong one "
+        "(evaluations log both as eval/running_sum/exact and /partial)",
+    ) = "exact"
+
+
 class EnvArgsConfig(_Section):
     answers: _doc(list[str], "a fixed answer set: a completion counts as one of these (empty = free-form)") = field(
         default_factory=list
@@ -455,6 +463,7 @@ class EnvArgsConfig(_Section):
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     format_check: FormatCheckConfig = field(default_factory=FormatCheckConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
+    running_sum: RunningSumConfig = field(default_factory=RunningSumConfig)
 
 
 def _check_choices(key: str, values: list[str], allowed: tuple[str, ...]) -> None:
@@ -545,7 +554,7 @@ class DeadlineConfig(_Section):
 class OrchestratorConfig(_Section):
     environment: _doc(
         str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french, "
-             "reverse_text_long, reverse_text_short"
+             "reverse_text_long, reverse_text_short, running_sum"
     ) = "reverse_text"
     batch_size: _doc(int, "prompts per step", ge=1) = 16
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4
