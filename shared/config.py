@@ -42,7 +42,7 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: _doc(str, "student: a local model directory or a built-in alias (tiny-reverse-student)") = (
+    name: _doc(str, "student: a local model directory or a built-in alias (tiny-reverse-student, tiny-long-student)") = (
         "tiny-reverse-student"
     )
     dtype: _doc(Literal["float32", "bfloat16"], "weights and compute dtype") = "float32"
@@ -81,7 +81,7 @@ class InferenceConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    name: _doc(str, "teacher: a local model directory or a built-in alias (tiny-reverse-teacher)") = (
+    name: _doc(str, "teacher: a local model directory or a built-in alias (tiny-reverse-teacher, tiny-long-teacher)") = (
         "tiny-reverse-teacher"
     )
     dtype: _doc(Literal["float32", "bfloat16"], "teacher dtype") = "float32"
