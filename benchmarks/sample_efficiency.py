@@ -24,7 +24,7 @@ cannot read ``What is 37 + 12?``, and SmolLM2-135M would take ~1 min a step (REA
 budget.  The pair is built the way ``shared/builders/tiny_pair.py`` builds its own: a teacher trained on the
 environment's training split until it solves the held-out split, a smaller student stopped early.
 ``running_sum`` is the long-horizon task (``shared/builders/tiny_long.py``, its pair built on first use):
-answers of 32 dependent steps, where one wrong step makes every later one wrong; its evaluations also log a
+answers of 16 dependent steps (32 tokens), where one wrong step makes every later one wrong; its evaluations also log a
 partial credit (the fraction of steps right before the first wrong one).
 
 All runs of a task share one start of the roles (``orchestrator.api.Session``): each run begins from the
@@ -352,7 +352,7 @@ def task_configs(budget: Budget, out: Path, tasks: Sequence[str]) -> dict[str, t
         configs["running_sum"] = ("running_sum", {
             **common, "output_dir": str(out / "running_sum"),
             "model": {"name": str(student), "max_model_len": tiny_long.MAX_POSITIONS}, "teacher": {"name": str(teacher)},
-            "inference": {"max_tokens": tiny_long.MAX_DIGITS + 2},  # room to overrun the answer by a token and EOS
+            "inference": {"max_tokens": 2 * tiny_long.MAX_DIGITS + 2},  # room to overrun the answer by a token, EOS
             "orchestrator": {**common["orchestrator"], "environment": "running_sum"}})
     return {task: configs[task] for task in tasks}
 

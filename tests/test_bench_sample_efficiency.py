@@ -214,4 +214,5 @@ def test_budgets_sweep_at_least_three_rates_on_three_seeds_and_the_running_sum_t
     cfg = session_run_config(session, overrides={**se.METHODS["rl"].overrides, "trainer.lr": 1e-2}, seed=1)
     assert env == "running_sum" and cfg.orchestrator.environment == "running_sum" and cfg.trainer.lr == 1e-2
     assert cfg.model.name == str(tmp_path / "student") and cfg.teacher.name == str(tmp_path / "teacher")
-    assert cfg.inference.max_tokens == tiny_long.MAX_DIGITS + 2 <= cfg.model.max_model_len - tiny_long.MAX_DIGITS - 2
+    prompt_tokens = 2 * tiny_long.MAX_DIGITS + 2  # BOS, digit and space each, "="
+    assert cfg.inference.max_tokens == 2 * tiny_long.MAX_DIGITS + 2 <= cfg.model.max_model_len - prompt_tokens

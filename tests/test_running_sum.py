@@ -17,23 +17,24 @@ from shared.builders import tiny_pair as tp
 from shared.config import ConfigError, from_dict
 
 
-def test_answer_is_the_running_total_mod_10_step_by_step():
-    # 3, 3+1=4, 4+4=8, 8+1=9, 9+5=14 -> 4
-    assert tl.answer_for("31415") == "34894"
-    assert tl.answer_for("0000") == "0000" and tl.answer_for("9999") == "9876"  # 9, 18, 27, 36 mod 10
-    assert tl.prompt_for("31415") == "31415="
+def test_answer_is_each_digit_then_the_running_total_mod_10():
+    # totals 3, 3+1=4, 4+4=8, 8+1=9, 9+5=14 -> 4
+    assert tl.steps_for("31415") == ["33", "14", "48", "19", "54"] and tl.answer_for("31415") == "3314481954"
+    assert tl.answer_for("000") == "000000" and tl.answer_for("999") == "999897"  # 9, 18, 27 mod 10
+    assert tl.prompt_for("31415") == "3 1 4 1 5 ="
     digits = tl.make_digits(random.Random(0))
-    assert len(digits) == tl.MAX_DIGITS == 32 and digits.isdigit() and len(tl.answer_for(digits)) == 32
+    assert len(digits) == tl.MAX_DIGITS == 16 and digits.isdigit() and len(tl.answer_for(digits)) == 32
 
 
 def test_partial_credit_counts_the_steps_right_before_the_first_wrong_one():
-    answer = tl.answer_for("31415")  # "34894"
-    assert tl.partial_score(answer, "34894") == 1.0 and tl.exact_score(answer, " 34894\n") == 1.0
-    assert tl.partial_score(answer, "34994") == pytest.approx(2 / 5)  # step 3 wrong; step 5 right but after it
-    assert tl.partial_score(answer, "44894") == 0.0  # the first step wrong: nothing counts
-    assert tl.partial_score(answer, "348") == pytest.approx(3 / 5)  # stopped early
-    assert tl.partial_score(answer, "3489412") == pytest.approx(5 / 7)  # ran on: over the longer of the two
-    assert tl.partial_score(answer, "") == 0.0 and tl.exact_score(answer, "3489") == 0.0
+    answer = tl.answer_for("31415")  # "33 14 48 19 54" without the spaces
+    assert tl.partial_score(answer, "3314481954") == 1.0 and tl.exact_score(answer, " 3314481954\n") == 1.0
+    assert tl.partial_score(answer, "3314491954") == pytest.approx(2 / 5)  # step 3 wrong; 4 and 5 right after it
+    assert tl.partial_score(answer, "3414481954") == 0.0  # the first total wrong: nothing counts
+    assert tl.partial_score(answer, "331448") == pytest.approx(3 / 5)  # stopped early
+    assert tl.partial_score(answer, "331448195401") == pytest.approx(5 / 6)  # ran on: over the longer of the two
+    assert tl.partial_score(answer, "33144819545") == pytest.approx(5 / 6)  # an odd last character is a step
+    assert tl.partial_score(answer, "") == 0.0 and tl.exact_score(answer, "33144819") == 0.0
 
 
 def test_heldout_split_is_stable_disjoint_and_prefix_closed():
@@ -56,14 +57,14 @@ def test_environment_rewards_exact_match_or_partial_credit_and_logs_both():
     env, partial = make(_cfg()), make(_cfg("partial"))
     train = env.next_prompts(20)
     assert train == make(_cfg()).next_prompts(20)  # deterministic from cfg.seed
-    assert all(p.text.endswith("=") and p.answer == tl.answer_for(p.text[:-1]) for p in train)
+    assert all(p.text.endswith(" =") and p.answer == tl.answer_for(p.text[:-2].replace(" ", "")) for p in train)
     evals = env.eval_prompts(5)
     assert [p.text for p in evals] == [tl.prompt_for(s) for s in tl.heldout_digits(5)]
     assert not {p.text for p in evals} & {p.text for p in env.next_prompts(500)}
-    p = Prompt(text="31415=", answer="34894")
-    assert (env.score(p, "34994"), partial.score(p, "34994")) == (0.0, pytest.approx(0.4))
-    assert env.score(p, "34894") == partial.score(p, "34894") == 1.0
-    scored = [(p, "34894"), (p, "34994"), (p, "9")]
+    p = Prompt(text="3 1 4 1 5 =", answer="3314481954")
+    assert (env.score(p, "3314491954"), partial.score(p, "3314491954")) == (0.0, pytest.approx(0.4))
+    assert env.score(p, "3314481954") == partial.score(p, "3314481954") == 1.0
+    scored = [(p, "3314481954"), (p, "3314491954"), (p, "9")]
     assert env.eval_metrics(scored) == pytest.approx({"exact": 1 / 3, "partial": (1 + 0.4 + 0) / 3})
     assert make(from_dict({"orchestrator": {"environment": "reverse_text"}})).eval_metrics(scored) == {}
     with pytest.raises(ConfigError, match=r"orchestrator\.env_args\.running_sum\.reward"):
@@ -77,7 +78,7 @@ def test_tokenizer_is_one_token_per_character_with_the_pair_special_ids():
     ids = tok(text).input_ids
     assert ids[0] == tp.BOS_ID and tp.UNK_ID not in ids and len(ids) == len(text) + 1
     assert tok.decode(ids, skip_special_tokens=True) == text
-    assert 1 + tl.MAX_DIGITS + 1 + tl.MAX_DIGITS + 1 <= tl.MAX_POSITIONS  # BOS, prompt, "=", answer, EOS
+    assert 1 + 2 * tl.MAX_DIGITS + 1 + 2 * tl.MAX_DIGITS + 1 <= tl.MAX_POSITIONS  # BOS, prompt, "=", answer, EOS
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ name               prompts                                              score (i
 ``reasoning_gym``  a reasoning-gym dataset (``env_args.reasoning_gym``)  the dataset's ``score_answer``
 ``exact_answer``   rows of ``orchestrator.dataset.path``                normalised exact match with the row's answer
 ``french``         open questions                                       the answer is in French
-``running_sum``    ``"31415="`` for the tiny running-sum pair           exact match (or ``env_args.running_sum``:
+``running_sum``    ``"3 1 4 1 5 ="`` for the tiny running-sum pair      exact match (or ``env_args.running_sum``:
                                                                         steps right before the first wrong one)
 =================  ===================================================  ===========================================
 

@@ -1,7 +1,7 @@
-"""The long-horizon task for the tiny running-sum pair: ``"31415="`` -> ``"3:3 1:4 4:8 1:9 5:4"``.
+"""The long-horizon task for the tiny running-sum pair: ``"3 1 4 1 5 ="`` -> ``"3314481954"`` (16 digits in use).
 
-Each step copies the next digit and writes the running total mod 10, so an early wrong total makes every later
-one wrong; answers are 31-55 tokens (``shared/builders/tiny_long.py`` has the task, its scores and the pair).
+Each step copies the next digit and writes the running total mod 10, so an early wrong step makes every later
+total wrong; answers are 32 tokens (``shared/builders/tiny_long.py`` has the task, its scores and the pair).
 The reward is the exact match (``orchestrator.env_args.running_sum.reward = "exact"``, the verifiable reward),
 or the partial credit (``"partial"``: the fraction of steps right before the first wrong one).  Evaluations
 log both, whichever is the reward: ``eval/running_sum/avg`` (the reward) and ``eval/running_sum/exact`` and

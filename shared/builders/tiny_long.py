@@ -2,17 +2,20 @@
 
 The task (``running_sum``)::
 
-    prompt      "31415="                n digits x_1..x_n (n = 32 by default; "31415" shows n = 5), then "="
-    completion  "34894" + EOS           n steps y_i = (y_{i-1} + x_i) mod 10, y_0 = 0: the running totals
+    prompt      "3 1 4 1 5 ="           n digits x_1..x_n (n = 16; "31415" shows n = 5), a space after each, "="
+    completion  "3314481954" + EOS      n steps "x_i y_i": the digit, then y_i = (y_{i-1} + x_i) mod 10, y_0 = 0
 
-Each step writes the running total mod 10, which the next step adds to.  So every step depends on the one
-before it: a wrong total at step i makes every later total wrong (each is off by the same amount), and the
-answer is only right if all n steps are.  Answers are 32 tokens: the regime where errors compound, unlike the
-2-8 token answers of ``reverse_text`` and ``arithmetic``.  One token per step and one length keep the digit a
-step adds at a fixed distance behind it (n + 1 tokens), which one attention head finds: a format that copies
-each digit into its step ("3:3 1:4 ...", 8-14 digits) moves that distance from step to step, and lengths of
-24 to 32 digits move it from prompt to prompt; with either, the teacher had learned next to nothing (loss at
-or near the uniform ln 10 over digits) after 100-300 steps.
+Each step copies the next digit and writes the running total mod 10, which the next step adds to.  So every
+step depends on the one before it: a wrong digit or total at step i makes every later total wrong (each is off
+by the same amount), and the answer is only right if all n steps are.  Answers are 32 tokens: the regime where
+errors compound, unlike the 2-8 token answers of ``reverse_text`` and ``arithmetic``.
+
+Why this format: the digit a step copies sits a fixed distance (2n + 1 tokens) behind it (two tokens per digit
+in the prompt, two per step in the answer, one length), which one attention head finds, and the total is then
+a function of the two tokens just before it.  Writing only the totals ("34894") fails to train: a total mod 10
+is independent of either of its two inputs alone (as a parity is), so nothing rewards finding the digit first,
+and the teacher's loss stayed at the uniform ln 10 for 350 steps, as it did for 8-14-digit "3:3 1:4" steps,
+whose copy distance changes from step to step.
 
 Scores (:func:`exact_score`, :func:`partial_score`): exact match (the verifiable reward), and a partial credit,
 the fraction of steps right before the first wrong one (over the longer of the two, so extra or missing steps
@@ -53,7 +56,7 @@ if TYPE_CHECKING:
 # Task
 # --------------------------------------------------------------------------------------------------
 
-MIN_DIGITS = MAX_DIGITS = 32
+MIN_DIGITS = MAX_DIGITS = 16
 HELDOUT_EVERY = 5  # a digit string is held out when the hash of its text is 0 mod this (~20%)
 HELDOUT_SEED = 12345  # the evaluation stream
 
@@ -64,17 +67,22 @@ def make_digits(rng: random.Random, min_digits: int = MIN_DIGITS, max_digits: in
 
 
 def prompt_for(digits: str) -> str:
-    """``"314" -> "314="``."""
-    return f"{digits}="
+    """``"314" -> "3 1 4 ="``."""
+    return "".join(f"{d} " for d in digits) + "="
 
 
-def answer_for(digits: str) -> str:
-    """The expected completion without EOS, one running total mod 10 per digit: ``"31415" -> "34894"``."""
+def steps_for(digits: str) -> list[str]:
+    """The steps, each digit then the running total mod 10: ``"31415" -> ["33", "14", "48", "19", "54"]``."""
     total, steps = 0, []
     for d in digits:
         total = (total + int(d)) % 10
-        steps.append(str(total))
-    return "".join(steps)
+        steps.append(f"{d}{total}")
+    return steps
+
+
+def answer_for(digits: str) -> str:
+    """The expected completion without EOS: ``"31415" -> "3314481954"``."""
+    return "".join(steps_for(digits))
 
 
 def is_heldout(digits: str) -> bool:
@@ -106,11 +114,13 @@ def exact_score(answer: str, completion: str) -> float:
 
 
 def partial_score(answer: str, completion: str) -> float:
-    """The steps (characters) right before the first wrong one, over the longer of answer and completion.
+    """The steps (two characters each) right before the first wrong one, over the longer of answer and completion
+    in steps (a last odd character counts as a step).
 
-    ``answer = "3489"``: ``"3499"`` -> 2/4; ``"348"`` -> 3/4; ``"34890"`` -> 4/5; ``"3489"`` -> 1.
+    ``answer = "33144819"``: ``"33144919"`` -> 2/4; ``"331448"`` -> 3/4; ``"331448195"`` -> 4/5; itself -> 1.
     """
-    want, got = answer, completion.strip()
+    text = completion.strip()
+    want, got = [answer[i:i + 2] for i in range(0, len(answer), 2)], [text[i:i + 2] for i in range(0, len(text), 2)]
     right = 0
     for w, g in zip(want, got):
         if w != g:
@@ -123,8 +133,8 @@ def partial_score(answer: str, completion: str) -> float:
 # Tokenizer: one token per character, the tiny pair's special tokens and ids
 # --------------------------------------------------------------------------------------------------
 
-CHARACTERS = string.digits + "="
-MAX_POSITIONS = 80  # BOS + 32 digits + "=" + 32 answer tokens + EOS = 67
+CHARACTERS = string.digits + " ="
+MAX_POSITIONS = 80  # BOS + 16 x (digit, space) + "=" + 32 answer tokens + EOS = 67
 
 
 def char_tokenizer(chars: str, max_positions: int = MAX_POSITIONS) -> PreTrainedTokenizerFast:
@@ -156,7 +166,7 @@ STUDENT_MODEL = tp.ModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_
 TEACHER_TRAIN = tp.TrainSpec(lr=3e-3, batch_size=64, warmup_steps=50, schedule_steps=1500, eval_every=50,
                              stop_at_val_accuracy=0.99)
 # The student stops at the first check (every 10 steps) with a tenth of the validation answers right: its
-# per-token accuracy is then already high, but over 24-32 dependent tokens few answers survive.
+# per-token accuracy is then already high, but over 32 dependent tokens few answers survive.
 STUDENT_TRAIN = dataclasses.replace(TEACHER_TRAIN, eval_every=10, stop_at_val_accuracy=0.1)
 TEACHER_MIN_ACCURACY = 0.95  # held-out exact match below this is a build error
 STUDENT_MAX_ACCURACY = 0.2  # ... and above this for the student
@@ -192,7 +202,7 @@ def evaluate(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, digits: Sequ
         ids = torch.tensor([tok(prompt_for(s)).input_ids for s in group])
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=len(group[0]) + 2, eos_token_id=tp.EOS_ID, pad_token_id=tp.PAD_ID)
+                                 max_new_tokens=2 * len(group[0]) + 2, eos_token_id=tp.EOS_ID, pad_token_id=tp.PAD_ID)
         for s, completion in zip(group, out[:, ids.shape[1]:].tolist()):
             ended = tp.EOS_ID in completion
             text = tok.decode(completion[:completion.index(tp.EOS_ID)] if ended else completion, skip_special_tokens=True)
