@@ -490,7 +490,7 @@ def versus_opd(rows: list[dict], budget: int) -> list[dict[str, Any]]:
             "tokens": reach_ratio([r["median_tokens"]], [o["median_tokens"]], r["total_tokens"], o["total_tokens"]),
             "teacher_tokens": reach_ratio([r["median_teacher_tokens"]], [o["median_teacher_tokens"]],
                                           r["total_teacher_tokens"], o["total_teacher_tokens"])
-            if uses_teacher else ("n/a", math.nan),
+            if uses_teacher else ("none", math.nan),
         })
     return out
 
@@ -546,14 +546,15 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
                          f"{_num(r['partial_start'])} -> {_num(r['partial_final'])} |")
     if versus:
         lines += ["", "Cost to the target over OPD's (median over seeds; '>': a lower bound, the method not reaching "
-                  "it within the budget and counted at its whole run; 'n/a': neither reached, or no teacher):", "",
+                  "it within the budget and counted at its whole run):", "",
                   "| task | method | steps / OPD's | sampled tokens / OPD's | teacher tokens / OPD's |",
                   "|---|---|---|---|---|"]
         for v in versus:
             lines.append(f"| {v['task']} | {v['method']} | {_ratio_cell(*v['steps'])} | {_ratio_cell(*v['tokens'])} | "
                          f"{_ratio_cell(*v['teacher_tokens'])} |")
     if sweep and len(budget.rates) > 1:
-        lines += ["", f"Learning-rate sweep (seeds {', '.join(map(str, budget.sweep))}; the best rate per method, "
+        lines += ["", f"Learning-rate sweep (seed{'s' if len(budget.sweep) > 1 else ''} "
+                  f"{', '.join(map(str, budget.sweep))}; the best rate per method, "
                   "marked *, has the fewest median steps to the target, then the highest accuracy averaged over "
                   "the curve):", "",
                   "| task | method | lr | steps to target, per seed | mean accuracy over the curve | final |",
@@ -567,7 +568,9 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
 
 
 def _ratio_cell(kind: str, value: float) -> str:
-    return "n/a (neither reached)" if kind == "n/a" else f"{'' if kind == '=' else kind + ' '}{value:.2f}"
+    if kind in ("n/a", "none"):
+        return "n/a (neither reached)" if kind == "n/a" else "n/a (no teacher)"
+    return f"{'' if kind == '=' else kind + ' '}{value:.2f}"
 
 
 def ratios_of(rows: list[dict], budget: int) -> dict[str, tuple[tuple[str, float], tuple[str, float]]]:

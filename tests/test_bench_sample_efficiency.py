@@ -190,12 +190,12 @@ def test_costs_against_opd_in_steps_sampled_tokens_and_teacher_tokens():
     assert versus["sft"]["steps"] == ("=", 2.0) and versus["sft"]["tokens"] == ("=", 1.5)  # 8/4 steps, 600/400
     assert versus["sft"]["teacher_tokens"] == ("=", 1.5)
     assert versus["rl"]["steps"] == (">", 2.0) and versus["rl"]["tokens"] == (">", 2.0)  # at its whole run: 800/400
-    assert versus["rl"]["teacher_tokens"][0] == "n/a"  # rl asks the teacher nothing
+    assert versus["rl"]["teacher_tokens"][0] == "none"  # rl asks the teacher nothing
     assert se.reach_ratio([None], [4], 100, 50) == (">", 25.0) and se.reach_ratio([10], [None], 100, 50) == ("<", 0.2)
     meta = {"date": "2026-01-01", "machine": "m", "load_before": "1", "load_after": "2", "wall_s": 3.0, "command": "c"}
     sweep = se.sweep_rows(curves, "t", 1.0)
     text = se.markdown(rows, se.ratios_of(rows, 8), meta, se.BUDGETS["tiny"], sweep, se.versus_opd(rows, 8))
-    assert "| t | sft | 2.00 | 1.50 | 1.50 |" in text and "| t | rl | > 2.00 | > 2.00 | n/a (neither reached) |" in text
+    assert "| t | sft | 2.00 | 1.50 | 1.50 |" in text and "| t | rl | > 2.00 | > 2.00 | n/a (no teacher) |" in text
     assert "| t | opd | 0.003 | 400 | 100 | — -> — |" in text and "| t | rl | 0.01 | 0 (no teacher) | 0 | — -> — |" in text
     assert "| t | opd | 0.003 * | 4, 4, 4 |" in text  # the sweep table, its chosen rate starred
 
