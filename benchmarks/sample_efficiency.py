@@ -118,6 +118,7 @@ BUDGETS = {
                    batch_size=8, warmup_steps=0),
     "smoke": Budget(steps=20, eval_every=5, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, eval_prompts=50,
                     batch_size=8, warmup_steps=5),
+    "medium": Budget(steps=60, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
     "full": Budget(steps=100, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
 }
 
@@ -513,7 +514,7 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
     lr_text = (f"lr {budget.lr:g}" if len(budget.rates) == 1 else
                f"the best of lr {rates} per method (swept on seed{'s' if len(budget.sweep) > 1 else ''} "
                f"{', '.join(map(str, budget.sweep))}; table below)")
-    lines = [f"# Sample efficiency ({meta['date']})", "",
+    lines = [f"# Sample efficiency ({meta['date']}{', ' + meta['label'] if meta.get('label') else ''})", "",
              f"Machine: {meta['machine']}; load average before / after: {meta['load_before']} / {meta['load_after']}; "
              f"wall time {meta['wall_s']:.0f} s; command: `{meta['command']}`.", "",
              f"{budget.steps} steps of {budget.batch_size} prompts x {budget.group_size} samples, {lr_text} "
@@ -619,8 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reverse_text only, 2 seeds x 3 steps: a pipeline check")
     ap.add_argument("--budget", choices=BUDGETS, default=None,
-                    help="running_sum (default task) with a learning-rate sweep: tiny (a smoke test, minutes), "
-                         "smoke (~25 min), full (about an hour on 2 cores)")
+                    help="running_sum (default task) with a learning-rate sweep: tiny (3 steps: the pipeline, ~2 min), "
+                         "smoke (20 steps of 8 prompts), medium (60 of 16), full (100 of 16: about an hour on 2 cores)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the results go")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs' outputs go (default: a temporary dir)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
@@ -634,6 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     budget = QUICK if args.quick else BUDGETS[args.budget] if args.budget else FULL
     suffix = "_quick" if args.quick else f"_{args.budget}" if args.budget else ""
+    label = {"quick": "quick: a pipeline check, not a result", "tiny": "tiny budget: a pipeline check, not a result",
+             "smoke": "smoke budget: the harness end to end and first numbers, too few steps to conclude",
+             "medium": "medium budget: 60 steps, a third of a full run's compute"}.get(suffix[1:], "")
     t0, load_before = time.perf_counter(), _load()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
     curves, teachers, startup, best = [], {}, {}, {}
@@ -644,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
             "load_before": load_before, "load_after": _load(), "wall_s": time.perf_counter() - t0,
             "command": " ".join(["python benchmarks/sample_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
-            "startup_s": startup}, suffix, best)
+            "startup_s": startup, "label": label}, suffix, best)
     if args.runs is None:
         shutil.rmtree(runs, ignore_errors=True)
     print(md.read_text(encoding="utf-8"))
