@@ -535,8 +535,9 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
     for task, pair in ratios.items():
         lines.append(f"| {task} | {' | '.join(_ratio_cell(*r) for r in pair)} |")
     if len(budget.rates) > 1 or any(math.isfinite(r["partial_final"]) for r in rows):
-        lines += ["", "Compute to the target: teacher tokens are the tokens the teacher scored (opd, hybrid) or "
-                  "sampled (sft) before the evaluation that reached it (rl: none). Partial credit: the fraction of "
+        lines += ["", "Compute to the target: teacher tokens are the completion tokens the teacher scored (opd, "
+                  "hybrid; their prompts, scored with them, are not counted) or sampled (sft) before the evaluation "
+                  "that reached it (rl: none). Partial credit: the fraction of "
                   "steps right before the first wrong one (greedy, the same prompts).", "",
                   "| task | method | lr | median teacher tokens to target | teacher tokens/step | "
                   "partial credit start -> final |", "|---|---|---|---|---|---|"]
