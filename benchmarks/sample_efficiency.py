@@ -1,8 +1,11 @@
 """Sample efficiency: on-policy distillation against RL, hybrid and SFT, at the same student, prompts and steps.
 
-    python benchmarks/sample_efficiency.py            # both tasks, 4 methods x 3 seeds (< 20 min on 2 cores)
-    python benchmarks/sample_efficiency.py --quick    # reverse_text, 4 methods x 2 seeds x 3 steps: checks the
-                                                      # pipeline writes well-formed results (<= 2 min)
+    python benchmarks/sample_efficiency.py               # reverse_text and arithmetic, 4 methods x 3 seeds (< 20 min)
+    python benchmarks/sample_efficiency.py --quick       # reverse_text, 4 methods x 2 seeds x 3 steps: checks the
+                                                         # pipeline writes well-formed results (<= 2 min)
+    python benchmarks/sample_efficiency.py --budget full   # running_sum, the long-horizon task: a learning-rate sweep
+                                                         # per method, the best rate on 3 seeds (about an hour)
+    python benchmarks/sample_efficiency.py --budget tiny   # running_sum end to end in a few minutes (smoke test)
 
 Methods (every other setting equal; ``shared/advantages.py`` has the algebra):
 
@@ -11,18 +14,29 @@ Methods (every other setting equal; ``shared/advantages.py`` has the algebra):
 - ``hybrid``: both (adv_tau 1, kl_coef 1);
 - ``sft``: off-policy distillation, the NLL of the teacher's own samples (``orchestrator.workflow = "sft"``).
 
+They are data (:data:`METHODS`: the run's overrides, what the teacher does per sampled token, a colour), so a
+new one, such as OPD with a top-k teacher estimator once the trainer has that loss option, is one entry.
+
 Tasks: ``reverse_text`` on the tiny reverse pair (``experiments/reverse_text/rl.toml``), and two-digit
 addition (the ``arithmetic`` environment) on a tiny arithmetic pair built here on first use and cached
 next to the reverse pair: the reverse pair's character vocabulary has no digits and no capitals, so it
 cannot read ``What is 37 + 12?``, and SmolLM2-135M would take ~1 min a step (README), 24 runs far over
 budget.  The pair is built the way ``shared/builders/tiny_pair.py`` builds its own: a teacher trained on the
 environment's training split until it solves the held-out split, a smaller student stopped early.
+``running_sum`` is the long-horizon task (``shared/builders/tiny_long.py``, its pair built on first use):
+answers of 16 dependent steps (32 tokens), where one wrong step makes every later one wrong; its evaluations also log a
+partial credit (the fraction of steps right before the first wrong one).
 
 All runs of a task share one start of the roles (``orchestrator.api.Session``): each run begins from the
 base student with a LoRA adapter and optimizer drawn from its seed.  Per run the held-out accuracy
 (greedy, 100 prompts) is read every ``eval_every`` steps; a method "reaches" the teacher at the first
-evaluation with accuracy >= 0.9 x the teacher's.  Writes ``sample_efficiency_<date>.md`` (table, ratio),
-``.json`` (every curve) and ``.png`` (accuracy against steps and against sampled tokens) to ``--out``.
+evaluation with accuracy >= 0.9 x the teacher's.  With several learning rates (``Budget.lrs``), every method
+runs every rate on ``Budget.sweep_seeds``, and the best rate per method (:func:`sweep_key`, the same rule for
+every method: fewest median steps to the target, then the highest mean accuracy over the curve) runs the
+remaining seeds.  Steps to the target are also counted in sampled tokens and in teacher tokens, a compute
+proxy: the tokens the teacher scores (opd, hybrid) or samples (sft); rl uses none.  Writes
+``sample_efficiency_<date>[_<budget>].md`` (tables), ``.json`` (every curve) and ``.png`` (accuracy against
+steps and against sampled tokens; partial credit against steps where logged) to ``--out``.
 """
 
 from __future__ import annotations
@@ -40,20 +54,35 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS: dict[str, dict[str, Any]] = {
-    "opd": {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 1.0},
-    "rl": {"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 0.0},
-    "hybrid": {"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 1.0},
-    "sft": {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 0.0, "orchestrator.workflow": "sft"},
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: the run's config overrides, and what the teacher does per sampled token
+    (``"scored"``: scores it, ``"sampled"``: samples it, ``"none"``), for the teacher-token count."""
+
+    overrides: dict[str, Any]
+    teacher: str
+    color: str
+
+
+OPD = {"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 1.0}
+METHODS: dict[str, Method] = {
+    "opd": Method(OPD, "scored", "tab:blue"),
+    "rl": Method({"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 0.0}, "none", "tab:red"),
+    "hybrid": Method({"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 1.0}, "scored", "tab:purple"),
+    "sft": Method({"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 0.0, "orchestrator.workflow": "sft"}, "sampled",
+                  "tab:green"),
+    # OPD with the top-k teacher estimator, once trainer.loss has its option, is one more line, e.g.
+    # "opd_topk": Method({**OPD, "trainer.loss.<top-k key>": 8}, "scored", "tab:cyan"),
 }
-TASKS = ("reverse_text", "arithmetic")
+TASKS = ("reverse_text", "arithmetic", "running_sum")
 REACH = 0.9  # a run reaches the teacher at accuracy >= REACH x the teacher's
 HALF = 0.5  # secondary target: the student's start plus HALF of its gap to the teacher
 
@@ -68,10 +97,30 @@ class Budget:
     group_size: int = 4
     lr: float = 2e-3  # as experiments/reverse_text/rl.toml; 5e-3 without warm-up collapsed every method (README)
     warmup_steps: int = 10  # then constant: steps-to-target does not depend on the budget
+    lrs: tuple[float, ...] = ()  # a learning-rate sweep (every method, every rate, on sweep_seeds); () = lr alone
+    sweep_seeds: tuple[int, ...] = ()  # the seeds of the sweep; () = all of seeds
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        return self.lrs or (self.lr,)
+
+    @property
+    def sweep(self) -> tuple[int, ...]:
+        return self.sweep_seeds or self.seeds
 
 
 FULL = Budget(steps=60, eval_every=10, seeds=(0, 1, 2))  # every 5: +3 min, over the 20-minute budget on first use
 QUICK = Budget(steps=3, eval_every=1, seeds=(0, 1), eval_prompts=16, batch_size=8, warmup_steps=0)
+# running_sum: 3 rates x 4 methods on seed 0, then the best rate per method on seeds 1 and 2 (20 runs)
+LONG_RATES = (3e-4, 1e-3, 3e-3)  # 2e-3 was too high for every on-policy method on the short tasks (README)
+BUDGETS = {
+    "tiny": Budget(steps=3, eval_every=1, seeds=(0, 1), sweep_seeds=(0,), lrs=(1e-3, 3e-3), eval_prompts=16,
+                   batch_size=8, warmup_steps=0),
+    "smoke": Budget(steps=20, eval_every=5, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, eval_prompts=50,
+                    batch_size=8, warmup_steps=5),
+    "medium": Budget(steps=60, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
+    "full": Budget(steps=100, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,22 +141,36 @@ def cumulative(values: Sequence[float]) -> list[float]:
     return out
 
 
-def median_steps(per_seed: Sequence[int | None]) -> float:
+def median_steps(per_seed: Sequence[int | float | None]) -> float:
     """Median over seeds, a seed that never reached counting as infinitely many steps (inf if half or more did not)."""
     return statistics.median(math.inf if s is None else float(s) for s in per_seed)
 
 
-def step_ratio(rl: Sequence[int | None], opd: Sequence[int | None], budget: int) -> tuple[str, float]:
-    """RL steps / OPD steps from the median steps-to-reach of each: ``("=", r)`` when both reached, ``(">", r)``
-    (a lower bound: RL counted at the budget) when only OPD did, ``("<", r)`` when only RL did, ``("n/a", nan)``."""
-    r, o = median_steps(rl), median_steps(opd)
+def reach_ratio(other: Sequence[float | None], opd: Sequence[float | None], other_cap: float,
+                opd_cap: float) -> tuple[str, float]:
+    """``other`` / OPD from the median (over seeds) cost to reach the target, where a cost is steps or tokens:
+    ``("=", r)`` when both reached; ``(">", r)`` (a lower bound: ``other`` counted at its whole run's cost
+    ``other_cap``) when only OPD did; ``("<", r)`` (OPD counted at ``opd_cap``) when only ``other`` did; else
+    ``("n/a", nan)``."""
+    r, o = median_steps(other), median_steps(opd)
     if math.isfinite(r) and math.isfinite(o):
         return "=", r / o
     if math.isfinite(o):
-        return ">", budget / o
+        return ">", other_cap / o
     if math.isfinite(r):
-        return "<", r / budget
+        return "<", r / opd_cap
     return "n/a", math.nan
+
+
+def step_ratio(rl: Sequence[int | None], opd: Sequence[int | None], budget: int) -> tuple[str, float]:
+    """RL steps / OPD steps to the target (:func:`reach_ratio`, both capped at the ``budget`` of steps)."""
+    return reach_ratio(rl, opd, budget, budget)
+
+
+def sweep_key(steps_per_seed: Sequence[int | None], mean_accuracy: float) -> tuple[float, float]:
+    """How a learning rate ranks in the sweep (smaller is better): the median steps to the target over the sweep
+    seeds (inf: not reached), then the accuracy averaged over the whole curve (higher is better)."""
+    return median_steps(steps_per_seed), -mean_accuracy
 
 
 @dataclass
@@ -122,18 +185,25 @@ class Curve:
     tokens: list[float]  # sampled completion tokens up to each evaluated step (the teacher's, for sft)
     wall_s: float = 0.0
     teacher_kl_last: float = math.nan
+    lr: float = math.nan
+    partial: list[float] = field(default_factory=list)  # partial credit at each evaluation, where the task logs it
+    teacher_tokens: list[float] = field(default_factory=list)  # tokens the teacher scored or sampled up to each
 
 
-def curve_from_rows(rows: list[dict], env: str, task: str, method: str, seed: int, wall_s: float) -> Curve:
-    """A :class:`Curve` from a run's metrics.jsonl rows (``eval/<env>/avg`` rows and per-step ``tokens/step``)."""
-    key = f"eval/{env}/avg"
+def curve_from_rows(rows: list[dict], env: str, task: str, method: str, seed: int, wall_s: float,
+                    lr: float = math.nan, uses_teacher: bool = True) -> Curve:
+    """A :class:`Curve` from a run's metrics.jsonl rows (``eval/<env>/avg`` rows, ``eval/<env>/partial`` where
+    logged, and per-step ``tokens/step``); ``uses_teacher``: the teacher handles every sampled token."""
+    key, pkey = f"eval/{env}/avg", f"eval/{env}/partial"
     train = sorted((r for r in rows if "tokens/step" in r), key=lambda r: r["step"])
     sums = dict(zip((r["step"] for r in train), cumulative([r["tokens/step"] for r in train])))
-    evals = sorted((r["step"], r[key]) for r in rows if key in r)
+    evals = sorted(((r["step"], r[key], r.get(pkey)) for r in rows if key in r), key=lambda e: e[0])
     kl = [r["teacher_kl"] for r in train if r.get("teacher_kl") is not None]
-    return Curve(task, method, seed, [s for s, _ in evals], [a for _, a in evals],
-                 [max((v for k, v in sums.items() if k <= s), default=0.0) for s, _ in evals], wall_s,
-                 statistics.fmean(kl[-3:]) if kl else math.nan)
+    tokens = [max((v for k, v in sums.items() if k <= s), default=0.0) for s, _, _ in evals]
+    partial = [p for _, _, p in evals] if evals and all(p is not None for _, _, p in evals) else []
+    return Curve(task, method, seed, [s for s, _, _ in evals], [a for _, a, _ in evals], tokens, wall_s,
+                 statistics.fmean(kl[-3:]) if kl else math.nan, lr, partial,
+                 tokens if uses_teacher else [0.0] * len(tokens))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,23 +219,9 @@ ARITH_RECIPE = {"version": 1, "teacher": (128, 4, 4, 256), "student": (128, 2, 4
 
 def arith_tokenizer() -> Any:
     """A character tokenizer for the arithmetic prompts, with the reverse pair's special tokens and ids."""
-    import tokenizers
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from shared.builders import tiny_long, tiny_pair
 
-    from shared.builders import tiny_pair as tp
-
-    vocab = [*tp.SPECIAL_TOKENS, *ARITH_CHARS]
-    vocab += [f"<extra_{i}>" for i in range(-len(vocab) % tp.VOCAB_MULTIPLE)]
-    tok = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=tp.UNK_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(tp.SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(single=f"{tp.BOS_TOKEN} $A", special_tokens=[
-        (tp.BOS_TOKEN, tp.BOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=tp.BOS_TOKEN, eos_token=tp.EOS_TOKEN,
-                                   pad_token=tp.PAD_TOKEN, unk_token=tp.UNK_TOKEN, model_max_length=tp.MAX_POSITIONS,
-                                   clean_up_tokenization_spaces=False)
+    return tiny_long.char_tokenizer(ARITH_CHARS, tiny_pair.MAX_POSITIONS)
 
 
 def _arith_env() -> Any:
@@ -290,11 +346,22 @@ def task_configs(budget: Budget, out: Path, tasks: Sequence[str]) -> dict[str, t
             "model": {"name": str(student), "max_model_len": 32}, "teacher": {"name": str(teacher)},
             "inference": {"max_tokens": 6},
             "orchestrator": {**common["orchestrator"], **ARITH_ENV}})
+    if "running_sum" in tasks:
+        from shared.builders import tiny_long
+
+        teacher, student = tiny_long.build_pair()
+        configs["running_sum"] = ("running_sum", {
+            **common, "output_dir": str(out / "running_sum"),
+            "model": {"name": str(student), "max_model_len": tiny_long.MAX_POSITIONS}, "teacher": {"name": str(teacher)},
+            "inference": {"max_tokens": 2 * tiny_long.MAX_DIGITS + 2},  # room to overrun the answer by a token, EOS
+            "orchestrator": {**common["orchestrator"], "environment": "running_sum"}})
     return {task: configs[task] for task in tasks}
 
 
-def run_task(task: str, env: str, base: dict[str, Any], budget: Budget) -> tuple[list[Curve], float, dict]:
-    """Every method x seed of one task in one session; (curves, teacher accuracy, start-up seconds)."""
+def run_task(task: str, env: str, base: dict[str, Any], budget: Budget,
+             methods: Sequence[str] = tuple(METHODS)) -> tuple[list[Curve], float, dict, dict[str, float]]:
+    """Every method of one task in one session: each rate of the sweep on ``budget.sweep``, then the best rate
+    per method (:func:`best_rates`) on the other seeds; (curves, teacher accuracy, start-up seconds, best rates)."""
     from orchestrator.api import Session
     from shared.metrics import read_metrics
 
@@ -302,53 +369,131 @@ def run_task(task: str, env: str, base: dict[str, Any], budget: Budget) -> tuple
     curves, teacher = [], math.nan
     out = Path(base["output_dir"])
     with Session(experiment, base) as session:
-        for seed in budget.seeds:
-            for method, overrides in METHODS.items():
-                first = not curves
-                t0 = time.perf_counter()
-                result = session.run(overrides=overrides, seed=seed, output_dir=str(out / f"{method}_s{seed}"),
-                                     orchestrator={"eval_baseline": first})
-                rows = read_metrics(result.output_dir / "metrics.jsonl")
-                if first:
-                    teacher = next(r[f"eval/{env}/baseline_teacher/avg"] for r in rows
-                                   if f"eval/{env}/baseline_teacher/avg" in r)
-                curves.append(curve_from_rows(rows, env, task, method, seed, time.perf_counter() - t0))
-                c = curves[-1]
-                print(f"{task} {method} seed {seed}: accuracy {c.accuracy[0]:.2f} -> {c.accuracy[-1]:.2f} "
-                      f"({c.wall_s:.0f} s)", file=sys.stderr, flush=True)
+
+        def one(method: str, lr: float, seed: int) -> None:
+            nonlocal teacher
+            first = not curves
+            t0 = time.perf_counter()
+            result = session.run(overrides={**METHODS[method].overrides, "trainer.lr": lr}, seed=seed,
+                                 output_dir=str(out / f"{method}_lr{lr:g}_s{seed}"),
+                                 orchestrator={"eval_baseline": first})
+            rows = read_metrics(result.output_dir / "metrics.jsonl")
+            if first:
+                teacher = next(r[f"eval/{env}/baseline_teacher/avg"] for r in rows
+                               if f"eval/{env}/baseline_teacher/avg" in r)
+            curves.append(curve_from_rows(rows, env, task, method, seed, time.perf_counter() - t0, lr,
+                                          METHODS[method].teacher != "none"))
+            c = curves[-1]
+            print(f"{task} {method} lr {lr:g} seed {seed}: accuracy {c.accuracy[0]:.2f} -> {c.accuracy[-1]:.2f} "
+                  f"({c.wall_s:.0f} s)", file=sys.stderr, flush=True)
+
+        for lr in budget.rates:
+            for seed in budget.sweep:
+                for method in methods:
+                    one(method, lr, seed)
+        best = best_rates(curves, task, teacher)
+        for seed in (s for s in budget.seeds if s not in budget.sweep):
+            for method in methods:
+                one(method, best[method], seed)
         startup = dict(session.startup)
-    return curves, teacher, startup
+    return curves, teacher, startup, best
 
 
 # ------------------------------------------------------------------------------------------------
 # Reporting
 
 
-def summarize(curves: list[Curve], teachers: dict[str, float], budget: Budget) -> list[dict[str, Any]]:
-    """One row per task x method: start/final accuracy, steps and tokens to reach, per seed and median."""
+def _auc(c: Curve) -> float:
+    return statistics.fmean(c.accuracy)
+
+
+def sweep_rows(curves: list[Curve], task: str, teacher: float) -> list[dict[str, Any]]:
+    """One row per method x learning rate of ``task``, over the seeds every rate ran (the sweep seeds)."""
+    rows = []
+    for method in dict.fromkeys(c.method for c in curves if c.task == task):
+        runs = [c for c in curves if c.task == task and c.method == method]
+        rates = sorted({c.lr for c in runs})
+        seeds = set.intersection(*({c.seed for c in runs if c.lr == lr} for lr in rates))
+        for lr in rates:
+            at = [c for c in runs if c.lr == lr and c.seed in seeds]
+            steps = [steps_to_reach(c.steps, c.accuracy, REACH * teacher) for c in at]
+            auc = statistics.fmean(_auc(c) for c in at)
+            rows.append({"task": task, "method": method, "lr": lr, "seeds": sorted(seeds), "steps": steps,
+                         "median_steps": median_steps(steps), "mean_accuracy": auc,
+                         "final_mean": statistics.fmean(c.accuracy[-1] for c in at), "key": sweep_key(steps, auc)})
+    return rows
+
+
+def best_rates(curves: list[Curve], task: str, teacher: float) -> dict[str, float]:
+    """Per method, the learning rate with the smallest :func:`sweep_key` (ties: the first rate, ascending)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in sweep_rows(curves, task, teacher):
+        if row["method"] not in best or row["key"] < best[row["method"]]["key"]:
+            best[row["method"]] = row
+    return {m: row["lr"] for m, row in best.items()}
+
+
+def summarize(curves: list[Curve], teachers: dict[str, float], budget: Budget,
+              best: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """One row per task x method (its runs at the best rate, when ``best`` names one): start/final accuracy,
+    steps, sampled tokens and teacher tokens to reach, per seed and median."""
     rows = []
     for task, teacher in teachers.items():
         target = REACH * teacher
-        for method in METHODS:
-            runs = [c for c in curves if c.task == task and c.method == method]
+        for method in dict.fromkeys([*METHODS, *(c.method for c in curves)]):
+            lr = (best or {}).get(task, {}).get(method)
+            runs = [c for c in curves if c.task == task and c.method == method and (lr is None or c.lr == lr)]
             if not runs:
                 continue
             reached = [steps_to_reach(c.steps, c.accuracy, target) for c in runs]
             tokens = [None if s is None else c.tokens[c.steps.index(s)] for c, s in zip(runs, reached)]
+            teacher_tokens = [None if s is None or not c.teacher_tokens else c.teacher_tokens[c.steps.index(s)]
+                              for c, s in zip(runs, reached)]
             finals = [c.accuracy[-1] for c in runs]
             start = statistics.fmean(c.accuracy[0] for c in runs)
             half = start + HALF * (teacher - start)
             half_steps = [steps_to_reach(c.steps, c.accuracy, half) for c in runs]
+            partial = [c.partial for c in runs if c.partial]
             rows.append({
-                "task": task, "method": method, "teacher": teacher, "target": target, "start": start,
+                "task": task, "method": method, "lr": runs[0].lr, "seeds": [c.seed for c in runs],
+                "teacher": teacher, "target": target, "start": start,
                 "half_target": half, "half_steps": half_steps, "median_half_steps": median_steps(half_steps),
                 "final_mean": statistics.fmean(finals), "final_sd": statistics.pstdev(finals),
                 "steps": reached, "median_steps": median_steps(reached),
                 "median_tokens": median_steps([None if t is None else round(t) for t in tokens]),
+                "median_teacher_tokens": median_steps([None if t is None else round(t) for t in teacher_tokens]),
                 "tokens_per_step": statistics.fmean(c.tokens[-1] / max(c.steps[-1], 1) for c in runs),
+                "teacher_tokens_per_step": statistics.fmean(
+                    c.teacher_tokens[-1] / max(c.steps[-1], 1) if c.teacher_tokens else math.nan for c in runs),
+                "total_tokens": statistics.fmean(c.tokens[-1] for c in runs),
+                "total_teacher_tokens": statistics.fmean(c.teacher_tokens[-1] if c.teacher_tokens else math.nan
+                                                         for c in runs),
+                "partial_start": statistics.fmean(p[0] for p in partial) if partial else math.nan,
+                "partial_final": statistics.fmean(p[-1] for p in partial) if partial else math.nan,
                 "wall_s": statistics.fmean(c.wall_s for c in runs),
             })
     return rows
+
+
+def versus_opd(rows: list[dict], budget: int) -> list[dict[str, Any]]:
+    """Per task and method other than opd: its cost to reach the target over OPD's, in steps, sampled tokens and
+    teacher tokens (:func:`reach_ratio`; a method that uses no teacher has no teacher-token ratio)."""
+    by = {(r["task"], r["method"]): r for r in rows}
+    out = []
+    for (task, method), r in by.items():
+        o = by.get((task, "opd"))
+        if o is None or method == "opd":
+            continue
+        uses_teacher = METHODS[method].teacher != "none" if method in METHODS else True
+        out.append({
+            "task": task, "method": method,
+            "steps": reach_ratio(r["steps"], o["steps"], budget, budget),
+            "tokens": reach_ratio([r["median_tokens"]], [o["median_tokens"]], r["total_tokens"], o["total_tokens"]),
+            "teacher_tokens": reach_ratio([r["median_teacher_tokens"]], [o["median_teacher_tokens"]],
+                                          r["total_teacher_tokens"], o["total_teacher_tokens"])
+            if uses_teacher else ("none", math.nan),
+        })
+    return out
 
 
 def _steps_cell(steps: list[int | None]) -> str:
@@ -359,11 +504,20 @@ def _median_cell(value: float, fmt: str = "{:.0f}") -> str:
     return fmt.format(value) if math.isfinite(value) else "not reached"
 
 
-def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[str, Any], budget: Budget) -> str:
-    lines = [f"# Sample efficiency ({meta['date']})", "",
+def _num(value: float, fmt: str = "{:.3f}") -> str:
+    return fmt.format(value) if math.isfinite(value) else "—"
+
+
+def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[str, Any], budget: Budget,
+             sweep: list[dict] | None = None, versus: list[dict] | None = None) -> str:
+    rates = ", ".join(f"{lr:g}" for lr in budget.rates)
+    lr_text = (f"lr {budget.lr:g}" if len(budget.rates) == 1 else
+               f"the best of lr {rates} per method (swept on seed{'s' if len(budget.sweep) > 1 else ''} "
+               f"{', '.join(map(str, budget.sweep))}; table below)")
+    lines = [f"# Sample efficiency ({meta['date']}{', ' + meta['label'] if meta.get('label') else ''})", "",
              f"Machine: {meta['machine']}; load average before / after: {meta['load_before']} / {meta['load_after']}; "
              f"wall time {meta['wall_s']:.0f} s; command: `{meta['command']}`.", "",
-             f"{budget.steps} steps of {budget.batch_size} prompts x {budget.group_size} samples, lr {budget.lr:g} "
+             f"{budget.steps} steps of {budget.batch_size} prompts x {budget.group_size} samples, {lr_text} "
              f"(linear warm-up over {budget.warmup_steps} steps, then constant), LoRA as in experiments/reverse_text/rl.toml; held-out accuracy (greedy, "
              f"{budget.eval_prompts} prompts) every {budget.eval_every} steps; seeds {', '.join(map(str, budget.seeds))}. "
              f"'Reached' = first evaluation with accuracy >= {REACH} x the teacher's ('—': not within the budget).", "",
@@ -380,11 +534,45 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
               "| task | RL steps / OPD steps, to target (median) | to half-gap (median) |", "|---|---|---|"]
     for task, pair in ratios.items():
         lines.append(f"| {task} | {' | '.join(_ratio_cell(*r) for r in pair)} |")
+    if len(budget.rates) > 1 or any(math.isfinite(r["partial_final"]) for r in rows):
+        lines += ["", "Compute to the target: teacher tokens are the completion tokens the teacher scored (opd, "
+                  "hybrid; their prompts, scored with them, are not counted) or sampled (sft) before the evaluation "
+                  "that reached it (rl: none). Partial credit: the fraction of "
+                  "steps right before the first wrong one (greedy, the same prompts).", "",
+                  "| task | method | lr | median teacher tokens to target | teacher tokens/step | "
+                  "partial credit start -> final |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | "
+                         f"{'0 (no teacher)' if r['teacher_tokens_per_step'] == 0 else _median_cell(r['median_teacher_tokens'])} | "
+                         f"{_num(r['teacher_tokens_per_step'], '{:.0f}')} | "
+                         f"{_num(r['partial_start'])} -> {_num(r['partial_final'])} |")
+    if versus:
+        lines += ["", "Cost to the target over OPD's (median over seeds; '>': a lower bound, the method not reaching "
+                  "it within the budget and counted at its whole run):", "",
+                  "| task | method | steps / OPD's | sampled tokens / OPD's | teacher tokens / OPD's |",
+                  "|---|---|---|---|---|"]
+        for v in versus:
+            lines.append(f"| {v['task']} | {v['method']} | {_ratio_cell(*v['steps'])} | {_ratio_cell(*v['tokens'])} | "
+                         f"{_ratio_cell(*v['teacher_tokens'])} |")
+    if sweep and len(budget.rates) > 1:
+        lines += ["", f"Learning-rate sweep (seed{'s' if len(budget.sweep) > 1 else ''} "
+                  f"{', '.join(map(str, budget.sweep))}; the best rate per method, "
+                  "marked *, has the fewest median steps to the target, then the highest accuracy averaged over "
+                  "the curve):", "",
+                  "| task | method | lr | steps to target, per seed | mean accuracy over the curve | final |",
+                  "|---|---|---|---|---|---|"]
+        chosen = {(r["task"], r["method"], r["lr"]) for r in rows}
+        for s in sweep:
+            star = " *" if (s["task"], s["method"], s["lr"]) in chosen else ""
+            lines.append(f"| {s['task']} | {s['method']} | {s['lr']:g}{star} | {_steps_cell(s['steps'])} | "
+                         f"{s['mean_accuracy']:.3f} | {s['final_mean']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def _ratio_cell(kind: str, value: float) -> str:
-    return "n/a (neither reached)" if kind == "n/a" else f"{'' if kind == '=' else kind + ' '}{value:.2f}"
+    if kind in ("n/a", "none"):
+        return "n/a (neither reached)" if kind == "n/a" else "n/a (no teacher)"
+    return f"{'' if kind == '=' else kind + ' '}{value:.2f}"
 
 
 def ratios_of(rows: list[dict], budget: int) -> dict[str, tuple[tuple[str, float], tuple[str, float]]]:
@@ -392,7 +580,7 @@ def ratios_of(rows: list[dict], budget: int) -> dict[str, tuple[tuple[str, float
     by = {(r["task"], r["method"]): r for r in rows}
     return {task: (step_ratio(by[task, "rl"]["steps"], by[task, "opd"]["steps"], budget),
                    step_ratio(by[task, "rl"]["half_steps"], by[task, "opd"]["half_steps"], budget))
-            for task, method in by if method == "opd"}
+            for task, method in by if method == "opd" and (task, "rl") in by}
 
 
 def plot(curves: list[Curve], teachers: dict[str, float], path: Path) -> None:
@@ -401,18 +589,22 @@ def plot(curves: list[Curve], teachers: dict[str, float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(METHODS, ("tab:blue", "tab:red", "tab:purple", "tab:green")))
-    fig, axes = plt.subplots(len(teachers), 2, figsize=(11, 4 * len(teachers)), squeeze=False)
+    panels = [("steps", "accuracy", "training step", "held-out accuracy"),
+              ("tokens", "accuracy", "sampled completion tokens (teacher's for sft)", "held-out accuracy")]
+    if any(c.partial for c in curves):
+        panels.append(("steps", "partial", "training step", "partial credit (steps right before the first error)"))
+    fig, axes = plt.subplots(len(teachers), len(panels), figsize=(5.5 * len(panels), 4 * len(teachers)), squeeze=False)
     for row, (task, teacher) in zip(axes, teachers.items()):
-        for ax, xkey, xlabel in ((row[0], "steps", "training step"),
-                                 (row[1], "tokens", "sampled completion tokens (teacher's for sft)")):
-            for c in (c for c in curves if c.task == task):
-                ax.plot(getattr(c, xkey), c.accuracy, color=colors[c.method], alpha=0.8, lw=1.2,
+        for ax, (xkey, ykey, xlabel, ylabel) in zip(row, panels):
+            for c in (c for c in curves if c.task == task and getattr(c, ykey)):
+                color = METHODS[c.method].color if c.method in METHODS else None
+                ax.plot(getattr(c, xkey), getattr(c, ykey), color=color, alpha=0.8, lw=1.2,
                         label=c.method if c.seed == min(x.seed for x in curves) else None)
-            ax.axhline(teacher, color="black", ls="--", lw=1, label="teacher")
-            ax.axhline(REACH * teacher, color="gray", ls=":", lw=1, label=f"{REACH:g} x teacher")
+            if ykey == "accuracy":
+                ax.axhline(teacher, color="black", ls="--", lw=1, label="teacher")
+                ax.axhline(REACH * teacher, color="gray", ls=":", lw=1, label=f"{REACH:g} x teacher")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("held-out accuracy")
+            ax.set_ylabel(ylabel)
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(task)
             ax.legend(fontsize=8, loc="lower right")
@@ -428,25 +620,36 @@ def _load() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reverse_text only, 2 seeds x 3 steps: a pipeline check")
+    ap.add_argument("--budget", choices=BUDGETS, default=None,
+                    help="running_sum (default task) with a learning-rate sweep: tiny (3 steps: the pipeline, ~2 min), "
+                         "smoke (20 steps of 8 prompts), medium (60 of 16), full (100 of 16: about an hour on 2 cores)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the results go")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs' outputs go (default: a temporary dir)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
-                    help="default: both (--quick: reverse_text); arithmetic builds its pair on first use")
+                    help="default: reverse_text and arithmetic (--quick: reverse_text; --budget: running_sum); "
+                         "arithmetic and running_sum build their pairs on first use")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all")
     args = ap.parse_args(argv)
-    tasks = args.tasks or (TASKS[:1] if args.quick else TASKS)
+    if args.quick and args.budget:
+        ap.error("--quick and --budget: choose one")
+    tasks = args.tasks or (TASKS[:1] if args.quick else TASKS[2:] if args.budget else TASKS[:2])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    budget = QUICK if args.quick else FULL
+    budget = QUICK if args.quick else BUDGETS[args.budget] if args.budget else FULL
+    suffix = "_quick" if args.quick else f"_{args.budget}" if args.budget else ""
+    label = {"quick": "quick: a pipeline check, not a result", "tiny": "tiny budget: a pipeline check, not a result",
+             "smoke": "smoke budget: the harness end to end and first numbers, too few steps to conclude",
+             "medium": "medium budget: 60 steps, a third of a full run's compute"}.get(suffix[1:], "")
     t0, load_before = time.perf_counter(), _load()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="sample_efficiency_"))
-    curves, teachers, startup = [], {}, {}
+    curves, teachers, startup, best = [], {}, {}, {}
     for task, (env, base) in task_configs(budget, runs, tasks).items():
-        task_curves, teachers[task], startup[task] = run_task(task, env, base, budget)
+        task_curves, teachers[task], startup[task], best[task] = run_task(task, env, base, budget, args.methods)
         curves += task_curves
         md = write_results(args.out, curves, teachers, budget, {  # after each task: a late failure keeps the first
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
             "load_before": load_before, "load_after": _load(), "wall_s": time.perf_counter() - t0,
             "command": " ".join(["python benchmarks/sample_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
-            "startup_s": startup}, args.quick)
+            "startup_s": startup, "label": label}, suffix, best)
     if args.runs is None:
         shutil.rmtree(runs, ignore_errors=True)
     print(md.read_text(encoding="utf-8"))
@@ -454,17 +657,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_results(out: Path, curves: list[Curve], teachers: dict[str, float], budget: Budget, meta: dict[str, Any],
-                  quick: bool) -> Path:
-    """``sample_efficiency_<date>[_quick].md`` / ``.json`` / ``.png`` in ``out``; the path of the table."""
-    rows = summarize(curves, teachers, budget)
+                  suffix: str = "", best: dict[str, dict[str, float]] | None = None) -> Path:
+    """``sample_efficiency_<date><suffix>.md`` / ``.json`` / ``.png`` in ``out``; the path of the table."""
+    rows = summarize(curves, teachers, budget, best)
     ratios = ratios_of(rows, budget.steps)
-    stem = f"sample_efficiency_{meta['date']}{'_quick' if quick else ''}"
+    sweep = [s for task, teacher in teachers.items() for s in sweep_rows(curves, task, teacher)]
+    versus = versus_opd(rows, budget.steps)
+    stem = f"sample_efficiency_{meta['date']}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(markdown(rows, ratios, meta, budget), encoding="utf-8")
+    (out / f"{stem}.md").write_text(markdown(rows, ratios, meta, budget, sweep, versus), encoding="utf-8")
     (out / f"{stem}.json").write_text(json.dumps(_finite({
-        "meta": meta, "budget": asdict(budget), "teachers": teachers, "ratios": ratios, "rows": rows,
-        "curves": [asdict(c) for c in curves]}), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    plot(curves, teachers, out / f"{stem}.png")
+        "meta": meta, "budget": asdict(budget), "teachers": teachers, "best_lr": best or {}, "ratios": ratios,
+        "versus_opd": versus, "rows": rows, "sweep": sweep, "curves": [asdict(c) for c in curves]}),
+        indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    plot([c for c in curves if (best or {}).get(c.task, {}).get(c.method, c.lr) == c.lr], teachers,
+         out / f"{stem}.png")  # the best rate's runs
     return out / f"{stem}.md"
 
 

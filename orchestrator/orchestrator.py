@@ -129,12 +129,17 @@ class Orchestrator:
         refs, parts = self.roles.score_refs(prompt_ids, completion_ids)
         return scores_of(parts, self.roles.call("teacher", "score", refs), len(prompt_ids))
 
-    def _evaluate(self, env, role: str = "inference", teacher_view: bool = False) -> float:
-        """Mean score of one completion per held-out prompt (``eval.temperature``; 0 = greedy)."""
+    def _evaluate(self, env, role: str = "inference", teacher_view: bool = False,
+                  extra: dict[str, float] | None = None) -> float:
+        """Mean score of one completion per held-out prompt (``eval.temperature``; 0 = greedy); ``extra``
+        receives the environment's own further scores (``env.eval_metrics``) as ``eval/<env>/<key>``."""
         prompts = env.eval_prompts(self.cfg.orchestrator.eval.num_prompts)
         ids = [self.renderer.ids(p, teacher=teacher_view) for p in prompts]
         rollouts = self._sample(role, ids, 0, 1, self.cfg.orchestrator.eval.temperature)
-        return statistics.fmean(env.score(prompts[r.prompt_index], r.text) for r in rollouts)
+        scored = [(prompts[r.prompt_index], r.text) for r in rollouts]
+        if extra is not None:
+            extra.update({f"eval/{env.name}/{k}": v for k, v in env.eval_metrics(scored).items()})
+        return statistics.fmean(env.score(p, text) for p, text in scored)
 
     # -- the plug-ins ----------------------------------------------------------------------------------
     def _setup(self, env) -> None:
@@ -248,7 +253,8 @@ class Orchestrator:
     def _eval_row(self, env, step: int, gate: bool = True) -> tuple[dict[str, float], bool]:
         """The evaluation row, with the continual suite's core scores and gate (``passed`` is False when a core
         metric regressed beyond max_regression)."""
-        row = {"step": step, f"eval/{env.name}/avg": self._evaluate(env)}
+        extra: dict[str, float] = {}
+        row = {"step": step, f"eval/{env.name}/avg": self._evaluate(env, extra=extra), **extra}
         core, passed = self.continual.evaluate(self._evaluate, step, gate)
         return {**row, **core}, passed
 

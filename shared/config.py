@@ -42,7 +42,7 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: _doc(str, "student: a local model directory or a built-in alias (tiny-reverse-student)") = (
+    name: _doc(str, "student: a local model directory or a built-in alias (tiny-reverse-student, tiny-long-student)") = (
         "tiny-reverse-student"
     )
     dtype: _doc(Literal["float32", "bfloat16"], "weights and compute dtype") = "float32"
@@ -82,7 +82,7 @@ class InferenceConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    name: _doc(str, "teacher: a local model directory or a built-in alias (tiny-reverse-teacher)") = (
+    name: _doc(str, "teacher: a local model directory or a built-in alias (tiny-reverse-teacher, tiny-long-teacher)") = (
         "tiny-reverse-teacher"
     )
     dtype: _doc(Literal["float32", "bfloat16"], "teacher dtype") = "float32"
@@ -449,6 +449,14 @@ class ReasoningGymConfig(_Section):
     )
 
 
+class RunningSumConfig(_Section):
+    reward: _doc(
+        Literal["exact", "partial"],
+        "running_sum: the reward: exact match, or the fraction of steps right before the first wrong one "
+        "(evaluations log both as eval/running_sum/exact and /partial)",
+    ) = "exact"
+
+
 class EnvArgsConfig(_Section):
     answers: _doc(list[str], "a fixed answer set: a completion counts as one of these (empty = free-form)") = field(
         default_factory=list
@@ -465,6 +473,7 @@ class EnvArgsConfig(_Section):
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     format_check: FormatCheckConfig = field(default_factory=FormatCheckConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
+    running_sum: RunningSumConfig = field(default_factory=RunningSumConfig)
 
 
 def _check_choices(key: str, values: list[str], allowed: tuple[str, ...]) -> None:
@@ -555,7 +564,7 @@ class DeadlineConfig(_Section):
 class OrchestratorConfig(_Section):
     environment: _doc(
         str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french, "
-             "reverse_text_long, reverse_text_short"
+             "reverse_text_long, reverse_text_short, running_sum"
     ) = "reverse_text"
     batch_size: _doc(int, "prompts per step", ge=1) = 16
     group_size: _doc(int, "completions sampled per prompt", ge=1) = 4

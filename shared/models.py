@@ -14,7 +14,8 @@ from typing import Any
 from shared.config import ConfigError
 
 TINY_ALIASES = {"tiny-reverse-teacher": 0, "tiny-reverse-student": 1}
-ALIASES = [*TINY_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
+LONG_ALIASES = {"tiny-long-teacher": 0, "tiny-long-student": 1}  # the running-sum pair (shared/builders/tiny_long.py)
+ALIASES = [*TINY_ALIASES, *LONG_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
 # Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
@@ -25,6 +26,10 @@ def resolve(name: str, key: str) -> Path:
         from shared.builders.tiny_pair import build_pair
 
         return build_pair()[TINY_ALIASES[name]]
+    if name in LONG_ALIASES:
+        from shared.builders import tiny_long
+
+        return tiny_long.build_pair()[LONG_ALIASES[name]]
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 
@@ -61,6 +66,10 @@ def is_built(name: str) -> bool:
         from shared.builders import tiny_pair
 
         return tiny_pair.is_built(tiny_pair.default_root() / tiny_pair.pair_dir_names()[TINY_ALIASES[name]])
+    if name in LONG_ALIASES:
+        from shared.builders import tiny_long
+
+        return tiny_long.is_built()
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 

@@ -1,4 +1,5 @@
-"""benchmarks/sample_efficiency.py: the analysis on hand-made curves, the arithmetic pair's tokenizer, and
+"""benchmarks/sample_efficiency.py: the analysis on hand-made curves (steps to the target, the learning-rate sweep,
+costs against OPD in steps and tokens), the arithmetic pair's tokenizer, the running_sum task's runs, and
 ``--quick`` end to end (marked ``engine``): its table parses, its PNG loads, its numbers are in range."""
 
 from __future__ import annotations
@@ -129,11 +130,89 @@ def test_methods_are_valid_session_runs_with_the_intended_loss(tmp_path):
     env, base = se.task_configs(se.FULL, tmp_path, ["reverse_text"])["reverse_text"]
     session = _merged(ROOT / "experiments" / "reverse_text" / "rl.toml", base)
     loss = {}
-    for method, overrides in se.METHODS.items():
-        cfg = session_run_config(session, overrides=overrides, seed=2)
+    for method, m in se.METHODS.items():
+        cfg = session_run_config(session, overrides=m.overrides, seed=2)
         lc = cfg.trainer.loss
         loss[method] = (lc.adv_tau, lc.teacher_tau, lc.student_tau, cfg.orchestrator.workflow)
         assert (cfg.max_steps, cfg.seed, cfg.trainer.lr, cfg.orchestrator.batch_size) == (60, 2, 2e-3, 16)
     assert loss == {"opd": (0.0, 1.0, 1.0, "distill"), "rl": (1.0, 0.0, 0.0, "distill"),
                     "hybrid": (1.0, 1.0, 1.0, "distill"), "sft": (0.0, 0.0, 0.0, "sft")}
     assert env == "reverse_text"
+
+
+# ------------------------------------------------------------------------------------------------
+# The long-horizon task: the sweep, teacher tokens, costs against OPD
+
+
+def test_curve_from_rows_reads_partial_credit_and_counts_teacher_tokens_per_method():
+    rows = [{"step": 0, "eval/running_sum/avg": 0.1, "eval/running_sum/partial": 0.4},
+            {"step": 1, "tokens/step": 100.0}, {"step": 2, "tokens/step": 60.0},
+            {"step": 2, "eval/running_sum/avg": 0.5, "eval/running_sum/partial": 0.8}]
+    opd = se.curve_from_rows(rows, "running_sum", "running_sum", "opd", 0, 1.0, lr=3e-3)
+    assert (opd.partial, opd.tokens, opd.teacher_tokens, opd.lr) == ([0.4, 0.8], [0.0, 160.0], [0.0, 160.0], 3e-3)
+    rl = se.curve_from_rows(rows, "running_sum", "running_sum", "rl", 0, 1.0, uses_teacher=False)
+    assert rl.teacher_tokens == [0.0, 0.0] and rl.tokens == [0.0, 160.0]
+    no_partial = se.curve_from_rows([r for r in rows if "tokens/step" in r or r["step"] == 2] + [
+        {"step": 0, "eval/running_sum/avg": 0.1}], "running_sum", "t", "opd", 0, 1.0)
+    assert no_partial.partial == []  # logged at some evaluations only: none kept
+
+
+def _long(method, seed, lr, acc, tokens=(0.0, 400.0, 800.0)):
+    teacher = [0.0] * 3 if method == "rl" else list(tokens)
+    return se.Curve("t", method, seed, [0, 4, 8], acc, list(tokens), 10.0, math.nan, lr, [], teacher)
+
+
+def test_sweep_picks_per_method_the_rate_reaching_first_then_the_higher_curve():
+    curves = [_long("opd", 0, 1e-3, [0.1, 0.5, 0.95]), _long("opd", 0, 3e-3, [0.1, 0.92, 0.95]),
+              _long("opd", 0, 1e-2, [0.1, 0.2, 0.1]),
+              _long("rl", 0, 1e-3, [0.1, 0.2, 0.3]), _long("rl", 0, 3e-3, [0.1, 0.4, 0.5]),
+              _long("rl", 0, 1e-2, [0.1, 0.0, 0.0]),
+              _long("opd", 1, 3e-3, [0.1, 0.6, 0.9])]  # a later seed at the chosen rate: not part of the sweep
+    rows = se.sweep_rows(curves, "t", 1.0)
+    assert [(r["method"], r["lr"], r["steps"]) for r in rows] == [
+        ("opd", 1e-3, [8]), ("opd", 3e-3, [4]), ("opd", 1e-2, [None]),
+        ("rl", 1e-3, [None]), ("rl", 3e-3, [None]), ("rl", 1e-2, [None])]
+    assert rows[4]["mean_accuracy"] == pytest.approx(1 / 3) and rows[4]["key"] == pytest.approx((math.inf, -1 / 3))
+    assert se.best_rates(curves, "t", 1.0) == {"opd": 3e-3, "rl": 3e-3}  # opd: 4 steps < 8; rl: none reached, 0.33
+    assert se.sweep_key([4, None, 8], 0.5) == (8.0, -0.5)
+
+
+def test_costs_against_opd_in_steps_sampled_tokens_and_teacher_tokens():
+    curves = [_long("opd", s, 3e-3, [0.1, 0.95, 0.95]) for s in (0, 1, 2)]
+    curves += [_long("sft", s, 1e-3, [0.1, 0.5, 0.95], tokens=(0.0, 300.0, 600.0)) for s in (0, 1, 2)]
+    curves += [_long("rl", s, 1e-2, [0.1, 0.3, 0.5]) for s in (0, 1, 2)]
+    best = {"t": {"opd": 3e-3, "sft": 1e-3, "rl": 1e-2}}
+    rows = se.summarize(curves, {"t": 1.0}, se.BUDGETS["tiny"], best)
+    by = {r["method"]: r for r in rows}
+    assert by["opd"]["median_teacher_tokens"] == 400 and by["sft"]["median_teacher_tokens"] == 600
+    assert by["rl"]["teacher_tokens_per_step"] == 0 and by["rl"]["median_steps"] == math.inf
+    versus = {v["method"]: v for v in se.versus_opd(rows, 8)}
+    assert versus["sft"]["steps"] == ("=", 2.0) and versus["sft"]["tokens"] == ("=", 1.5)  # 8/4 steps, 600/400
+    assert versus["sft"]["teacher_tokens"] == ("=", 1.5)
+    assert versus["rl"]["steps"] == (">", 2.0) and versus["rl"]["tokens"] == (">", 2.0)  # at its whole run: 800/400
+    assert versus["rl"]["teacher_tokens"][0] == "none"  # rl asks the teacher nothing
+    assert se.reach_ratio([None], [4], 100, 50) == (">", 25.0) and se.reach_ratio([10], [None], 100, 50) == ("<", 0.2)
+    meta = {"date": "2026-01-01", "machine": "m", "load_before": "1", "load_after": "2", "wall_s": 3.0, "command": "c"}
+    sweep = se.sweep_rows(curves, "t", 1.0)
+    text = se.markdown(rows, se.ratios_of(rows, 8), meta, se.BUDGETS["tiny"], sweep, se.versus_opd(rows, 8))
+    assert "| t | sft | 2.00 | 1.50 | 1.50 |" in text and "| t | rl | > 2.00 | > 2.00 | n/a (no teacher) |" in text
+    assert "| t | opd | 0.003 | 400 | 100 | — -> — |" in text and "| t | rl | 0.01 | 0 (no teacher) | 0 | — -> — |" in text
+    assert "| t | opd | 0.003 * | 4, 4, 4 |" in text  # the sweep table, its chosen rate starred
+
+
+def test_budgets_sweep_at_least_three_rates_on_three_seeds_and_the_running_sum_task_is_a_valid_session(
+        tmp_path, monkeypatch):
+    from orchestrator.api import _merged, session_run_config
+    from shared.builders import tiny_long
+
+    full = se.BUDGETS["full"]
+    assert len(full.rates) >= 3 and len(full.seeds) >= 3 and set(full.sweep) <= set(full.seeds)
+    assert se.FULL.rates == (2e-3,) and se.FULL.sweep == se.FULL.seeds  # the short-answer benchmark as before
+    monkeypatch.setattr(tiny_long, "build_pair", lambda: (tmp_path / "teacher", tmp_path / "student"))
+    env, base = se.task_configs(full, tmp_path, ["running_sum"])["running_sum"]
+    session = _merged(ROOT / "experiments" / "reverse_text" / "rl.toml", base)
+    cfg = session_run_config(session, overrides={**se.METHODS["rl"].overrides, "trainer.lr": 1e-2}, seed=1)
+    assert env == "running_sum" and cfg.orchestrator.environment == "running_sum" and cfg.trainer.lr == 1e-2
+    assert cfg.model.name == str(tmp_path / "student") and cfg.teacher.name == str(tmp_path / "teacher")
+    prompt_tokens = 2 * tiny_long.MAX_DIGITS + 2  # BOS, digit and space each, "="
+    assert cfg.inference.max_tokens == 2 * tiny_long.MAX_DIGITS + 2 <= cfg.model.max_model_len - prompt_tokens

@@ -9,6 +9,8 @@ name               prompts                                              score (i
 ``reasoning_gym``  a reasoning-gym dataset (``env_args.reasoning_gym``)  the dataset's ``score_answer``
 ``exact_answer``   rows of ``orchestrator.dataset.path``                normalised exact match with the row's answer
 ``french``         open questions                                       the answer is in French
+``running_sum``    ``"3 1 4 1 5 ="`` for the tiny running-sum pair      exact match (or ``env_args.running_sum``:
+                                                                        steps right before the first wrong one)
 =================  ===================================================  ===========================================
 
 ``reverse_text_long`` and ``reverse_text_short`` are ``reverse_text`` restricted to 7-8 and 3-5 letters
@@ -32,6 +34,7 @@ from orchestrator.environments.format_check import FormatCheck
 from orchestrator.environments.questions import FrenchAnswers
 from orchestrator.environments.reasoning_gym_env import ReasoningGym
 from orchestrator.environments.reverse_text import ReverseText
+from orchestrator.environments.running_sum import RunningSum
 from shared.config import Config, ConfigError
 
 REGISTRY: dict[str, type[Environment]] = {
@@ -41,6 +44,7 @@ REGISTRY: dict[str, type[Environment]] = {
     "reasoning_gym": ReasoningGym,
     "exact_answer": ExactAnswer,
     "french": FrenchAnswers,
+    "running_sum": RunningSum,
     **CONTINUAL_TASKS,  # reverse_text_long, reverse_text_short
 }
 

@@ -66,6 +66,11 @@ class Environment:
         """The environment's own score of ``completion`` (after the answer-set mapping), in [0, 1]."""
         raise NotImplementedError
 
+    def eval_metrics(self, scored: Sequence[tuple[Prompt, str]]) -> dict[str, float]:
+        """Extra evaluation scores over ``(prompt, completion)`` pairs, logged as ``eval/<name>/<key>`` beside
+        ``eval/<name>/avg`` (none by default; ``running_sum`` adds its exact and partial scores)."""
+        return {}
+
     # -- shared ----------------------------------------------------------------------------------
     def row_problem(self, prompt: Prompt) -> str | None:
         """Why a dataset row cannot be used here, or None."""
