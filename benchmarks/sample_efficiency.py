@@ -79,9 +79,10 @@ METHODS: dict[str, Method] = {
     "hybrid": Method({"trainer.loss.adv_tau": 1.0, "trainer.loss.kl_coef": 1.0}, "scored", "tab:purple"),
     "sft": Method({"trainer.loss.adv_tau": 0.0, "trainer.loss.kl_coef": 0.0, "orchestrator.workflow": "sft"}, "sampled",
                   "tab:green"),
-    # OPD with the top-k teacher estimator, once trainer.loss has its option, is one more line, e.g.
-    # "opd_topk": Method({**OPD, "trainer.loss.<top-k key>": 8}, "scored", "tab:cyan"),
+    # OPD with the top-k teacher estimator (trainer/topk.py): the teacher's 8 most likely tokens + a tail bucket
+    "opd_topk": Method({**OPD, "trainer.loss.teacher_topk": 8}, "scored", "tab:cyan"),
 }
+QUICK_METHODS = ("opd", "rl", "hybrid", "sft")  # --quick: a pipeline check of the four losses
 TASKS = ("reverse_text", "arithmetic", "running_sum")
 REACH = 0.9  # a run reaches the teacher at accuracy >= REACH x the teacher's
 HALF = 0.5  # secondary target: the student's start plus HALF of its gap to the teacher
@@ -628,8 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
                     help="default: reverse_text and arithmetic (--quick: reverse_text; --budget: running_sum); "
                          "arithmetic and running_sum build their pairs on first use")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help=f"default: all ({', '.join(METHODS)}; --quick: {', '.join(QUICK_METHODS)})")
     args = ap.parse_args(argv)
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     if args.quick and args.budget:
         ap.error("--quick and --budget: choose one")
     tasks = args.tasks or (TASKS[:1] if args.quick else TASKS[2:] if args.budget else TASKS[:2])

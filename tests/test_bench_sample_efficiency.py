@@ -133,10 +133,11 @@ def test_methods_are_valid_session_runs_with_the_intended_loss(tmp_path):
     for method, m in se.METHODS.items():
         cfg = session_run_config(session, overrides=m.overrides, seed=2)
         lc = cfg.trainer.loss
-        loss[method] = (lc.adv_tau, lc.teacher_tau, lc.student_tau, cfg.orchestrator.workflow)
+        loss[method] = (lc.adv_tau, lc.teacher_tau, lc.student_tau, cfg.orchestrator.workflow, lc.teacher_topk)
         assert (cfg.max_steps, cfg.seed, cfg.trainer.lr, cfg.orchestrator.batch_size) == (60, 2, 2e-3, 16)
-    assert loss == {"opd": (0.0, 1.0, 1.0, "distill"), "rl": (1.0, 0.0, 0.0, "distill"),
-                    "hybrid": (1.0, 1.0, 1.0, "distill"), "sft": (0.0, 0.0, 0.0, "sft")}
+    assert loss == {"opd": (0.0, 1.0, 1.0, "distill", 0), "rl": (1.0, 0.0, 0.0, "distill", 0),
+                    "hybrid": (1.0, 1.0, 1.0, "distill", 0), "sft": (0.0, 0.0, 0.0, "sft", 0),
+                    "opd_topk": (0.0, 1.0, 1.0, "distill", 8)}
     assert env == "reverse_text"
 
 
