@@ -155,7 +155,7 @@ def _check_nodes(cfg: Config, actors: list[ActorPlan]) -> None:
         return
     for a in actors:
         if a.node:
-            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but without ray_address rl starts a "
+            raise ConfigError(f"{a.key}.gpu_ids: {a.name} is on node {a.node}, but without ray_address rl starts a "
                               "private one-node Ray; join a cluster with --ray_address (slurm/multi_node.sbatch)")
 
 

@@ -62,6 +62,11 @@ class ActorPlan(Struct, kw_only=True):
     def name(self) -> str:
         return f"{self.role}-{self.index}"
 
+    @property
+    def key(self) -> str:
+        """The config section of its GPU ids: its role, or ``teachers.NAME`` for a named teacher."""
+        return f"teachers.{self.teacher}" if self.teacher else self.role
+
 
 def visible_devices(ids: list[int], visible: str | None, key: str) -> list[str]:
     """The ``CUDA_VISIBLE_DEVICES`` entries of ``ids``: the ids themselves when ``visible`` is None (rl's
@@ -280,7 +285,7 @@ def node_ids(actors: list[ActorPlan], nodes: list[dict[str, Any]]) -> list[str]:
     node past them is a one-line ConfigError naming its role's key, before any engine starts."""
     for a in actors:
         if a.node >= len(nodes):
-            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
+            raise ConfigError(f"{a.key}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
                               f"{len(nodes)} alive node(s): {node_list(nodes)} (0 = the node rl runs on)")
     return [n["NodeID"] for n in nodes]
 

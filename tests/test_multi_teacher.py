@@ -172,3 +172,18 @@ def test_score_refs_send_each_rollout_to_its_teacher_and_merge_in_order(tmp_path
     # sampling from "the teacher" (a baseline evaluation) asks the primary teacher's actors only
     assert [k for k, _ in roles.teacher_engines()] == [0, 1] and [k for k, _ in roles.teacher_engines("b")] == [2]
     assert isinstance(roles.teacher, TeacherSet) and roles.teacher.members == ["a", "a", "b"]
+
+
+def test_named_teachers_in_errors_about_nodes_and_resume():
+    from orchestrator.checkpoint import check_compatible
+    from orchestrator.launcher import _check_nodes
+
+    cfg = load([*TWO, "--teachers.a.gpu_ids", "0", "--teachers.b.gpu_ids", "1:0"])
+    with pytest.raises(ConfigError, match=r"^teachers\.b\.gpu_ids: teacher-1 is on node 1, but without ray_address"):
+        _check_nodes(cfg, plan(cfg))
+    import msgspec
+
+    saved = msgspec.to_builtins(load([*TWO, "--teachers.a.gpu_ids", "0"]))
+    check_compatible(saved, load([*TWO, "--teachers.a.gpu_ids", "3"]))  # GPU ids may change on resume
+    with pytest.raises(ConfigError, match=r"^resume: teachers\.b\.name is \"x\""):
+        check_compatible(saved, load([*TWO, "--teachers.a.gpu_ids", "0", "--teachers.b.name", "x"]))
