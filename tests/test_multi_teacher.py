@@ -187,3 +187,13 @@ def test_named_teachers_in_errors_about_nodes_and_resume():
     check_compatible(saved, load([*TWO, "--teachers.a.gpu_ids", "3"]))  # GPU ids may change on resume
     with pytest.raises(ConfigError, match=r"^resume: teachers\.b\.name is \"x\""):
         check_compatible(saved, load([*TWO, "--teachers.a.gpu_ids", "0", "--teachers.b.name", "x"]))
+
+
+def test_the_experiment_plans_a_teacher_engine_per_environment():
+    from pathlib import Path
+
+    cfg = load(["@", str(Path(__file__).resolve().parents[1] / "experiments" / "multi_teacher" / "rl.toml")])
+    assert cfg.output_dir == "outputs/multi_teacher" and cfg.teacher.name == "tiny-reverse-teacher"
+    assert [(a.name, a.teacher) for a in plan(cfg) if a.role == "teacher"] == [("teacher-0", "long"), ("teacher-1", "short")]
+    assert route(cfg, [Prompt(text="abcdefg="), Prompt(text="abc=", env="reverse_text_short")]) == ["long", "short"]
+    assert primary_teacher(cfg) == "long"
