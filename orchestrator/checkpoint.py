@@ -146,6 +146,8 @@ def check_compatible(saved: dict[str, Any], cfg: Config) -> None:
     def walk(a: Any, b: Any, path: str) -> None:
         if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
             return
+        if path.startswith("teachers.") and path.endswith(".gpu_ids"):  # a named teacher's GPU ids, as teacher.gpu_ids
+            return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)

@@ -1,4 +1,5 @@
-"""Prompt datasets: JSONL files with one ``{"prompt": str, "answer"?: str, "teacher_context"?: ...}`` object per line.
+"""Prompt datasets: JSONL files with one ``{"prompt": str, "answer"?: str, "teacher_context"?: ..., "teacher"?: str}``
+object per line (``teacher``: which of several named teachers scores the row, orchestrator/teacher_set.py).
 
 ``teacher_context`` is what only the teacher sees for this row (self-distillation with privileged
 information: the worked solution, the source document): a string, or a list of chat messages
@@ -42,6 +43,7 @@ class Prompt(Struct, kw_only=True):
     env: str = ""  # the environment that drew it when it is not the run's own (a continual replay's core)
     # what only the teacher sees for this prompt (a string or chat messages); None = the run-wide context alone
     teacher_context: str | list[dict[str, str]] | None = None
+    teacher: str = ""  # the row's "teacher" field: which of [teachers.NAME] scores it (teacher_route.by = "column")
 
 
 CONTEXT_ROLES = ("system", "user", "assistant")
@@ -61,6 +63,8 @@ def row_problem(row: Any) -> str | None:
         return "'prompt' must be a non-empty string"
     if "answer" in row and row["answer"] is not None and not isinstance(row["answer"], str):
         return "'answer' must be a string"
+    if "teacher" in row and row["teacher"] is not None and not isinstance(row["teacher"], str):
+        return "'teacher' must be a string (a name of [teachers.NAME])"
     return context_problem(row.get("teacher_context"))
 
 
@@ -94,7 +98,8 @@ def parse_row(line: str) -> tuple[Prompt | None, str | None]:
     if problem:
         return None, problem
     context = row.get("teacher_context") or None  # "" and [] are no context
-    return Prompt(text=row["prompt"], answer=row.get("answer"), teacher_context=context), None
+    return Prompt(text=row["prompt"], answer=row.get("answer"), teacher_context=context,
+                  teacher=row.get("teacher") or ""), None
 
 
 BAD_LINES_KEPT = 5  # line numbers of skipped rows kept, to name them (orchestrator/skips.py)

@@ -16,7 +16,7 @@ import msgspec
 
 from orchestrator import skips
 from orchestrator.data import DatasetView
-from shared.config import Config, ConfigError, to_toml
+from shared.config import Config, ConfigError, teacher_configs, to_toml
 from shared.fsutil import MB, WriteError, atomic_write_chunks, atomic_write_text, free_bytes
 from shared.metrics import TrainingStopped, read_metrics
 from shared.placement import ActorPlan, RunPlan, node_affinity, node_ids, node_list, node_order, plan
@@ -35,10 +35,13 @@ def preflight(cfg: Config) -> RunPlan:
     With ``cfg.dry_run`` (``rl --dry_run``) the same checks run, except those that write, cost much or
     need another machine (:data:`DRY_RUN_SKIPS`): nothing is created, built or contacted."""
     from orchestrator import environments
-    from orchestrator.teachers import teacher_backend
+    from orchestrator import teacher_set
+    from orchestrator.teacher_set import teacher_backend
     from shared import chat_templates, models
+    from shared.config import teacher_view
 
     dry = cfg.dry_run
+    tcfg = teacher_view(cfg)  # [teacher], or among [teachers.NAME] the teacher of the run's own environment
     out = _check_output_dir(cfg)
     _check_resume(cfg)
     # the actors get the entries of rl's own CUDA_VISIBLE_DEVICES (shared/placement.py); an id beyond what rl
@@ -56,17 +59,19 @@ def preflight(cfg: Config) -> RunPlan:
         dataset = env.dataset
         print(skips.rows_line(dataset.path, env.bad_rows, len(dataset) + env.bad_rows, dataset.bad_lines, "malformed"),
               file=sys.stderr)
-    if dry and not (models.is_built(cfg.model.name) and models.is_built(cfg.teacher.name)):
+    teacher_set.check_rows(cfg, env.dataset)  # teacher_route.by = "column": every row names a known teacher
+    if dry and not (models.is_built(cfg.model.name) and all(models.is_built(t.name) for t in teacher_configs(cfg).values())):
         print(f"dry run: model, tokenizer, prompt-length and disk checks skipped: {cfg.model.name} or "
-              f"{cfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
-        return RunPlan(student=cfg.model.name, teacher=cfg.teacher.name, actors=actors, skipped=skipped)
+              f"{tcfg.teacher.name} is built on first use (a real run does it, then checks)", file=sys.stderr)
+        return RunPlan(student=cfg.model.name, teacher=tcfg.teacher.name, actors=actors, skipped=skipped)
     student = models.resolve(cfg.model.name, "model.name")
-    teacher = models.resolve(cfg.teacher.name, "teacher.name")
+    teacher = models.resolve(tcfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
     models.check_same_vocab(student, teacher, s_tok, t_tok)
-    chat_templates.check(cfg, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
-    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors, skipped=skipped)
+    chat_templates.check(tcfg, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
+    run = RunPlan(student=str(student), teacher=str(teacher), actors=actors, skipped=skipped,
+                  teachers=teacher_set.check_teachers(cfg, student, s_tok, [p.text for p in env.eval_prompts(3)]))
     if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)
         run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))
     kept = check_prompt_lengths(cfg, env, s_tok, student)
@@ -150,7 +155,7 @@ def _check_nodes(cfg: Config, actors: list[ActorPlan]) -> None:
         return
     for a in actors:
         if a.node:
-            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but without ray_address rl starts a "
+            raise ConfigError(f"{a.key}.gpu_ids: {a.name} is on node {a.node}, but without ray_address rl starts a "
                               "private one-node Ray; join a cluster with --ray_address (slurm/multi_node.sbatch)")
 
 

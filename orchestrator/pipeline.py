@@ -170,6 +170,7 @@ class Pipeline:
         self.queue: deque[Batch] = deque()
         self.next_draw = 1  # the step whose prompts are drawn next
         self.too_long = 0  # rollouts of the last batch not sampled (prompt too long)
+        self.teacher_row: dict[str, float] = {}  # the last batch's per-teacher entries (TeacherBackend.batch_metrics)
 
     # -- calls in flight ---------------------------------------------------------------------------
     def submit(self, role: str, refs: list) -> list:
@@ -276,8 +277,10 @@ class Pipeline:
                 b.t_sampled = time.perf_counter()
                 if self.scores:
                     topk = self.cfg.trainer.loss.teacher_topk if topk_in_loss(self.cfg) else 0  # trainer/topk.py
+                    teachers = self.roles.teacher.route([b.prompts[r.prompt_index - b.base] for r in b.rollouts])
                     refs, b.score_parts = self.roles.score_refs([b.teacher_ids[r.prompt_index - b.base] for r in b.rollouts],
-                                                                [r.completion_ids for r in b.rollouts], topk=topk)
+                                                                [r.completion_ids for r in b.rollouts], teachers,
+                                                                topk=topk)
                     b.score_refs = self.submit("teacher", refs)
                 else:  # nothing to score: the sampler's own log-probs stand in (a KL of 0, logged as NaN)
                     b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
@@ -303,11 +306,15 @@ class Pipeline:
                 break
             self.poll()
         self.too_long = batch.too_long
+        # several named teachers: each one's counts and KL over this batch (none for one teacher)
+        self.teacher_row = self.roles.teacher.batch_metrics(
+            [batch.prompts[r.prompt_index - batch.base] for r in batch.rollouts], batch.rollouts,
+            batch.teacher_lp) if self.scores else {}
         return self.queue.popleft()
 
     def counts(self) -> dict[str, float]:
         """The last batch's skip counters that no workflow sees (``orchestrator/skips.py``)."""
-        return {"rollouts/too_long": float(self.too_long)}
+        return {"rollouts/too_long": float(self.too_long), **self.teacher_row}
 
     def settle(self, timeout: float) -> tuple[list[dict[str, Any]], Any]:
         """For a checkpoint: wait (at most ``timeout`` s) for the queued batches to be scored; the complete ones

@@ -20,8 +20,8 @@ import ray
 from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import RoleFailure, get
-from orchestrator.teachers import teacher_backend
-from shared.config import Config, topk_in_loss
+from orchestrator.teacher_set import teacher_backend
+from shared.config import Config, primary_teacher, topk_in_loss
 from shared.fsutil import atomic_write_text
 from shared.placement import ActorPlan, RunPlan, node_affinity
 from shared.sampling import policy_temperature, sampler_logprobs_mode
@@ -152,13 +152,20 @@ class Roles:
                     max_tokens: int | None = None, indices: list[int] | None = None) -> list:
         """Submit sampling to ``role``'s engines (prompts spread across them); the refs of their replies. The
         prompts' global indices are ``first_index, first_index + 1, ...`` unless ``indices`` gives them."""
-        engines = self.actors[role]
+        engines = self.teacher_engines() if role == "teacher" else list(enumerate(self.actors[role]))
         idx = indices if indices is not None else list(range(first_index, first_index + len(prompt_ids)))
         inf = self.cfg.inference
         return [self._owned(e.generate.remote(ids, ix, n, temperature, inf.top_p, max_tokens or inf.max_tokens,
                                               self.cfg.seed * 1_000_003), f"{role}-{i}")
-                for i, (e, ids, ix) in enumerate(zip(engines, split(prompt_ids, len(engines)), split(idx, len(engines))))
+                for (i, e), ids, ix in zip(engines, split(prompt_ids, len(engines)), split(idx, len(engines)))
                 if ids]
+
+    def teacher_engines(self, name: str | None = None) -> list[tuple[int, Any]]:
+        """``(index, actor)`` of teacher ``name``'s actors among ``actors["teacher"]`` (None: the teacher of the
+        run's own environment, :func:`shared.config.primary_teacher`); with one ``[teacher]``, every one."""
+        names = [a.teacher for a in self.run.actors if a.role == "teacher"]
+        want = name if name is not None else primary_teacher(self.cfg) if self.cfg.teachers else ""
+        return [(i, e) for i, (e, n) in enumerate(zip(self.actors["teacher"], names)) if n == want]
 
     def _owned(self, ref: Any, actor: str) -> Any:
         self.owner[ref] = actor
@@ -184,21 +191,27 @@ class Roles:
             self.owner.pop(ref, None)
         return out
 
-    def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], topk: int = 0
-                   ) -> tuple[list, list]:
-        """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts). A pair
-        longer than ``model.max_model_len`` is never sent (:func:`orchestrator.skips.scorable`): it comes back
-        unscored (None in :func:`scores_of`)."""
+    def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                   teachers: list[str] | None = None, topk: int = 0) -> tuple[list, list]:
+        """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts). With
+        ``teachers`` (the name of each completion's teacher, ``TeacherBackend.route``) each goes to its own
+        teacher's actors: one call per actor, the parts holding rollout indices so :func:`scores_of` merges the
+        replies back in order. ``topk > 0``: the replies also carry the teacher's top-k tokens at each position
+        (the top-k estimator, trainer/topk.py). A pair longer than ``model.max_model_len`` is never sent
+        (:func:`orchestrator.skips.scorable`): it comes back unscored (None in :func:`scores_of`)."""
         from orchestrator.skips import scorable
 
-        engines = self.actors["teacher"]
         fit = scorable(prompt_ids, completion_ids, self.cfg.model.max_model_len)
-        parts = [p for p in split(fit, len(engines)) if p]
-        refs = [self._owned(e.score.remote(encode(ScoreRequest(prompt_ids=[prompt_ids[i] for i in part],
-                                                               completion_ids=[completion_ids[i] for i in part],
-                                                               topk=topk))),
-                            f"teacher-{i}")
-                for i, (e, part) in enumerate(zip(engines, parts))]
+        names = teachers if teachers is not None else [None] * len(prompt_ids)
+        refs, parts = [], []
+        for name in dict.fromkeys(names[i] for i in fit):  # each teacher once, in order of first use
+            engines = self.teacher_engines(name)
+            for (k, e), part in zip(engines, split([i for i in fit if names[i] == name], len(engines))):
+                if part:
+                    parts.append(part)
+                    refs.append(self._owned(e.score.remote(encode(ScoreRequest(
+                        prompt_ids=[prompt_ids[i] for i in part],
+                        completion_ids=[completion_ids[i] for i in part], topk=topk))), f"teacher-{k}"))
         return refs, parts
 
     def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int,

@@ -35,6 +35,15 @@ class TeacherBackend:
         """The step's row entries: rollouts dropped unscored (too long to score, or an endpoint's failures)."""
         return {"teacher/score_failed": float(score_failed)}
 
+    def route(self, prompts: list) -> list[str] | None:
+        """The name of each prompt's teacher (several named teachers, orchestrator/teacher_set.py); None: the
+        one teacher scores every prompt."""
+        return None
+
+    def batch_metrics(self, prompts: list, rollouts: list, teacher_lp: list) -> dict[str, float]:
+        """Row entries from a scored batch beyond the aggregate ones (per-teacher counts and KL); none here."""
+        return {}
+
 
 class EngineTeacher(TeacherBackend):
     """The in-cluster vLLM engine without LoRA (teacher/engine.py)."""
@@ -79,5 +88,6 @@ class EndpointTeacher(TeacherBackend):
 
 
 def teacher_backend(cfg: Config) -> TeacherBackend:
-    """The one place that reads which backend runs the teacher."""
+    """The one place that reads which backend runs the (one) teacher; several named teachers are
+    :func:`orchestrator.teacher_set.teacher_backend`, which builds each of them with this."""
     return EndpointTeacher() if cfg.teacher.endpoint else EngineTeacher()

@@ -561,6 +561,20 @@ class DeadlineConfig(_Section):
     after_calls: _doc(int, "calls of a kind measured before their median counts", ge=1) = 3
 
 
+class TeacherRouteConfig(_Section):
+    by: _doc(
+        Literal["default", "env", "column"],
+        "with [teachers.NAME]: which teacher scores a prompt: always the default one, the one its environment maps "
+        "to (env), or the one its dataset row names in a \"teacher\" field (column; rows without one: default)",
+    ) = "default"
+    env: _doc(dict[str, str], "by = env: environment name -> teacher name (orchestrator.environment and "
+                              "continual.core_environments); an environment not listed gets the default") = field(
+        default_factory=dict
+    )
+    default: _doc(str, "the teacher of prompts no rule names (and of evaluations and baselines); empty = the first "
+                       "of [teachers]") = ""
+
+
 class OrchestratorConfig(_Section):
     environment: _doc(
         str, "prompt source and scorer: reverse_text, arithmetic, format_check, reasoning_gym, exact_answer, french, "
@@ -579,6 +593,7 @@ class OrchestratorConfig(_Section):
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    teacher_route: TeacherRouteConfig = field(default_factory=TeacherRouteConfig)
     workflow: _doc(
         Literal["distill", "judge", "comparator", "sft"],
         "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as "
@@ -630,6 +645,9 @@ class Config(_Section):
                           "or auto); empty = a private Ray on this machine (slurm/multi_node.sbatch sets it)") = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: _doc(dict[str, TeacherConfig], "several named teachers ([teachers.NAME] tables, the keys of [teacher]), "
+                                             "picked per prompt by orchestrator.teacher_route; empty = the one "
+                                             "[teacher]") = field(default_factory=dict)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
@@ -687,6 +705,11 @@ def _field_type(path: list[str]) -> Any:
     """The declared type at a dotted key path (None if there is no such key)."""
     tp: Any = Config
     for key in path:
+        if typing.get_origin(tp) is dict:  # a table of named entries ([teachers.NAME]): any key, the value's type
+            tp = typing.get_args(tp)[1]
+            while typing.get_origin(tp) is Annotated:
+                tp = typing.get_args(tp)[0]
+            continue
         if not (isinstance(tp, type) and issubclass(tp, Struct)):
             return None
         fields = {f.name: f.type for f in msgspec.structs.fields(tp)}
@@ -905,7 +928,8 @@ def slot_name(slot: tuple[int, int]) -> str:
 
 def _validate_gpu_ids(cfg: Config) -> None:
     """Ids are >= 0, well-formed, and name each (node, GPU) once across all roles (unless placement.colocate)."""
-    roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids}
+    roles = {"inference": cfg.inference.gpu_ids, "teacher": cfg.teacher.gpu_ids, "trainer": cfg.trainer.gpu_ids,
+             **{f"teachers.{name}": tc.gpu_ids for name, tc in cfg.teachers.items()}}
     slots: dict[str, list[tuple[int, int]]] = {}
     for role, ids in roles.items():
         if any(isinstance(i, int) and i < 0 for i in ids):
@@ -920,6 +944,92 @@ def _validate_gpu_ids(cfg: Config) -> None:
                 raise ConfigError(f"{role}.gpu_ids: GPU {slot_name(slot)} is also given to {seen[slot]}.gpu_ids; "
                                   "roles may not share a device unless placement.colocate = true")
             seen[slot] = role
+
+
+DEFAULT_TEACHER = "default"  # the name of the one [teacher] of a run without [teachers.NAME]
+_TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def teacher_configs(cfg: Config) -> dict[str, TeacherConfig]:
+    """Every teacher of the run by name: the ``[teachers.NAME]`` tables, or ``[teacher]`` as ``"default"``."""
+    return dict(cfg.teachers) if cfg.teachers else {DEFAULT_TEACHER: cfg.teacher}
+
+
+def default_teacher(cfg: Config) -> str:
+    """The teacher of prompts no routing rule names: ``teacher_route.default``, else the first one."""
+    return cfg.orchestrator.teacher_route.default or next(iter(teacher_configs(cfg)))
+
+
+def primary_teacher(cfg: Config) -> str:
+    """The teacher of the run's own environment: what evaluations, baselines and the single-teacher checks use."""
+    route = cfg.orchestrator.teacher_route
+    env_teacher = route.env.get(cfg.orchestrator.environment) if route.by == "env" else None
+    return env_teacher or default_teacher(cfg)
+
+
+def teacher_view(cfg: Config, name: str | None = None) -> Config:
+    """``cfg`` as teacher ``name`` (default: :func:`primary_teacher`) sees it: that teacher's keys in ``[teacher]``,
+    so every single-teacher check and backend runs unchanged; ``cfg`` itself without ``[teachers]``."""
+    if not cfg.teachers:
+        return cfg
+    return msgspec.structs.replace(cfg, teacher=cfg.teachers[name or primary_teacher(cfg)])
+
+
+def _validate_teachers(cfg: Config) -> None:
+    """``[teachers.NAME]`` and ``orchestrator.teacher_route`` (orchestrator/teacher_set.py routes the prompts)."""
+    route, oc = cfg.orchestrator.teacher_route, cfg.orchestrator
+    key = "orchestrator.teacher_route"
+    if not cfg.teachers:
+        if route.by != "default":
+            raise ConfigError(f"{key}.by: {json.dumps(route.by)} picks among [teachers.NAME] tables, and none is given")
+        for name in ("env", "default"):
+            if getattr(route, name):
+                raise ConfigError(f"{key}.{name}: only used with [teachers.NAME] tables")
+        return
+    if cfg.teacher != TeacherConfig():
+        raise ConfigError("teacher: both [teacher] and [teachers.NAME] are given; with named teachers put each one's "
+                          "keys in its [teachers.NAME] table (a single teacher needs only [teacher])")
+    names = list(cfg.teachers)
+    known = f"(teachers: {', '.join(names)})"
+    for name in names:
+        if not _TEACHER_NAME.fullmatch(name):
+            raise ConfigError(f"teachers.{json.dumps(name)}: a teacher's name is letters, digits, _ and - "
+                              "(it names the metrics teacher/NAME/...)")
+    if route.default and route.default not in cfg.teachers:
+        raise ConfigError(f"{key}.default: unknown teacher {json.dumps(route.default)} {known}")
+    if route.by == "env" and not route.env:
+        raise ConfigError(f'{key}.env: by = "env" needs a table of environment = "teacher" entries')
+    if route.by != "env" and route.env:
+        raise ConfigError(f'{key}.env: only used with {key}.by = "env"')
+    envs = [oc.environment, *oc.continual.core_environments]
+    for env, name in route.env.items():
+        if env not in envs:
+            raise ConfigError(f"{key}.env.{env}: {json.dumps(env)} is not an environment of this run "
+                              f"(orchestrator.environment and continual.core_environments: {', '.join(envs)})")
+        if name not in cfg.teachers:
+            raise ConfigError(f"{key}.env.{env}: unknown teacher {json.dumps(name)} {known}")
+    if route.by == "column" and not oc.dataset.path:
+        raise ConfigError(f'{key}.by: "column" reads the "teacher" field of orchestrator.dataset.path rows, and no '
+                          "dataset is given")
+    if len(names) > 1 and oc.workflow != "distill":
+        raise ConfigError(f"orchestrator.workflow: {json.dumps(oc.workflow)} asks one teacher; several [teachers.NAME] "
+                          "route the scoring of rollouts (workflow = \"distill\")")
+    for name in names:  # each teacher's own keys, checked as [teacher]'s are, named by its table
+        view = teacher_view(cfg, name)
+        try:
+            tc = view.teacher
+            if tc.gpu_ids and len(tc.gpu_ids) % tc.parallel.tp:
+                raise ConfigError(f"teacher.parallel.tp: {tc.parallel.tp} does not divide the {len(tc.gpu_ids)} ids "
+                                  "in teacher.gpu_ids")
+            if tc.gpu_ids and tc.parallel.dp and tc.parallel.dp * tc.parallel.tp != len(tc.gpu_ids):
+                raise ConfigError(f"teacher.parallel.dp: dp*tp = {tc.parallel.dp * tc.parallel.tp} must equal the "
+                                  f"{len(tc.gpu_ids)} ids in teacher.gpu_ids")
+            if not tc.gpu_ids and tc.parallel.tp > 1:
+                raise ConfigError("teacher.parallel.tp: tensor parallelism needs GPU ids (teacher.gpu_ids is empty)")
+            _validate_endpoint(view)
+            _validate_sft(view)
+        except ConfigError as e:
+            raise ConfigError(re.sub(r"\bteacher\.", f"teachers.{name}.", str(e))) from None
 
 
 def validate(cfg: Config) -> None:
@@ -961,6 +1071,7 @@ def validate(cfg: Config) -> None:
     _validate_judge_comparator(cfg)
     _validate_endpoint(cfg)
     _validate_topk(cfg)
+    _validate_teachers(cfg)
     _validate_env_args(cfg)
     _validate_finetune(cfg)
     if not cfg.output_dir.strip():

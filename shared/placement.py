@@ -41,7 +41,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from shared.config import Config, ConfigError, gpu_slots, slot_name
+from shared.config import Config, ConfigError, gpu_slots, slot_name, teacher_configs
 
 
 class ActorPlan(Struct, kw_only=True):
@@ -56,10 +56,16 @@ class ActorPlan(Struct, kw_only=True):
     memory: float = 0.0  # placement.colocate: its share of each of its GPUs while it works; 0 = not planned
     held: float = 0.0  # a trainer rank beside sleeping engines: its share between steps (else = memory)
     sleeps: bool = False  # an engine that sleeps while the trainer steps on one of its GPUs
+    teacher: str = ""  # a teacher of [teachers.NAME]: its NAME (empty: the run's one [teacher])
 
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
+
+    @property
+    def key(self) -> str:
+        """The config section of its GPU ids: its role, or ``teachers.NAME`` for a named teacher."""
+        return f"teachers.{self.teacher}" if self.teacher else self.role
 
 
 def visible_devices(ids: list[int], visible: str | None, key: str) -> list[str]:
@@ -106,15 +112,33 @@ def _engines(role: str, ids: list[int | str], dp: int, tp: int, visible: str | N
     return [_gpu_actor(role, i, g, visible, tp=tp) for i, g in enumerate(groups)]
 
 
+def _one_teacher(tea: Any, visible: str | None) -> list[ActorPlan]:
+    if tea.endpoint:  # one CPU actor that sends the teacher's requests to the external server
+        return [ActorPlan(role="teacher", index=0, devices=[], env=_env([]), endpoint=tea.endpoint)]
+    return _engines("teacher", tea.gpu_ids, tea.parallel.dp, tea.parallel.tp, visible)
+
+
+def teacher_actors(cfg: Config, visible: str | None = None) -> list[ActorPlan]:
+    """The teacher's actors; with ``[teachers.NAME]`` each named teacher's, in table order, numbered on
+    (``teacher-0``, ``teacher-1``, ...) and marked with its name (``ActorPlan.teacher``)."""
+    if not cfg.teachers:
+        return _one_teacher(cfg.teacher, visible)
+    out: list[ActorPlan] = []
+    for name, tea in teacher_configs(cfg).items():
+        try:
+            mine = _one_teacher(tea, visible)
+        except ConfigError as e:  # name the table: "teachers.a.gpu_ids: ..."
+            raise ConfigError(re.sub(r"\bteacher\.", f"teachers.{name}.", str(e))) from None
+        out += [msgspec.structs.replace(a, index=len(out) + i, teacher=name) for i, a in enumerate(mine)]
+    return out
+
+
 def plan(cfg: Config, visible: str | None = None) -> list[ActorPlan]:
     """The actors of a run; ``visible`` is ``rl``'s own ``CUDA_VISIBLE_DEVICES`` (None: unset)."""
     actors = [ActorPlan(role="orchestrator", index=0, devices=[], env=_env([]))]
-    inf, tea = cfg.inference, cfg.teacher
+    inf = cfg.inference
     actors += _engines("inference", inf.gpu_ids, inf.parallel.dp, inf.parallel.tp, visible)
-    if tea.endpoint:  # one CPU actor that sends the teacher's requests to the external server
-        actors.append(ActorPlan(role="teacher", index=0, devices=[], env=_env([]), endpoint=tea.endpoint))
-    else:
-        actors += _engines("teacher", tea.gpu_ids, tea.parallel.dp, tea.parallel.tp, visible)
+    actors += teacher_actors(cfg, visible)
     if cfg.trainer.gpu_ids:  # all ranks on one node: FSDP2's collectives of every step stay within it
         slots = gpu_slots(cfg.trainer.gpu_ids, "trainer.gpu_ids")
         _one_node(slots, "trainer.gpu_ids", "the trainer (all its ranks)")
@@ -139,7 +163,8 @@ def colocate(cfg: Config, actors: list[ActorPlan]) -> list[ActorPlan]:
             out.append(a)
             continue
         sleeps = cfg.placement.sleep and a.role != "trainer" and any((a.node, g) in trained for g in a.devices)
-        out.append(msgspec.structs.replace(a, memory=share[a.role], held=share[a.role], sleeps=sleeps))
+        mine = teacher_configs(cfg)[a.teacher].gpu_memory_utilization if a.teacher else share[a.role]
+        out.append(msgspec.structs.replace(a, memory=mine, held=mine, sleeps=sleeps))
     if any(a.sleeps for a in out):
         if cfg.orchestrator.max_async_level:
             raise ConfigError(f"placement.sleep: engines sleep while the trainer steps, but orchestrator."
@@ -194,6 +219,7 @@ OVERCOMMIT_EPS = 1e-9  # 0.3 + 0.3 + 0.4 is 1.0000000000000002 in floats: not ov
 def _shares(a: ActorPlan) -> str:
     key = {"inference": "inference.gpu_memory_utilization", "teacher": "teacher.gpu_memory_utilization",
            "trainer": "trainer.gpu_memory_fraction"}[a.role]
+    key = f"teachers.{a.teacher}.gpu_memory_utilization" if a.teacher else key
     return f"{a.name} {a.memory:g} ({key}{', asleep while the trainer steps' if a.sleeps else ''})"
 
 
@@ -244,6 +270,8 @@ class RunPlan(Struct, kw_only=True):
     endpoint_prompts: str = ""  # an endpoint teacher: how prompts are sent (ids or text)
     dataset: str = ""  # the dataset file of the rows kept after preflight's length check; empty = as configured
     skipped: dict[str, int] = {}  # dataset rows skipped before the run, by kind (orchestrator/skips.py)
+    # several named teachers: each one's single-teacher fields above (teacher, endpoint_model, endpoint_prompts)
+    teachers: dict[str, dict[str, str]] = {}
 
 
 def node_list(nodes: list[dict[str, Any]]) -> str:
@@ -257,7 +285,7 @@ def node_ids(actors: list[ActorPlan], nodes: list[dict[str, Any]]) -> list[str]:
     node past them is a one-line ConfigError naming its role's key, before any engine starts."""
     for a in actors:
         if a.node >= len(nodes):
-            raise ConfigError(f"{a.role}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
+            raise ConfigError(f"{a.key}.gpu_ids: {a.name} is on node {a.node}, but the Ray cluster has "
                               f"{len(nodes)} alive node(s): {node_list(nodes)} (0 = the node rl runs on)")
     return [n["NodeID"] for n in nodes]
 
@@ -281,7 +309,8 @@ def describe(actors: list[ActorPlan]) -> str:
     for a in actors:
         where = f"GPU {','.join(map(str, a.devices))}" if a.devices else "CPU"
         where = f"node {a.node} {where}" if several else where
-        extra = f" tp={a.tp}" if a.tp > 1 else ""
+        extra = f" teacher={a.teacher}" if a.teacher else ""
+        extra += f" tp={a.tp}" if a.tp > 1 else ""
         extra += f" backend={a.backend}" if a.backend else ""
         extra += f" -> {a.endpoint}" if a.endpoint else ""
         extra += f" mem={a.memory:g}" if a.memory else ""

@@ -246,8 +246,10 @@ def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
 
 
 @pytest.mark.engine
-def test_continual_workflow_two_steps(tiny_pair, tmp_path):
-    rows, train = _run("experiments/continual/rl.toml", tmp_path / "cl")
+def test_continual_workflow_two_steps_two_teachers(tiny_pair, tmp_path):
+    """experiments/multi_teacher is experiments/continual (whose gate test below runs it with one teacher) with a
+    teacher engine per environment: both workflows in one run, one more engine start."""
+    rows, train = _run("experiments/multi_teacher/rl.toml", tmp_path / "cl")
     evals = [r for r in rows if "eval/core/reverse_text_short/avg" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert evals[0]["eval/core/reverse_text_short/delta_from_start"] == 0.0
@@ -255,6 +257,18 @@ def test_continual_workflow_two_steps(tiny_pair, tmp_path):
     assert all(r["continual/replay_prompts"] == 2 for r in train) and all("loss/ref_kl" in r for r in train)
     final = json.loads((tmp_path / "cl" / "final_adapter.json").read_text())
     assert final["step"] == 2 and not final["gate_failed"]
+    # two teacher engines, each scoring its environment's rollouts: 6 long and 2 replayed short prompts of 8
+    pids = json.loads((tmp_path / "cl" / "logs" / "pids.json").read_text())
+    assert "teacher-0" in pids and "teacher-1" in pids and pids["teacher-0"] != pids["teacher-1"]
+    for r in train:
+        assert (r["teacher/long/prompts"], r["teacher/short/prompts"]) == (6, 2)
+        assert r["teacher/long/rollouts"] + r["teacher/short/rollouts"] + r["rollouts/empty"] == 8 * 4
+        for t in ("long", "short"):
+            assert r[f"teacher/{t}/scored"] == r[f"teacher/{t}/rollouts"] > 0
+        # merged back in order: the aggregate KL is the token-weighted mean of the two teachers'
+        n_long, n_short = r["teacher/long/tokens"], r["teacher/short/tokens"]
+        assert r["teacher_kl"] == pytest.approx(
+            (n_long * r["teacher/long/kl"] + n_short * r["teacher/short/kl"]) / (n_long + n_short), rel=1e-6)
 
 
 @pytest.mark.engine
