@@ -34,9 +34,9 @@ def preflight(cfg: Config) -> RunPlan:
 
     With ``cfg.dry_run`` (``rl --dry_run``) the same checks run, except those that write, cost much or
     need another machine (:data:`DRY_RUN_SKIPS`): nothing is created, built or contacted."""
-    from orchestrator import environments
+    from orchestrator import environments, vocabulary
     from orchestrator.teachers import teacher_backend
-    from shared import chat_templates, models
+    from shared import models
 
     dry = cfg.dry_run
     out = _check_output_dir(cfg)
@@ -64,8 +64,7 @@ def preflight(cfg: Config) -> RunPlan:
     teacher = models.resolve(cfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
-    models.check_same_vocab(student, teacher, s_tok, t_tok)
-    chat_templates.check(cfg, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
+    vocabulary.preflight(cfg, student, teacher, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
     run = RunPlan(student=str(student), teacher=str(teacher), actors=actors, skipped=skipped)
     if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)
         run = msgspec.structs.replace(run, **teacher_backend(cfg).preflight(cfg, t_tok))

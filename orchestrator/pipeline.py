@@ -28,7 +28,7 @@ import ray
 from orchestrator import checkpoint, skips
 from orchestrator.data import Prompt
 from orchestrator.failures import get
-from orchestrator.roles import Roles, rollouts_of, scores_of
+from orchestrator.roles import Roles, rollouts_of
 from shared.wire import Rollout
 
 
@@ -281,7 +281,9 @@ class Pipeline:
                     b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
                     b.t_scored = b.t_sampled
             if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
-                b.teacher_lp = scores_of(b.score_parts, [self.results.pop(r) for r in b.score_refs], len(b.rollouts))
+                b.teacher_lp = self.roles.teacher_logprobs(b.score_parts, [self.results.pop(r) for r in b.score_refs],
+                                                           [r.completion_ids for r in b.rollouts],
+                                                           [r.logprobs for r in b.rollouts])
                 b.t_scored = time.perf_counter()
 
     def next_batch(self, step: int) -> Batch:

@@ -20,6 +20,7 @@ import ray
 from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import RoleFailure, get
+from orchestrator import vocabulary
 from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
@@ -47,6 +48,7 @@ class Roles:
         """``started``: a session's roles, already running, that this run's config now drives."""
         self.cfg, self.out, self.run = cfg, out, run
         self.teacher = teacher_backend(cfg)
+        self.vocab = vocabulary.make(cfg, run.student, run.teacher)  # what the teacher reads (orchestrator/vocabulary.py)
         self.actors: dict[str, list] = started.actors if started else {}
         self.weight_info: dict | None = started.weight_info if started else None
         self.deadlines = Deadlines(cfg, out)
@@ -183,9 +185,11 @@ class Roles:
     def score_refs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
         """Submit teacher scoring of each completion (spread across the teacher's actors): (refs, parts). A pair
         longer than ``model.max_model_len`` is never sent (:func:`orchestrator.skips.scorable`): it comes back
-        unscored (None in :func:`scores_of`)."""
+        unscored (None in :func:`scores_of`). With another teacher vocabulary, the teacher's own tokens are sent
+        (:meth:`teacher_logprobs` maps their log-probs back)."""
         from orchestrator.skips import scorable
 
+        prompt_ids, completion_ids = self.vocab.to_teacher(prompt_ids, completion_ids)
         engines = self.actors["teacher"]
         fit = scorable(prompt_ids, completion_ids, self.cfg.model.max_model_len)
         parts = [p for p in split(fit, len(engines)) if p]
@@ -194,6 +198,12 @@ class Roles:
                             f"teacher-{i}")
                 for i, (e, part) in enumerate(zip(engines, parts))]
         return refs, parts
+
+    def teacher_logprobs(self, parts: list[list[int]], replies: list[bytes], completion_ids: list[list[int]],
+                         student_lp: list[list[float]] | None = None) -> list[list[float] | None]:
+        """The replies of :meth:`score_refs` as teacher log-probs of each (student) completion token; None where
+        unscored.  ``student_lp``: the sampler's log-probs (another vocabulary spreads a group by them)."""
+        return self.vocab.to_student(completion_ids, scores_of(parts, replies, len(completion_ids)), student_lp)
 
     def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int) -> list:
         """One optimizer step on every trainer rank, the samples dealt round robin (every rank runs the same
