@@ -14,7 +14,8 @@ from typing import Any
 from shared.config import ConfigError
 
 TINY_ALIASES = {"tiny-reverse-teacher": 0, "tiny-reverse-student": 1}
-ALIASES = [*TINY_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
+PAIRS_ALIAS = "tiny-reverse-teacher-pairs"  # the tiny teacher with a letter-pair vocabulary (builders/tiny_cross_vocab.py)
+ALIASES = [*TINY_ALIASES, PAIRS_ALIAS, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
 # Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
@@ -25,6 +26,10 @@ def resolve(name: str, key: str) -> Path:
         from shared.builders.tiny_pair import build_pair
 
         return build_pair()[TINY_ALIASES[name]]
+    if name == PAIRS_ALIAS:
+        from shared.builders.tiny_cross_vocab import build_teacher
+
+        return build_teacher()
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 
@@ -61,6 +66,10 @@ def is_built(name: str) -> bool:
         from shared.builders import tiny_pair
 
         return tiny_pair.is_built(tiny_pair.default_root() / tiny_pair.pair_dir_names()[TINY_ALIASES[name]])
+    if name == PAIRS_ALIAS:
+        from shared.builders import tiny_cross_vocab
+
+        return tiny_cross_vocab.is_built()
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 

@@ -1,0 +1,155 @@
+"""Cross-vocabulary distillation: the tiny student from a teacher with another vocabulary, beside the same-vocabulary pair.
+
+    python benchmarks/cross_vocab.py            # 2 runs of experiments/cross_vocab/rl.toml (120 steps) + 2 x 5 steps
+    python benchmarks/cross_vocab.py --steps 3 --identity_steps 2 --out /tmp/cv   # a quick check of the pipeline
+
+Runs (same student, prompts, steps and seed; ``rl`` as a subprocess each):
+
+- ``cross``: teacher ``tiny-reverse-teacher-pairs`` (letter pairs) with ``teacher.vocabulary = "align"``;
+- ``same``: teacher ``tiny-reverse-teacher`` (the student's characters) with ``teacher.vocabulary = "same"``;
+- ``identity``: the same pair for a few steps with ``"align"`` and with ``"same"``: one-to-one groups must give
+  the same-vocabulary estimator exactly, so ``teacher_kl`` must agree step by step.
+
+Per run: held-out accuracy (greedy, 100 prompts) at step 0 and at the end, ``teacher_kl`` (and ``align/kl``) as the
+mean over the first and the last 10 steps, the fraction of student tokens in groups that are not one-to-one, and
+the wall time.  Writes ``cross_vocab_<date>.md`` and ``.json`` to ``--out`` (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = "experiments/cross_vocab/rl.toml"
+RUNS = {
+    "cross": ["--teacher.name", "tiny-reverse-teacher-pairs", "--teacher.vocabulary", "align"],
+    "same": ["--teacher.name", "tiny-reverse-teacher", "--teacher.vocabulary", "same"],
+}
+IDENTITY = {
+    "identity_align": ["--teacher.name", "tiny-reverse-teacher", "--teacher.vocabulary", "align"],
+    "identity_same": ["--teacher.name", "tiny-reverse-teacher", "--teacher.vocabulary", "same"],
+}
+WINDOW = 10  # steps averaged at the start and at the end
+
+
+def run_rl(name: str, args: list[str], steps: int, runs: Path) -> dict[str, Any]:
+    out = runs / name
+    shutil.rmtree(out, ignore_errors=True)
+    rl = str(Path(sys.executable).parent / "rl")
+    cmd = [rl, "@", CONFIG, "--max_steps", str(steps), "--output_dir", str(out), "--wandb.mode", "disabled",
+           "--orchestrator.eval.interval", str(steps), *args]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{name}: rl exited with {p.returncode}:\n{p.stderr[-3000:]}")
+    return {"args": args, "steps": steps, "seconds": round(time.perf_counter() - t0, 1), **summarise(out)}
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarise(out: Path) -> dict[str, Any]:
+    """The numbers of one run from its metrics.jsonl (module docstring)."""
+    from shared.metrics import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "teacher_kl" in r]
+    evals = {r["step"]: r["eval/reverse_text/avg"] for r in rows if "eval/reverse_text/avg" in r}
+    first, last = train[:WINDOW], train[-WINDOW:]
+    return {
+        "accuracy_start": evals[min(evals)], "accuracy_end": evals[max(evals)],
+        "teacher_kl_first": _mean(first, "teacher_kl"), "teacher_kl_last": _mean(last, "teacher_kl"),
+        "align_kl_first": _mean(first, "align/kl"), "align_kl_last": _mean(last, "align/kl"),
+        "multi_token_frac": _mean(train, "align/multi_token_frac"),
+        "teacher_per_student": _mean(train, "align/teacher_per_student"),
+        "align_fallback": sum(r.get("align/fallback", 0.0) for r in train),
+        "teacher_kl_per_step": [r["teacher_kl"] for r in train],
+    }
+
+
+def teacher_accuracy(alias: str) -> float:
+    from shared import models
+    from shared.builders.tiny_pair import read_build_info
+
+    return read_build_info(models.resolve(alias, "teacher.name"))["heldout_accuracy"]
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [f"# Cross-vocabulary on-policy distillation ({result['date']})", "",
+             f"Machine: {result['machine']}; load average before / after: {result['load_before']} / "
+             f"{result['load_after']}; wall time {result['wall_s']:.0f} s; command: `{result['command']}`.", "",
+             f"`{CONFIG}` ({result['steps']} steps of 32 prompts x 4 samples, seed 0): the tiny reverse-text student "
+             "distilled from a teacher with another vocabulary (letter pairs, `teacher.vocabulary = \"align\"`) and "
+             "from the same-vocabulary teacher (characters), everything else equal. Accuracy: held-out, greedy, "
+             f"100 prompts. KL columns: mean over the first / last {WINDOW} steps (`teacher_kl` is per student token; "
+             "with `align` it equals `align/kl`, the sum over aligned groups of S_G - T_G per student token).", "",
+             "| run | teacher (held-out acc) | vocabulary | accuracy start → end | teacher_kl first → last | "
+             "align/kl first → last | tokens in multi-token groups | teacher tokens / student token | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in RUNS:
+        r = result["runs"][name]
+        teacher = r["args"][1]
+        lines.append(f"| {name} | {teacher} ({result['teacher_accuracy'][teacher]:.3f}) | {r['args'][3]} | "
+                     f"{_f(r['accuracy_start'], 2)} → {_f(r['accuracy_end'], 2)} | {_f(r['teacher_kl_first'])} → "
+                     f"{_f(r['teacher_kl_last'])} | {_f(r['align_kl_first'])} → {_f(r['align_kl_last'])} | "
+                     f"{_f(r['multi_token_frac'])} | {_f(r['teacher_per_student'])} | {r['seconds']:.0f} |")
+    ident = result["identity"]
+    lines += ["", f"Identity check ({ident['steps']} steps, the same-vocabulary pair): `align` against `same`, "
+              f"`teacher_kl` per step {ident['align']} vs {ident['same']}: "
+              f"{'identical' if ident['align'] == ident['same'] else 'DIFFERENT'}; largest difference "
+              f"{ident['max_abs_diff']:.3g}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--identity_steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--runs", type=Path, default=None, help="where the runs' output_dirs go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    runs = args.runs or Path(tempfile.mkdtemp(prefix="cross_vocab_"))
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(), "steps": args.steps,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
+        "command": "python " + " ".join(["benchmarks/cross_vocab.py", *(argv if argv is not None else sys.argv[1:])]),
+        "teacher_accuracy": {a: teacher_accuracy(a) for a in ("tiny-reverse-teacher-pairs", "tiny-reverse-teacher")},
+        "runs": {name: run_rl(name, extra, args.steps, runs) for name, extra in RUNS.items()},
+    }
+    ident = {name: run_rl(name, extra, args.identity_steps, runs) for name, extra in IDENTITY.items()}
+    a, s = ident["identity_align"]["teacher_kl_per_step"], ident["identity_same"]["teacher_kl_per_step"]
+    result["identity"] = {"steps": args.identity_steps, "align": a, "same": s,
+                          "max_abs_diff": max((abs(x - y) for x, y in zip(a, s)), default=float("nan"))}
+    result.update(wall_s=time.perf_counter() - t0, load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+                  load_before=load_before)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cross_vocab_{result['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(report(result))
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
