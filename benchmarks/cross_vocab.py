@@ -1,14 +1,16 @@
 """Cross-vocabulary distillation: the tiny student from a teacher with another vocabulary, beside the same-vocabulary pair.
 
-    python benchmarks/cross_vocab.py            # 2 runs of experiments/cross_vocab/rl.toml (120 steps) + 2 x 5 steps
-    python benchmarks/cross_vocab.py --steps 3 --identity_steps 2 --out /tmp/cv   # a quick check of the pipeline
+    python benchmarks/cross_vocab.py                        # 2 runs of experiments/cross_vocab/rl.toml (120 steps)
+    python benchmarks/cross_vocab.py --steps 3 --out /tmp/cv   # a quick check of the pipeline
 
 Runs (same student, prompts, steps and seed; ``rl`` as a subprocess each):
 
 - ``cross``: teacher ``tiny-reverse-teacher-pairs`` (letter pairs) with ``teacher.vocabulary = "align"``;
-- ``same``: teacher ``tiny-reverse-teacher`` (the student's characters) with ``teacher.vocabulary = "same"``;
-- ``identity``: the same pair for a few steps with ``"align"`` and with ``"same"``: one-to-one groups must give
-  the same-vocabulary estimator exactly, so ``teacher_kl`` must agree step by step.
+- ``same``: teacher ``tiny-reverse-teacher`` (the student's characters) with ``teacher.vocabulary = "same"``.
+
+(That one-to-one groups give the same-vocabulary estimator bit for bit is checked in tests/test_align.py and,
+through ``vllm serve``, in tests/test_endpoint.py; a whole run of the same pair under ``"align"`` is not identical,
+because the untrained student samples padding tokens its own tokenizer cannot re-encode: ``align/respelled``.)
 
 Per run: held-out accuracy (greedy, 100 prompts) at step 0 and at the end, ``teacher_kl`` (and ``align/kl``) as the
 mean over the first and the last 10 steps, the fraction of student tokens in groups that are not one-to-one, and
@@ -38,10 +40,6 @@ CONFIG = "experiments/cross_vocab/rl.toml"
 RUNS = {
     "cross": ["--teacher.name", "tiny-reverse-teacher-pairs", "--teacher.vocabulary", "align"],
     "same": ["--teacher.name", "tiny-reverse-teacher", "--teacher.vocabulary", "same"],
-}
-IDENTITY = {
-    "identity_align": ["--teacher.name", "tiny-reverse-teacher", "--teacher.vocabulary", "align"],
-    "identity_same": ["--teacher.name", "tiny-reverse-teacher", "--teacher.vocabulary", "same"],
 }
 WINDOW = 10  # steps averaged at the start and at the end
 
@@ -78,7 +76,7 @@ def summarise(out: Path) -> dict[str, Any]:
         "align_kl_first": _mean(first, "align/kl"), "align_kl_last": _mean(last, "align/kl"),
         "multi_token_frac": _mean(train, "align/multi_token_frac"),
         "teacher_per_student": _mean(train, "align/teacher_per_student"),
-        "align_fallback": sum(r.get("align/fallback", 0.0) for r in train),
+        "align_respelled": sum(r.get("align/respelled", 0.0) for r in train),
         "teacher_kl_per_step": [r["teacher_kl"] for r in train],
     }
 
@@ -104,27 +102,32 @@ def report(result: dict[str, Any]) -> str:
              f"100 prompts. KL columns: mean over the first / last {WINDOW} steps (`teacher_kl` is per student token; "
              "with `align` it equals `align/kl`, the sum over aligned groups of S_G - T_G per student token).", "",
              "| run | teacher (held-out acc) | vocabulary | accuracy start → end | teacher_kl first → last | "
-             "align/kl first → last | tokens in multi-token groups | teacher tokens / student token | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "align/kl first → last | tokens in multi-token groups | teacher tokens / student token | "
+             "completions respelled | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in RUNS:
         r = result["runs"][name]
         teacher = r["args"][1]
         lines.append(f"| {name} | {teacher} ({result['teacher_accuracy'][teacher]:.3f}) | {r['args'][3]} | "
                      f"{_f(r['accuracy_start'], 2)} → {_f(r['accuracy_end'], 2)} | {_f(r['teacher_kl_first'])} → "
                      f"{_f(r['teacher_kl_last'])} | {_f(r['align_kl_first'])} → {_f(r['align_kl_last'])} | "
-                     f"{_f(r['multi_token_frac'])} | {_f(r['teacher_per_student'])} | {r['seconds']:.0f} |")
-    ident = result["identity"]
-    lines += ["", f"Identity check ({ident['steps']} steps, the same-vocabulary pair): `align` against `same`, "
-              f"`teacher_kl` per step {ident['align']} vs {ident['same']}: "
-              f"{'identical' if ident['align'] == ident['same'] else 'DIFFERENT'}; largest difference "
-              f"{ident['max_abs_diff']:.3g}.", ""]
+                     f"{_f(r['multi_token_frac'])} | {_f(r['teacher_per_student'])} | "
+                     f"{r['align_respelled']:.0f} | {r['seconds']:.0f} |")
+    cross, same = result["runs"]["cross"], result["runs"]["same"]
+    lines += ["", f"Cross-vocabulary: held-out accuracy {cross['accuracy_start']:.2f} → {cross['accuracy_end']:.2f} "
+              f"({'up' if cross['accuracy_end'] > cross['accuracy_start'] else 'NOT up'}), aligned KL "
+              f"{_f(cross['align_kl_first'])} → {_f(cross['align_kl_last'])} "
+              f"({'down' if cross['align_kl_last'] < cross['align_kl_first'] else 'NOT down'}); same vocabulary: "
+              f"{same['accuracy_start']:.2f} → {same['accuracy_end']:.2f}, teacher_kl {_f(same['teacher_kl_first'])} → "
+              f"{_f(same['teacher_kl_last'])}. 'Completions respelled': summed over the steps, completions with a "
+              "token the teacher's tokenizer spells otherwise (the student's unreachable `<extra_i>` padding tokens; "
+              "that stretch is one group).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--identity_steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=None, help="where the runs' output_dirs go (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -138,10 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         "teacher_accuracy": {a: teacher_accuracy(a) for a in ("tiny-reverse-teacher-pairs", "tiny-reverse-teacher")},
         "runs": {name: run_rl(name, extra, args.steps, runs) for name, extra in RUNS.items()},
     }
-    ident = {name: run_rl(name, extra, args.identity_steps, runs) for name, extra in IDENTITY.items()}
-    a, s = ident["identity_align"]["teacher_kl_per_step"], ident["identity_same"]["teacher_kl_per_step"]
-    result["identity"] = {"steps": args.identity_steps, "align": a, "same": s,
-                          "max_abs_diff": max((abs(x - y) for x, y in zip(a, s)), default=float("nan"))}
     result.update(wall_s=time.perf_counter() - t0, load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                   load_before=load_before)
     args.out.mkdir(parents=True, exist_ok=True)

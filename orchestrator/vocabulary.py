@@ -7,7 +7,7 @@ and their templates agree (``shared/models.py``, ``shared/chat_templates.py``).
 own rendering of the prompt (the chat messages the student's prompt was rendered from, through the teacher's
 template; plain text without one) followed by the completion's text re-tokenized by the teacher's tokenizer
 (tokenized on its own, as the student sampled it: no merge across the prompt/completion boundary).  A trailing
-end-of-sequence token (or any special token the completion stops at) is not text: it becomes the teacher's
+end-of-sequence token is not text: it becomes the teacher's
 ``eos_token_id``, a group of its own.  The teacher's log-probs come back per teacher token and
 :meth:`Aligned.to_student` maps them onto the student's tokens by character spans (``shared/align.py``), so the
 advantage and ``teacher_kl`` downstream are unchanged.  Both the in-cluster engine and a ``vllm serve``
@@ -81,8 +81,8 @@ class Aligned:
         return render_messages(self.t_tok, messages, chat)
 
     def _split(self, completion: list[int]) -> tuple[list[int], bool]:
-        """The completion's text tokens, and whether it stopped at a special token (mapped to the teacher's EOS)."""
-        stops = completion and completion[-1] in set(self.s_tok.all_special_ids)
+        """The completion's text tokens, and whether it stopped at the student's EOS (mapped to the teacher's)."""
+        stops = bool(completion) and completion[-1] == self.s_tok.eos_token_id
         return (completion[:-1], True) if stops else (completion, False)
 
     def _decode_s(self, ids: list[int]) -> str:
@@ -91,22 +91,24 @@ class Aligned:
     def _decode_t(self, ids: list[int]) -> str:
         return self.t_tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def teacher_completion(self, completion: list[int]) -> tuple[list[int], list[align.Group] | None]:
-        """The teacher's tokens of the completion and the groups (None: the texts do not round-trip, so the
-        whole completion is one group)."""
+    def teacher_completion(self, completion: list[int]) -> tuple[list[int], list[align.Group], bool]:
+        """The teacher's tokens of the completion, the groups, and whether the teacher's tokens spell another text
+        than the student's (a character the teacher cannot spell: the differing stretch is one group,
+        :func:`shared.align.boundary_map`)."""
         body, stops = self._split(completion)
         text = self._decode_s(body)
         t_body = self.t_tok(text, add_special_tokens=False).input_ids if text else []
         t_ids = t_body + ([self.t_tok.eos_token_id] if stops else [])
-        if not body or not t_body:
-            groups = [] if not body and not t_body else None
-        elif self._decode_t(t_body) != text:
-            groups = None
-        else:
-            groups = align.group(align.token_ends(self._decode_s, body), align.token_ends(self._decode_t, t_body))
-        if groups is not None and stops:
+        t_text = self._decode_t(t_body)
+        if body and t_body:
+            to_s = align.boundary_map(text, t_text)
+            t_ends = [to_s.get(e) if e is not None else None for e in align.token_ends(self._decode_t, t_body)]
+            groups = align.group(align.token_ends(self._decode_s, body), t_ends)
+        else:  # one side spells nothing: one group (or none)
+            groups = [align.Group(0, len(body), 0, len(t_body))] if body or t_body else []
+        if stops:
             groups.append(align.Group(len(body), len(body) + 1, len(t_body), len(t_body) + 1))
-        return t_ids, groups
+        return t_ids, groups, t_text != text
 
     # -- the interface ----------------------------------------------------------------------------------
     def to_teacher(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
@@ -124,10 +126,8 @@ class Aligned:
                 out.append(None)
                 continue
             completion = list(completion)
-            t_ids, groups = self.teacher_completion(completion)
-            if groups is None:
-                self.stats.fallback += 1
-                groups = [align.Group(0, len(completion), 0, len(t_ids))]
+            _, groups, differs = self.teacher_completion(completion)
+            self.stats.respelled += differs
             slp = list(student_lp[i]) if student_lp is not None else [0.0] * len(completion)
             out.append(align.spread(groups, tlp, slp))
             if student_lp is not None:

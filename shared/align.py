@@ -29,6 +29,7 @@ group of the token that completes the character.  Pure Python: no role imports, 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,19 @@ def token_ends(decode: Callable[[list[int]], str], ids: Sequence[int]) -> list[i
     if ends:
         ends[-1] = len(text)
     return ends
+
+
+def boundary_map(student_text: str, teacher_text: str) -> dict[int, int]:
+    """Character positions of ``teacher_text`` that are positions of ``student_text`` too, teacher -> student.
+
+    The two are equal unless the teacher's tokenizer cannot spell some of the student's text (a character it
+    maps to ``<unk>``, a normalisation): then the longest matching blocks (``difflib``) line them up, every
+    position inside or at the edge of a matching block maps, and what lies between two blocks is one region on
+    each side, so it ends up in one group (the rest of the completion still aligns token by token)."""
+    if student_text == teacher_text:
+        return {i: i for i in range(len(student_text) + 1)}
+    matcher = difflib.SequenceMatcher(None, student_text, teacher_text, autojunk=False)
+    return {b + i: a + i for a, b, size in matcher.get_matching_blocks() for i in range(size + 1)}
 
 
 def group(student_ends: Sequence[int | None], teacher_ends: Sequence[int | None]) -> list[Group]:
@@ -114,7 +128,7 @@ class AlignStats:
     teacher_tokens: int = 0
     multi_tokens: int = 0  # student tokens in groups that are not one-to-one
     groups: int = 0
-    fallback: int = 0  # completions whose texts did not round-trip: one group for the whole completion
+    respelled: int = 0  # completions the teacher's tokenizer spells otherwise (a differing stretch: one group)
 
     def add(self, groups: Sequence[Group], teacher_lp: Sequence[float], student_lp: Sequence[float]) -> None:
         for g in groups:
@@ -128,7 +142,8 @@ class AlignStats:
         """``align/kl``: the aligned reverse-KL estimate per student token (sum over groups of ``S_G - T_G``,
         divided by the student tokens); ``align/multi_token_frac``: the fraction of student tokens in groups that
         are not one-to-one; ``align/teacher_per_student``: teacher tokens per student token;
-        ``align/fallback``: completions aligned as one group (their texts did not round-trip)."""
+        ``align/respelled``: completions whose text the teacher's tokens spell otherwise (``<unk>``), each
+        differing stretch one group (:func:`boundary_map`)."""
         n = max(self.student_tokens, 1)
         return {"align/kl": self.kl_sum / n, "align/multi_token_frac": self.multi_tokens / n,
-                "align/teacher_per_student": self.teacher_tokens / n, "align/fallback": float(self.fallback)}
+                "align/teacher_per_student": self.teacher_tokens / n, "align/respelled": float(self.respelled)}

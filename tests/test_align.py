@@ -94,7 +94,7 @@ def test_stats_row_is_per_student_token():
     row = stats.row()
     # (S - T) = (-0.5 + 1.0) + (-0.5 + 0.5) = 0.5 over 3 student tokens; 2 of 3 in the 2:1 group
     assert row == pytest.approx({"align/kl": 0.5 / 3, "align/multi_token_frac": 2 / 3,
-                                 "align/teacher_per_student": 2 / 3, "align/fallback": 0.0})
+                                 "align/teacher_per_student": 2 / 3, "align/respelled": 0.0})
 
 
 # -- token ends on real tokenizers ----------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_pairs_teacher_scores_its_own_tokens_and_maps_back(chars, pairs):
     (t_prompt,), (t_completion,) = a.to_teacher([prompt], [completion])
     assert pairs.convert_ids_to_tokens(t_prompt) == ["<s>", "ab", "cd", "e", "="]  # the teacher's own rendering
     assert pairs.convert_ids_to_tokens(t_completion) == ["ed", "cb", "a", "</s>"]
-    _, groups = a.teacher_completion(completion)
+    _, groups, _ = a.teacher_completion(completion)
     assert groups == [Group(0, 2, 0, 1), Group(2, 4, 1, 2), Group(4, 5, 2, 3), Group(5, 6, 3, 4)]
     s_lp = [-0.5] * 6
     (out,) = a.to_student([completion], [[-0.2, -1.0, -0.1, -0.05]], [s_lp])
@@ -130,7 +130,7 @@ def test_pairs_teacher_scores_its_own_tokens_and_maps_back(chars, pairs):
     assert out == pytest.approx([-0.1, -0.1, -0.5, -0.5, -0.1, -0.05])
     row = a.metrics()
     assert row == pytest.approx({"align/kl": (-0.8 + 0.0 - 0.4 - 0.45) / 6, "align/multi_token_frac": 4 / 6,
-                                 "align/teacher_per_student": 4 / 6, "align/fallback": 0.0})
+                                 "align/teacher_per_student": 4 / 6, "align/respelled": 0.0})
     assert a.metrics() == {}  # reset once read
 
 
@@ -145,19 +145,28 @@ def test_the_completion_is_tokenized_on_its_own_not_merged_into_the_prompt(chars
 def test_a_character_level_teacher_for_a_pair_student_splits_evenly_without_student_log_probs(chars, pairs):
     a = aligned(pairs, chars)  # the other direction: 1 student token : 2 teacher tokens
     completion = ids(pairs, "dcb")  # dc | b
-    t_ids, groups = a.teacher_completion(completion)
+    t_ids, groups, _ = a.teacher_completion(completion)
     assert chars.convert_ids_to_tokens(t_ids) == ["d", "c", "b"] and groups == [Group(0, 1, 0, 2), Group(1, 2, 2, 3)]
     assert a.to_student([completion], [[-0.25, -0.5, -1.0]]) == [pytest.approx([-0.75, -1.0])]
     assert a.metrics() == {}  # no sampler log-probs: nothing to estimate a KL from
 
 
-def test_text_the_teacher_cannot_spell_is_one_group_and_counted(pairs):
-    a = aligned(byte_level(), pairs)  # é is <unk> to the letter-pair teacher
+def test_text_the_teacher_cannot_spell_is_a_group_of_its_own_and_counted(pairs):
+    a = aligned(byte_level(), pairs)  # é (two byte tokens) is <unk> to the letter-pair teacher
     completion = ids(a.s_tok, "aé")
-    t_ids, groups = a.teacher_completion(completion)
-    assert groups is None and pairs.convert_ids_to_tokens(t_ids) == ["a", "<unk>"]
+    t_ids, groups, differs = a.teacher_completion(completion)
+    assert differs and pairs.convert_ids_to_tokens(t_ids) == ["a", "<unk>"]
+    # "aé" against "a<unk>": a lines up with a; the rest (é: 2 student tokens, <unk>: 1 teacher token) is a group
+    assert groups == [Group(0, 1, 0, 1), Group(1, 3, 1, 2)]
     (out,) = a.to_student([completion], [[-1.0, -5.0]], [[-0.1, -0.2, -0.3]])
-    assert sum(out) == pytest.approx(-6.0) and a.metrics()["align/fallback"] == 1.0
+    assert out == pytest.approx([-1.0, -2.45, -2.55])  # share (-5 + 0.5)/2 = -2.25
+    assert a.metrics()["align/respelled"] == 1.0
+
+
+def test_boundary_map_lines_up_the_text_around_a_stretch_spelled_otherwise():
+    assert align.boundary_map("abc", "abc") == {0: 0, 1: 1, 2: 2, 3: 3}
+    # "xéz" against "x<unk>z": x and z match; positions 1 (after x) and 6 (before z) are the stretch's edges
+    assert align.boundary_map("xéz", "x<unk>z") == {0: 0, 1: 1, 6: 2, 7: 3}
 
 
 def test_unscored_completions_stay_unscored(chars, pairs):
