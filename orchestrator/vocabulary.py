@@ -91,13 +91,22 @@ class Aligned:
     def _decode_t(self, ids: list[int]) -> str:
         return self.t_tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def _teacher_body(self, completion: list[int]) -> tuple[list[int], str, list[int], bool]:
+        """(the student's text tokens, their text, the teacher's tokens of that text, whether it stopped at EOS)."""
+        body, stops = self._split(completion)
+        text = self._decode_s(body)
+        return body, text, self.t_tok(text, add_special_tokens=False).input_ids if text else [], stops
+
+    def teacher_ids(self, completion: list[int]) -> list[int]:
+        """The teacher's tokens of the completion (its EOS for the student's)."""
+        _, _, t_body, stops = self._teacher_body(completion)
+        return t_body + ([self.t_tok.eos_token_id] if stops else [])
+
     def teacher_completion(self, completion: list[int]) -> tuple[list[int], list[align.Group], bool]:
         """The teacher's tokens of the completion, the groups, and whether the teacher's tokens spell another text
         than the student's (a character the teacher cannot spell: the differing stretch is one group,
         :func:`shared.align.boundary_map`)."""
-        body, stops = self._split(completion)
-        text = self._decode_s(body)
-        t_body = self.t_tok(text, add_special_tokens=False).input_ids if text else []
+        body, text, t_body, stops = self._teacher_body(completion)
         t_ids = t_body + ([self.t_tok.eos_token_id] if stops else [])
         t_text = self._decode_t(t_body)
         if body and t_body:
@@ -113,7 +122,7 @@ class Aligned:
     # -- the interface ----------------------------------------------------------------------------------
     def to_teacher(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:
         return ([self.teacher_prompt(p) for p in prompt_ids],
-                [self.teacher_completion(list(c))[0] for c in completion_ids])
+                [self.teacher_ids(list(c)) for c in completion_ids])
 
     def to_student(self, completion_ids: list[list[int]], teacher_lp: LogProbs,
                    student_lp: list[list[float]] | None = None) -> LogProbs:
