@@ -44,8 +44,13 @@ RUNS = {
 WINDOW = 10  # steps averaged at the start and at the end
 
 
-def run_rl(name: str, args: list[str], steps: int, runs: Path) -> dict[str, Any]:
+def run_rl(name: str, args: list[str], steps: int, runs: Path, reuse: bool = False) -> dict[str, Any]:
+    """One run (or, with ``reuse``, the finished run already in ``runs/<name>``; its wall time from its files:
+    config.toml is written first, metrics.jsonl last)."""
     out = runs / name
+    if reuse:
+        seconds = (out / "metrics.jsonl").stat().st_mtime - (out / "config.toml").stat().st_mtime
+        return {"args": args, "steps": steps, "seconds": round(seconds, 1), "reused": True, **summarise(out)}
     shutil.rmtree(out, ignore_errors=True)
     rl = str(Path(sys.executable).parent / "rl")
     cmd = [rl, "@", CONFIG, "--max_steps", str(steps), "--output_dir", str(out), "--wandb.mode", "disabled",
@@ -112,7 +117,7 @@ def report(result: dict[str, Any]) -> str:
                      f"{_f(r['accuracy_start'], 2)} → {_f(r['accuracy_end'], 2)} | {_f(r['teacher_kl_first'])} → "
                      f"{_f(r['teacher_kl_last'])} | {_f(r['align_kl_first'])} → {_f(r['align_kl_last'])} | "
                      f"{_f(r['multi_token_frac'])} | {_f(r['teacher_per_student'])} | "
-                     f"{r['align_respelled']:.0f} | {r['seconds']:.0f} |")
+                     f"{r['align_respelled']:.0f} | {r['seconds']:.0f}{' (reused run)' if r.get('reused') else ''} |")
     cross, same = result["runs"]["cross"], result["runs"]["same"]
     lines += ["", f"Cross-vocabulary: held-out accuracy {cross['accuracy_start']:.2f} → {cross['accuracy_end']:.2f} "
               f"({'up' if cross['accuracy_end'] > cross['accuracy_start'] else 'NOT up'}), aligned KL "
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=None, help="where the runs' output_dirs go (default: a temp dir)")
+    parser.add_argument("--reuse", nargs="*", default=[], choices=list(RUNS),
+                        help="runs already finished in --runs (same code and steps) to read instead of rerunning")
     args = parser.parse_args(argv)
     runs = args.runs or Path(tempfile.mkdtemp(prefix="cross_vocab_"))
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, float32",
         "command": "python " + " ".join(["benchmarks/cross_vocab.py", *(argv if argv is not None else sys.argv[1:])]),
         "teacher_accuracy": {a: teacher_accuracy(a) for a in ("tiny-reverse-teacher-pairs", "tiny-reverse-teacher")},
-        "runs": {name: run_rl(name, extra, args.steps, runs) for name, extra in RUNS.items()},
+        "runs": {name: run_rl(name, extra, args.steps, runs, name in args.reuse) for name, extra in RUNS.items()},
     }
     result.update(wall_s=time.perf_counter() - t0, load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                   load_before=load_before)

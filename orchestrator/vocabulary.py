@@ -117,7 +117,19 @@ class Aligned:
             groups = [align.Group(0, len(body), 0, len(t_body))] if body or t_body else []
         if stops:
             groups.append(align.Group(len(body), len(body) + 1, len(t_body), len(t_body) + 1))
+        if body and t_body:
+            s_ends = align.token_ends(self._decode_s, body)
+            groups = align.merge(groups, [self._closed(text, s_ends[g.s1 - 1], t_body[:g.t1]) for g in groups[:-1]])
         return t_ids, groups, t_text != text
+
+    def _closed(self, text: str, cut: int | None, t_prefix: list[int]) -> bool:
+        """Whether the teacher's tokens up to character ``cut`` stay the same when another character follows
+        (the last one again): if not, the teacher's last token there says something about the next character
+        (a pair tokenizer writes a single letter only before a non-letter), so the cut is not kept."""
+        if cut is None or cut == 0:
+            return False
+        probe = self.t_tok(text[:cut] + text[cut - 1], add_special_tokens=False).input_ids
+        return probe[:len(t_prefix)] == t_prefix
 
     # -- the interface ----------------------------------------------------------------------------------
     def to_teacher(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[list, list]:

@@ -19,6 +19,10 @@ the group's log-ratio, ``lp_i = log p_S(s_i) + (T_G - S_G) / k`` (``k`` student 
 - no token of a group gets another token's whole penalty (putting ``T_G`` on the group's last token and 0 on
   the others would reward every earlier token with ``-log p_S(s_i)`` and charge the last with the group).
 
+A teacher token may also say something about the character after it (a pair tokenizer writes a single letter
+only before a non-letter); such a cut is dropped by the caller (:func:`merge`, with the tokenizer's probe in
+``orchestrator/vocabulary.py``), so that the stop and the letter before it share one group.
+
 Worked example and the estimator's bias: docs/teachers-and-endpoints.md ("A teacher with another vocabulary").
 
 Token ends are found by decoding prefixes (:func:`token_ends`), so any tokenizer works that decodes a prefix
@@ -100,6 +104,17 @@ def group(student_ends: Sequence[int | None], teacher_ends: Sequence[int | None]
             s0, t0 = s1, t1
     if s0 < len(student_ends) or t0 < len(teacher_ends):  # cannot happen with ordered ends; kept as a guard
         out.append(Group(s0, len(student_ends), t0, len(teacher_ends)))
+    return out
+
+
+def merge(groups: Sequence[Group], closed: Sequence[bool]) -> list[Group]:
+    """Join each group to the next where ``closed[i]`` is False (the cut after group ``i`` is not kept)."""
+    out: list[Group] = []
+    for i, g in enumerate(groups):
+        if out and not closed[i - 1]:
+            prev = out.pop()
+            g = Group(prev.s0, g.s1, prev.t0, g.t1)
+        out.append(g)
     return out
 
 

@@ -123,15 +123,36 @@ def test_pairs_teacher_scores_its_own_tokens_and_maps_back(chars, pairs):
     assert pairs.convert_ids_to_tokens(t_prompt) == ["<s>", "ab", "cd", "e", "="]  # the teacher's own rendering
     assert pairs.convert_ids_to_tokens(t_completion) == ["ed", "cb", "a", "</s>"]
     _, groups, _ = a.teacher_completion(completion)
-    assert groups == [Group(0, 2, 0, 1), Group(2, 4, 1, 2), Group(4, 5, 2, 3), Group(5, 6, 3, 4)]
+    # the single-letter token a says "no letter follows" (else it would be a pair): the cut before </s> is not
+    # kept, so a and </s> are one group on each side
+    assert groups == [Group(0, 2, 0, 1), Group(2, 4, 1, 2), Group(4, 6, 2, 4)]
     s_lp = [-0.5] * 6
     (out,) = a.to_student([completion], [[-0.2, -1.0, -0.1, -0.05]], [s_lp])
-    # shares (T - S)/k: ed (-0.2 + 1)/2 = 0.4; cb (-1 + 1)/2 = 0; a: -0.1 (1:1); </s>: -0.05 (1:1)
-    assert out == pytest.approx([-0.1, -0.1, -0.5, -0.5, -0.1, -0.05])
+    # shares (T - S)/k: ed (-0.2 + 1)/2 = 0.4; cb (-1 + 1)/2 = 0; a</s> (-0.15 + 1)/2 = 0.425
+    assert out == pytest.approx([-0.1, -0.1, -0.5, -0.5, -0.075, -0.075])
     row = a.metrics()
-    assert row == pytest.approx({"align/kl": (-0.8 + 0.0 - 0.4 - 0.45) / 6, "align/multi_token_frac": 4 / 6,
+    assert row == pytest.approx({"align/kl": (-0.8 + 0.0 - 0.85) / 6, "align/multi_token_frac": 1.0,
                                  "align/teacher_per_student": 4 / 6, "align/respelled": 0.0})
     assert a.metrics() == {}  # reset once read
+
+
+def test_a_stop_after_a_single_letter_shares_the_letters_penalty(chars, pairs):
+    # the pair teacher reads "edc</s>" as ed | c </s>: its c (not cb) already says the text stops, so the
+    # student's c and </s> share that group's log-ratio (kept apart, the stop would look free and c would
+    # carry the whole penalty); after a pair (ef | </s>) the cut stays
+    a = aligned(chars, pairs)
+    stop = [tiny_pair.EOS_ID]
+    assert a.teacher_completion(ids(chars, "edc") + stop)[1] == [Group(0, 2, 0, 1), Group(2, 4, 1, 3)]
+    assert a.teacher_completion(ids(chars, "ef") + stop)[1] == [Group(0, 2, 0, 1), Group(2, 3, 1, 2)]
+    (out,) = a.to_student([ids(chars, "edc") + stop], [[-0.1, -17.0, -0.5]], [[-0.2, -0.2, -0.3, -0.7]])
+    assert out == pytest.approx([-0.05, -0.05, -8.55, -8.95])  # shares (-0.1 + 0.4)/2, (-17.5 + 1.0)/2
+
+
+def test_merge_joins_a_group_to_the_next_where_the_cut_is_not_kept():
+    groups = [Group(0, 1, 0, 1), Group(1, 2, 1, 2), Group(2, 3, 2, 3)]
+    assert align.merge(groups, [True, True]) == groups
+    assert align.merge(groups, [False, True]) == [Group(0, 2, 0, 2), Group(2, 3, 2, 3)]
+    assert align.merge(groups, [False, False]) == [Group(0, 3, 0, 3)]
 
 
 def test_the_completion_is_tokenized_on_its_own_not_merged_into_the_prompt(chars, pairs):
@@ -153,13 +174,13 @@ def test_a_character_level_teacher_for_a_pair_student_splits_evenly_without_stud
 
 def test_text_the_teacher_cannot_spell_is_a_group_of_its_own_and_counted(pairs):
     a = aligned(byte_level(), pairs)  # é (two byte tokens) is <unk> to the letter-pair teacher
-    completion = ids(a.s_tok, "aé")
+    completion = ids(a.s_tok, "abé")
     t_ids, groups, differs = a.teacher_completion(completion)
-    assert differs and pairs.convert_ids_to_tokens(t_ids) == ["a", "<unk>"]
-    # "aé" against "a<unk>": a lines up with a; the rest (é: 2 student tokens, <unk>: 1 teacher token) is a group
-    assert groups == [Group(0, 1, 0, 1), Group(1, 3, 1, 2)]
-    (out,) = a.to_student([completion], [[-1.0, -5.0]], [[-0.1, -0.2, -0.3]])
-    assert out == pytest.approx([-1.0, -2.45, -2.55])  # share (-5 + 0.5)/2 = -2.25
+    assert differs and pairs.convert_ids_to_tokens(t_ids) == ["ab", "<unk>"]
+    # "abé" against "ab<unk>": ab lines up with ab; the rest (é: 2 byte tokens, <unk>: 1 token) is a group
+    assert groups == [Group(0, 2, 0, 1), Group(2, 4, 1, 2)]
+    (out,) = a.to_student([completion], [[-1.0, -5.0]], [[-0.1, -0.2, -0.3, -0.4]])
+    assert out == pytest.approx([-0.45, -0.55, -2.45, -2.55])  # shares (-1 + 0.3)/2, (-5 + 0.7)/2
     assert a.metrics()["align/respelled"] == 1.0
 
 
