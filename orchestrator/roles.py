@@ -17,10 +17,10 @@ from typing import Any
 
 import ray
 
+from orchestrator import vocabulary
 from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import RoleFailure, get
-from orchestrator import vocabulary
 from orchestrator.teachers import teacher_backend
 from shared.config import Config
 from shared.fsutil import atomic_write_text
