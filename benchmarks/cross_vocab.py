@@ -104,8 +104,9 @@ def report(result: dict[str, Any]) -> str:
              f"`{CONFIG}` ({result['steps']} steps of 32 prompts x 4 samples, seed 0): the tiny reverse-text student "
              "distilled from a teacher with another vocabulary (letter pairs, `teacher.vocabulary = \"align\"`) and "
              "from the same-vocabulary teacher (characters), everything else equal. Accuracy: held-out, greedy, "
-             f"100 prompts. KL columns: mean over the first / last {WINDOW} steps (`teacher_kl` is per student token; "
-             "with `align` it equals `align/kl`, the sum over aligned groups of S_G - T_G per student token).", "",
+             f"100 prompts. KL columns: mean over the first / last {WINDOW} steps, per student token; `align/kl` is the "
+             "sum over aligned groups of S_G - T_G, `teacher_kl` the same after `trainer.loss.logprob_floor` (-20) "
+             "clips the mapped teacher log-probs.", "",
              "| run | teacher (held-out acc) | vocabulary | accuracy start → end | teacher_kl first → last | "
              "align/kl first → last | tokens in multi-token groups | teacher tokens / student token | "
              "completions respelled | s |",
