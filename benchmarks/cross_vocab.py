@@ -83,6 +83,7 @@ def summarise(out: Path) -> dict[str, Any]:
         "teacher_per_student": _mean(train, "align/teacher_per_student"),
         "align_respelled": sum(r.get("align/respelled", 0.0) for r in train),
         "teacher_kl_per_step": [r["teacher_kl"] for r in train],
+        "seq_len_per_step": [r.get("seq_len/mean") for r in train],
     }
 
 
