@@ -34,10 +34,9 @@ def preflight(cfg: Config) -> RunPlan:
 
     With ``cfg.dry_run`` (``rl --dry_run``) the same checks run, except those that write, cost much or
     need another machine (:data:`DRY_RUN_SKIPS`): nothing is created, built or contacted."""
-    from orchestrator import environments
-    from orchestrator import teacher_set
+    from orchestrator import environments, teacher_set, vocabulary
     from orchestrator.teacher_set import teacher_backend
-    from shared import chat_templates, models
+    from shared import models
     from shared.config import teacher_view
 
     dry = cfg.dry_run
@@ -68,8 +67,8 @@ def preflight(cfg: Config) -> RunPlan:
     teacher = models.resolve(tcfg.teacher.name, "teacher.name")
     s_tok = models.load_tokenizer(student, "model.name")
     t_tok = s_tok if teacher == student else models.load_tokenizer(teacher, "teacher.name")
-    models.check_same_vocab(student, teacher, s_tok, t_tok)
-    chat_templates.check(tcfg, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
+    # one vocabulary and agreeing templates, or (teacher.vocabulary = "align", one teacher) tokenizers to align
+    vocabulary.preflight(tcfg, student, teacher, s_tok, t_tok, [p.text for p in env.eval_prompts(3)])
     run = RunPlan(student=str(student), teacher=str(teacher), actors=actors, skipped=skipped,
                   teachers=teacher_set.check_teachers(cfg, student, s_tok, [p.text for p in env.eval_prompts(3)]))
     if not dry:  # an endpoint teacher: reachable, serves what the run needs (a dry run contacts nothing)

@@ -30,7 +30,7 @@ from orchestrator import checkpoint, continual, environments, skips, workflows
 from orchestrator.pipeline import Pipeline, split_stale
 from orchestrator.prompts import Renderer
 from orchestrator.failures import RoleFailure
-from orchestrator.roles import Roles, rollouts_of, scores_of
+from orchestrator.roles import Roles, rollouts_of
 from shared.config import Config, kl_in_advantage, topk_in_loss
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
@@ -127,7 +127,7 @@ class Orchestrator:
     def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float] | None]:
         """Teacher log-probs of each completion; None where an external teacher failed to score it."""
         refs, parts = self.roles.score_refs(prompt_ids, completion_ids)
-        return scores_of(parts, self.roles.call("teacher", "score", refs), len(prompt_ids))
+        return self.roles.teacher_logprobs(parts, self.roles.call("teacher", "score", refs), completion_ids)
 
     def _evaluate(self, env, role: str = "inference", teacher_view: bool = False,
                   extra: dict[str, float] | None = None) -> float:
@@ -244,7 +244,7 @@ class Orchestrator:
         """The step's row with the teacher backend's entries (an endpoint's request counts)."""
         row = self._train_step(env, step)
         row.update(self.roles.teacher.step_metrics(self.roles.actors.get("teacher", []), self.score_failed))
-        row.update({**self.pipe.heartbeat(), **self.pipe.counts()})
+        row.update({**self.pipe.heartbeat(), **self.pipe.counts(), **self.roles.vocab.metrics()})
         if not self.scores:  # nothing was scored: the sampler's log-probs stood in for the teacher's
             row.update({"teacher_kl": float("nan"), "teacher_kl/seq": float("nan")})
         return row

@@ -28,7 +28,7 @@ import ray
 from orchestrator import checkpoint, skips
 from orchestrator.data import Prompt
 from orchestrator.failures import get
-from orchestrator.roles import Roles, attach_topk, rollouts_of, scores_of
+from orchestrator.roles import Roles, attach_topk, rollouts_of
 from shared.config import topk_in_loss
 from shared.wire import Rollout
 
@@ -287,7 +287,8 @@ class Pipeline:
                     b.t_scored = b.t_sampled
             if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
                 replies = [self.results.pop(r) for r in b.score_refs]
-                b.teacher_lp = scores_of(b.score_parts, replies, len(b.rollouts))
+                b.teacher_lp = self.roles.teacher_logprobs(b.score_parts, replies, [r.completion_ids for r in b.rollouts],
+                                                           [r.logprobs for r in b.rollouts])
                 attach_topk(b.rollouts, b.score_parts, replies)  # the top-k estimator's teacher side, if asked for
                 b.t_scored = time.perf_counter()
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from orchestrator import vocabulary
 from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import RoleFailure, get
@@ -48,6 +49,7 @@ class Roles:
         """``started``: a session's roles, already running, that this run's config now drives."""
         self.cfg, self.out, self.run = cfg, out, run
         self.teacher = teacher_backend(cfg)
+        self.vocab = vocabulary.make(cfg, run.student, run.teacher)  # what the teacher reads (orchestrator/vocabulary.py)
         self.actors: dict[str, list] = started.actors if started else {}
         self.weight_info: dict | None = started.weight_info if started else None
         self.deadlines = Deadlines(cfg, out)
@@ -198,9 +200,11 @@ class Roles:
         teacher's actors: one call per actor, the parts holding rollout indices so :func:`scores_of` merges the
         replies back in order. ``topk > 0``: the replies also carry the teacher's top-k tokens at each position
         (the top-k estimator, trainer/topk.py). A pair longer than ``model.max_model_len`` is never sent
-        (:func:`orchestrator.skips.scorable`): it comes back unscored (None in :func:`scores_of`)."""
+        (:func:`orchestrator.skips.scorable`): it comes back unscored (None in :func:`scores_of`). With another
+        teacher vocabulary, the teacher's own tokens are sent (:meth:`teacher_logprobs` maps their log-probs back)."""
         from orchestrator.skips import scorable
 
+        prompt_ids, completion_ids = self.vocab.to_teacher(prompt_ids, completion_ids)
         fit = scorable(prompt_ids, completion_ids, self.cfg.model.max_model_len)
         names = teachers if teachers is not None else [None] * len(prompt_ids)
         refs, parts = [], []
@@ -213,6 +217,12 @@ class Roles:
                         prompt_ids=[prompt_ids[i] for i in part],
                         completion_ids=[completion_ids[i] for i in part], topk=topk))), f"teacher-{k}"))
         return refs, parts
+
+    def teacher_logprobs(self, parts: list[list[int]], replies: list[bytes], completion_ids: list[list[int]],
+                         student_lp: list[list[float]] | None = None) -> list[list[float] | None]:
+        """The replies of :meth:`score_refs` as teacher log-probs of each (student) completion token; None where
+        unscored.  ``student_lp``: the sampler's log-probs (another vocabulary spreads a group by them)."""
+        return self.vocab.to_student(completion_ids, scores_of(parts, replies, len(completion_ids)), student_lp)
 
     def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int,
                    micro_batch_tokens: int = 0) -> list:

@@ -114,6 +114,12 @@ class TeacherConfig(_Section):
         bool, "distil even though the teacher's chat template or end-of-sequence token differs from the student's "
               "(preflight warns instead of refusing; shared/chat_templates.py)",
     ) = False
+    vocabulary: _doc(
+        Literal["same", "align"],
+        "same = the teacher scores the student's token ids (one vocabulary, checked in preflight); align = another "
+        "vocabulary: the completion's text is re-tokenized by the teacher and its log-probs mapped back by "
+        "character spans (shared/align.py; distill workflow only)",
+    ) = "same"
 
 
 ENDPOINT_ONLY = ("model", "api_key_env")  # teacher keys that mean nothing without teacher.endpoint
@@ -893,6 +899,25 @@ def _validate_topk(cfg: Config) -> None:
                           "with a vLLM server or set trainer.loss.teacher_topk = 0")
 
 
+def _validate_vocabulary(cfg: Config) -> None:
+    """``teacher.vocabulary = "align"`` maps the teacher's log-probs of the student's completions; anything that
+    hands teacher token ids to the student (its answers, a judge's yes/no ids) needs one vocabulary."""
+    if cfg.teacher.vocabulary != "align":
+        return
+    oc = cfg.orchestrator
+    if oc.workflow != "distill":
+        raise ConfigError(f"teacher.vocabulary: \"align\" works with orchestrator.workflow = \"distill\" only, got "
+                          f"{json.dumps(oc.workflow)} (it trains on or parses the teacher's own tokens)")
+    if cfg.teachers:
+        raise ConfigError("teacher.vocabulary: \"align\" works with one teacher ([teacher]), not [teachers.NAME] tables")
+    if cfg.trainer.loss.teacher_topk:
+        raise ConfigError("trainer.loss.teacher_topk: must be 0 with teacher.vocabulary = \"align\" (the teacher's "
+                          "top-k ids are tokens of its own vocabulary)")
+    if cfg.trainer.loss.corrective_coef:
+        raise ConfigError("trainer.loss.corrective_coef: must be 0 with teacher.vocabulary = \"align\" (a corrective "
+                          "sample is the teacher's answer in the teacher's token ids)")
+
+
 def _validate_ray_address(addr: str) -> None:
     if addr and addr != "auto" and not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}", addr):
         raise ConfigError(f"ray_address: expected host:port of a Ray head (10.0.0.5:6379) or auto, got {json.dumps(addr)}")
@@ -1074,6 +1099,7 @@ def validate(cfg: Config) -> None:
     _validate_teachers(cfg)
     _validate_env_args(cfg)
     _validate_finetune(cfg)
+    _validate_vocabulary(cfg)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
 

@@ -15,7 +15,8 @@ from shared.config import ConfigError
 
 TINY_ALIASES = {"tiny-reverse-teacher": 0, "tiny-reverse-student": 1}
 LONG_ALIASES = {"tiny-long-teacher": 0, "tiny-long-student": 1}  # the running-sum pair (shared/builders/tiny_long.py)
-ALIASES = [*TINY_ALIASES, *LONG_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
+PAIRS_ALIAS = "tiny-reverse-teacher-pairs"  # the tiny teacher with a letter-pair vocabulary (builders/tiny_cross_vocab.py)
+ALIASES = [*TINY_ALIASES, *LONG_ALIASES, PAIRS_ALIAS, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
 # Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
@@ -30,6 +31,10 @@ def resolve(name: str, key: str) -> Path:
         from shared.builders import tiny_long
 
         return tiny_long.build_pair()[LONG_ALIASES[name]]
+    if name == PAIRS_ALIAS:
+        from shared.builders.tiny_cross_vocab import build_teacher
+
+        return build_teacher()
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 
@@ -70,6 +75,10 @@ def is_built(name: str) -> bool:
         from shared.builders import tiny_long
 
         return tiny_long.is_built()
+    if name == PAIRS_ALIAS:
+        from shared.builders import tiny_cross_vocab
+
+        return tiny_cross_vocab.is_built()
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 

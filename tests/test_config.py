@@ -330,7 +330,7 @@ def test_reverse_text_experiment_loads():
     assert cfg.orchestrator.eval.num_prompts == 100
 
 
-@pytest.mark.parametrize("name", ["reverse_text", "context_distill", "sft"])
+@pytest.mark.parametrize("name", ["reverse_text", "context_distill", "sft", "cross_vocab"])
 def test_every_experiment_loads(name):
     cfg = load(["@", str(REPO / "experiments" / name / "rl.toml")])
     assert cfg.output_dir == f"outputs/{name}"
