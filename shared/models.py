@@ -14,7 +14,9 @@ from typing import Any
 from shared.config import ConfigError
 
 TINY_ALIASES = {"tiny-reverse-teacher": 0, "tiny-reverse-student": 1}
-ALIASES = [*TINY_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
+# The tiny task's yes/no verifiers (a judge for verdict = "loglik"), by the labeler their training data used.
+VERIFIER_ALIASES = {"tiny-reverse-verifier": "exact", "tiny-reverse-verifier-length": "length"}
+ALIASES = [*TINY_ALIASES, *VERIFIER_ALIASES, "smollm2-135m-instruct", "smollm2-135m-instruct-every<k>"]
 # Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
@@ -25,6 +27,10 @@ def resolve(name: str, key: str) -> Path:
         from shared.builders.tiny_pair import build_pair
 
         return build_pair()[TINY_ALIASES[name]]
+    if name in VERIFIER_ALIASES:
+        from shared.builders.tiny_verifier import build_verifier
+
+        return build_verifier(VERIFIER_ALIASES[name])
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 
@@ -61,6 +67,10 @@ def is_built(name: str) -> bool:
         from shared.builders import tiny_pair
 
         return tiny_pair.is_built(tiny_pair.default_root() / tiny_pair.pair_dir_names()[TINY_ALIASES[name]])
+    if name in VERIFIER_ALIASES:
+        from shared.builders import tiny_pair, tiny_verifier
+
+        return tiny_pair.is_built(tiny_pair.default_root() / tiny_verifier.dir_name(VERIFIER_ALIASES[name]))
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 

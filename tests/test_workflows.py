@@ -70,7 +70,7 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
             out.append(None if entry is None else entry[0] if c == yes else entry[1])
         return out
 
-    render = {"ba": [1] * 10, "ab": [2] * 10, "xy": [3] * 10, "toolong": [4] * 11}
+    render = {"ba": [1] * 9, "ab": [2] * 9, "xy": [3] * 9, "toolong": [4] * 10}  # 10 + 2 + one output position > 12
     prompts = [Prompt(text="ab=", answer="ba")]
     rollouts = [_rollout(0, t) for t in ("ba", "ab", "xy", "toolong")]
     source = JudgeReward(cfg, lambda m: render[m[-1]["content"].split("Answer to judge:\n")[1].split("\n")[0]],
@@ -78,7 +78,7 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
                                    options=(yes, no))
     rewards, m = source.rewards(prompts, rollouts, base=0)
     assert rewards == [1.0, -1.0, None, None]  # too long + on_unparseable = skip -> dropped
-    assert calls == [([[1] * 10, [1] * 10, [2] * 10, [2] * 10, [3] * 10, [3] * 10], [yes, no] * 3)]
+    assert calls == [([[1] * 9, [1] * 9, [2] * 9, [2] * 9, [3] * 9, [3] * 9], [yes, no] * 3)]
     assert m["judge/teacher_failed"] == 1 and m["judge/too_long"] == 1 and m["judge/unparseable"] == 1
     assert m["judge/agreement"] == 1.0  # "ba" is right and judged yes, "ab" wrong and judged no
     # P(yes | yes or no) = sigmoid(ly - ln): -0.2 - (-2.5) = 2.3 and -3.0 - (-1.0) = -2.0
@@ -236,13 +236,20 @@ def test_comparator_workflow_two_steps(tiny_pair, tmp_path):
 
 @pytest.mark.engine
 def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
-    """The tiny teacher cannot follow a rubric: the pipeline runs and counts every unparseable reply."""
+    """A competent tiny judge: the verifier (built on first use through its alias, recorded agreement with exact
+    match on held-out answers and on the student's own samples) is read by log-likelihood, so every rollout
+    gets 2 P(yes) - 1 and its verdicts agree with the exact check."""
+    from shared.builders.tiny_pair import read_build_info
+    from shared.models import resolve
+
+    info = read_build_info(resolve("tiny-reverse-verifier", "teacher.name"))
+    assert info["heldout_agreement"] >= 0.85 and info["student_samples_agreement"] >= 0.85  # measured 0.886, 0.880
     _, train = _run("experiments/judge/tiny.toml", tmp_path / "j")
     for r in train:
-        assert 1 <= r["judge/unparseable"] <= 8 * 4  # measured: all 32 replies of each step
-        assert r["judge/dropped"] == 0  # on_unparseable = "zero": counted, rewarded 0, kept
-        assert "reward/mean" in r and "judge/reward_mean" in r and r["loss/lockin"] is not None
-    assert train[1]["judge/unparseable_total"] == train[0]["judge/unparseable"] + train[1]["judge/unparseable"]
+        assert r["judge/unparseable"] == r["judge/dropped"] == r["judge/too_long"] == 0
+        assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"])
+        assert r["reward/mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
+        assert r["judge/agreement"] >= 0.8 and r["loss/lockin"] is not None
 
 
 @pytest.mark.engine

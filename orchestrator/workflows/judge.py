@@ -83,7 +83,9 @@ class JudgeReward(RewardSource):
             p = prompts[r.prompt_index - base]
             ids.append(self.render(judge_messages(jc, p.text, r.text, p.answer)))
         loglik = jc.verdict == "loglik"
-        room = self.max_model_len - (max(map(len, self.options)) if loglik else self.MIN_REPLY_TOKENS)
+        # loglik: prompt + option is scored in one pass that asks the engine for one output token (vLLM refuses
+        # a prompt that fills max_model_len), so the pair must leave one position free
+        room = self.max_model_len - (max(map(len, self.options)) + 1 if loglik else self.MIN_REPLY_TOKENS)
         fits = [i for i, x in enumerate(ids) if len(x) <= room]
         # failed: an external judge gave no reply (after retries): the rollout is dropped and counted
         replies, verdicts, failed = (self._logliks if loglik else self._replies)(ids, fits)
