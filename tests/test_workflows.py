@@ -81,6 +81,7 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
     assert calls == [([[1] * 9, [1] * 9, [2] * 9, [2] * 9, [3] * 9, [3] * 9], [yes, no] * 3)]
     assert m["judge/teacher_failed"] == 1 and m["judge/too_long"] == 1 and m["judge/unparseable"] == 1
     assert m["judge/agreement"] == 1.0  # "ba" is right and judged yes, "ab" wrong and judged no
+    assert m["judge/check_mean"] == 0.25  # of the 4 rollouts only "ba" is right (whether judged or not)
     # P(yes | yes or no) = sigmoid(ly - ln): -0.2 - (-2.5) = 2.3 and -3.0 - (-1.0) = -2.0
     sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     assert m["judge/p_yes"] == pytest.approx((sig(2.3) + sig(-2.0)) / 2, abs=1e-12)
@@ -236,20 +237,28 @@ def test_comparator_workflow_two_steps(tiny_pair, tmp_path):
 
 @pytest.mark.engine
 def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
-    """A competent tiny judge: the verifier (built on first use through its alias, recorded agreement with exact
-    match on held-out answers and on the student's own samples) is read by log-likelihood, so every rollout
-    gets 2 P(yes) - 1 and its verdicts agree with the exact check."""
+    """The tiny judge: a verifier built on a tiny budget (100 steps, cached; the experiment's own verifier takes
+    2000 steps, minutes, so CI does not build it) records its agreement with exact match on held-out answers
+    and on the student's own samples, and judges through verdict = loglik: every rollout gets 2 P(yes) - 1."""
     from shared.builders.tiny_pair import read_build_info
-    from shared.models import resolve
+    from shared.builders.tiny_verifier import build_verifier
 
-    info = read_build_info(resolve("tiny-reverse-verifier", "teacher.name"))
-    assert info["heldout_agreement"] >= 0.85 and info["student_samples_agreement"] >= 0.85  # measured 0.886, 0.880
-    _, train = _run("experiments/judge/tiny.toml", tmp_path / "j")
+    verifier = build_verifier("exact", steps=100)
+    info = read_build_info(verifier)
+    assert info["train_steps"] == 100 and info["heldout_n"] == 1000 and info["student_samples_n"] == 400
+    assert info["heldout_agreement"] >= 0.6 and info["heldout_agreement_by_kind"]["correct"] >= 0.9
+    from tests.test_e2e import run_rl
+
+    out = tmp_path / "j"  # no KL term (kl_coef = 0): teacher_kl is not measured, so not through _run
+    p = run_rl("@", "experiments/judge/tiny.toml", "--output_dir", str(out), *SMALL, "--teacher.name", str(verifier))
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "judge/p_yes" in r]
+    assert [r["step"] for r in train] == [1, 2]
     for r in train:
         assert r["judge/unparseable"] == r["judge/dropped"] == r["judge/too_long"] == 0
         assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"])
         assert r["reward/mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
-        assert r["judge/agreement"] >= 0.8 and r["loss/lockin"] is not None
+        assert 0.0 <= r["judge/agreement"] <= 1.0 and r["loss/lockin"] is not None
 
 
 @pytest.mark.engine

@@ -111,8 +111,10 @@ class JudgeReward(RewardSource):
         if loglik:
             metrics["judge/p_yes"] = statistics.fmean(self.p_yes) if self.p_yes else float("nan")
         if self.check is not None:  # how often a parsed verdict agrees with the verifiable score
-            agree = [(v > 0) == (self.check(prompts[r.prompt_index - base], r.text) > 0.5)
-                     for r, v in zip(rollouts, verdicts) if v is not None]
+            truth = [self.check(prompts[r.prompt_index - base], r.text) > 0.5 for r in rollouts]
+            if truth:  # the true (verifiable) accuracy of the rollouts the judge scored
+                metrics["judge/check_mean"] = statistics.fmean(float(t) for t in truth)
+            agree = [(v > 0) == t for t, v in zip(truth, verdicts) if v is not None]
             if agree:
                 metrics["judge/agreement"] = statistics.fmean(float(a) for a in agree)
         return rewards, metrics
