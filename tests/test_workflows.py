@@ -246,7 +246,7 @@ def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
     verifier = build_verifier("exact", steps=100)
     info = read_build_info(verifier)
     assert info["train_steps"] == 100 and info["heldout_n"] == 1000 and info["student_samples_n"] == 400
-    assert info["heldout_agreement"] >= 0.6 and info["heldout_agreement_by_kind"]["correct"] >= 0.9
+    assert info["heldout_agreement"] >= 0.55 and info["heldout_agreement_by_kind"]["correct"] >= 0.9  # measured 0.608, 1.0
     from tests.test_e2e import run_rl
 
     out = tmp_path / "j"  # no KL term (kl_coef = 0): teacher_kl is not measured, so not through _run
@@ -255,10 +255,12 @@ def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
     train = [r for r in read_metrics(out / "metrics.jsonl") if "judge/p_yes" in r]
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
-        assert r["judge/unparseable"] == r["judge/dropped"] == r["judge/too_long"] == 0
-        assert r["reward/mean"] == pytest.approx(r["judge/reward_mean"])
-        assert r["reward/mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
-        assert 0.0 <= r["judge/agreement"] <= 1.0 and r["loss/lockin"] is not None
+        assert r["judge/teacher_failed"] == 0
+        assert r["judge/unparseable"] == r["judge/too_long"]  # loglik: only a prompt too long has no verdict
+        # every judged rollout's reward is its graded verdict 2 P(yes) - 1
+        assert r["judge/reward_mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
+        assert 0.0 <= r["judge/agreement"] <= 1.0 and 0.0 <= r["judge/check_mean"] <= 1.0
+        assert r["loss/lockin"] is not None
 
 
 @pytest.mark.engine
