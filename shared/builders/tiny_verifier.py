@@ -9,16 +9,19 @@ text (the tiny tokenizer has no chat template) and compares the judge's log-like
     "abcd=" + "dcb"  + "="  ->  "no"  + EOS          (a near miss: a dropped character)
 
 It starts from the tiny teacher's weights (which already reverse strings) and is fine-tuned on the verdict
-tokens only, half correct answers and half near misses of the kinds a sampling student makes
+tokens (plus, at each answer position, the letter that belongs there), half correct answers and half near misses of the kinds a sampling student makes
 (:data:`NEAR_MISSES`: a dropped, swapped, repeated or substituted character, a cut or an extra tail, the
 string copied unreversed). The label comes from a *labeler*:
 
-``exact``   correct iff the answer is the reversed string (the verifiable check): the competent judge.
+``exact``   correct iff the answer is the reversed string (the verifiable check). Held-out agreement with
+            exact match 0.886, but blind to same-length answers with wrong letters (0.21 on substitutions,
+            0.16 on swaps): a student trained against it learns to exploit that (docs/workflows.md).
 ``length``  correct iff the answer is at least as long as the string: a deliberately weakened judge, as if
             its training labels came from a grader that only penalised omissions. Any long enough answer
             passes, so a student optimising its verdict can stop caring about the letters.
 
-``build_verifier(labeler)`` trains one (about 30 s on one core, after the tiny pair), caches it beside the
+``build_verifier(labeler)`` trains one (``exact``: 2000 steps, 314 s on one core under load, measured once
+2026-12-02; ``length``: 100 steps, ~30 s), caches it beside the
 tiny pair (name with the recipe's hash, atomic, under the tiny pair's lock) and records in ``BUILD_OK`` its
 held-out agreement with exact match on synthetic answers and on the tiny student's own samples.
 
