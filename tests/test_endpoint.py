@@ -684,8 +684,11 @@ def test_judge_two_steps_through_vllm_serve_chat_api(vllm_serve, tmp_path):
     checked against the same server in test_vllm_serve_scores_exactly_like_the_teacher_in_transformers.)"""
     with running_proxy(vllm_serve, every=10**9) as proxy:  # no faults: it records the routes
         out = tmp_path / "j"
+        # the tiny teacher (not the toml's verifier) asked to write a verdict, as the toml once had it
         p = _rl("experiments/judge/tiny.toml", out, proxy.url, "--teacher.endpoint_api", "chat",
-                "--trainer.loss.kl_coef", "0")
+                "--trainer.loss.kl_coef", "0", "--teacher.name", "tiny-reverse-teacher",
+                "--orchestrator.judge.verdict", "reply", "--orchestrator.judge.mode", "binary",
+                "--orchestrator.judge.on_unparseable", "zero", "--orchestrator.judge.max_tokens", "8")
         assert p.returncode == 0, p.stderr[-3000:]
         train = _train_rows(out)
         assert [r["step"] for r in train] == [1, 2]

@@ -70,7 +70,7 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
             out.append(None if entry is None else entry[0] if c == yes else entry[1])
         return out
 
-    render = {"ba": [1] * 10, "ab": [2] * 10, "xy": [3] * 10, "toolong": [4] * 11}
+    render = {"ba": [1] * 9, "ab": [2] * 9, "xy": [3] * 9, "toolong": [4] * 10}  # 10 + 2 + one output position > 12
     prompts = [Prompt(text="ab=", answer="ba")]
     rollouts = [_rollout(0, t) for t in ("ba", "ab", "xy", "toolong")]
     source = JudgeReward(cfg, lambda m: render[m[-1]["content"].split("Answer to judge:\n")[1].split("\n")[0]],
@@ -78,9 +78,10 @@ def test_judge_reward_by_loglik_scores_yes_and_no_after_each_prompt():
                                    options=(yes, no))
     rewards, m = source.rewards(prompts, rollouts, base=0)
     assert rewards == [1.0, -1.0, None, None]  # too long + on_unparseable = skip -> dropped
-    assert calls == [([[1] * 10, [1] * 10, [2] * 10, [2] * 10, [3] * 10, [3] * 10], [yes, no] * 3)]
+    assert calls == [([[1] * 9, [1] * 9, [2] * 9, [2] * 9, [3] * 9, [3] * 9], [yes, no] * 3)]
     assert m["judge/teacher_failed"] == 1 and m["judge/too_long"] == 1 and m["judge/unparseable"] == 1
     assert m["judge/agreement"] == 1.0  # "ba" is right and judged yes, "ab" wrong and judged no
+    assert m["judge/check_mean"] == 0.25  # of the 4 rollouts only "ba" is right (whether judged or not)
     # P(yes | yes or no) = sigmoid(ly - ln): -0.2 - (-2.5) = 2.3 and -3.0 - (-1.0) = -2.0
     sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     assert m["judge/p_yes"] == pytest.approx((sig(2.3) + sig(-2.0)) / 2, abs=1e-12)
@@ -236,13 +237,30 @@ def test_comparator_workflow_two_steps(tiny_pair, tmp_path):
 
 @pytest.mark.engine
 def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
-    """The tiny teacher cannot follow a rubric: the pipeline runs and counts every unparseable reply."""
-    _, train = _run("experiments/judge/tiny.toml", tmp_path / "j")
+    """The tiny judge: a verifier built on a tiny budget (100 steps, cached; the experiment's own verifier takes
+    2000 steps, minutes, so CI does not build it) records its agreement with exact match on held-out answers
+    and on the student's own samples, and judges through verdict = loglik: every rollout gets 2 P(yes) - 1."""
+    from shared.builders.tiny_pair import read_build_info
+    from shared.builders.tiny_verifier import build_verifier
+
+    verifier = build_verifier("exact", steps=100)
+    info = read_build_info(verifier)
+    assert info["train_steps"] == 100 and info["heldout_n"] == 1000 and info["student_samples_n"] == 400
+    assert info["heldout_agreement"] >= 0.55 and info["heldout_agreement_by_kind"]["correct"] >= 0.9  # measured 0.608, 1.0
+    from tests.test_e2e import run_rl
+
+    out = tmp_path / "j"  # no KL term (kl_coef = 0): teacher_kl is not measured, so not through _run
+    p = run_rl("@", "experiments/judge/tiny.toml", "--output_dir", str(out), *SMALL, "--teacher.name", str(verifier))
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "judge/p_yes" in r]
+    assert [r["step"] for r in train] == [1, 2]
     for r in train:
-        assert 1 <= r["judge/unparseable"] <= 8 * 4  # measured: all 32 replies of each step
-        assert r["judge/dropped"] == 0  # on_unparseable = "zero": counted, rewarded 0, kept
-        assert "reward/mean" in r and "judge/reward_mean" in r and r["loss/lockin"] is not None
-    assert train[1]["judge/unparseable_total"] == train[0]["judge/unparseable"] + train[1]["judge/unparseable"]
+        assert r["judge/teacher_failed"] == 0
+        assert r["judge/unparseable"] == r["judge/too_long"]  # loglik: only a prompt too long has no verdict
+        # every judged rollout's reward is its graded verdict 2 P(yes) - 1
+        assert r["judge/reward_mean"] == pytest.approx(2 * r["judge/p_yes"] - 1, abs=1e-9)
+        assert 0.0 <= r["judge/agreement"] <= 1.0 and 0.0 <= r["judge/check_mean"] <= 1.0
+        assert r["loss/lockin"] is not None
 
 
 @pytest.mark.engine

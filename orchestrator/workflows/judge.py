@@ -83,7 +83,9 @@ class JudgeReward(RewardSource):
             p = prompts[r.prompt_index - base]
             ids.append(self.render(judge_messages(jc, p.text, r.text, p.answer)))
         loglik = jc.verdict == "loglik"
-        room = self.max_model_len - (max(map(len, self.options)) if loglik else self.MIN_REPLY_TOKENS)
+        # loglik: prompt + option is scored in one pass that asks the engine for one output token (vLLM refuses
+        # a prompt that fills max_model_len), so the pair must leave one position free
+        room = self.max_model_len - (max(map(len, self.options)) + 1 if loglik else self.MIN_REPLY_TOKENS)
         fits = [i for i, x in enumerate(ids) if len(x) <= room]
         # failed: an external judge gave no reply (after retries): the rollout is dropped and counted
         replies, verdicts, failed = (self._logliks if loglik else self._replies)(ids, fits)
@@ -109,8 +111,10 @@ class JudgeReward(RewardSource):
         if loglik:
             metrics["judge/p_yes"] = statistics.fmean(self.p_yes) if self.p_yes else float("nan")
         if self.check is not None:  # how often a parsed verdict agrees with the verifiable score
-            agree = [(v > 0) == (self.check(prompts[r.prompt_index - base], r.text) > 0.5)
-                     for r, v in zip(rollouts, verdicts) if v is not None]
+            truth = [self.check(prompts[r.prompt_index - base], r.text) > 0.5 for r in rollouts]
+            if truth:  # the true (verifiable) accuracy of the rollouts the judge scored
+                metrics["judge/check_mean"] = statistics.fmean(float(t) for t in truth)
+            agree = [(v > 0) == t for t, v in zip(truth, verdicts) if v is not None]
             if agree:
                 metrics["judge/agreement"] = statistics.fmean(float(a) for a in agree)
         return rewards, metrics

@@ -1,6 +1,6 @@
 """Model builders: the built-in models, made once on first use and cached.
 
-``tiny_pair`` trains the tiny reverse-text teacher/student pair; ``smollm2`` converts SmolLM2-135M-Instruct
+``tiny_pair`` trains the tiny reverse-text teacher/student pair, ``tiny_verifier`` a yes/no judge for its task; ``smollm2`` converts SmolLM2-135M-Instruct
 from its packaged GGUF file and derives layer-dropped students from it.  Both cache under
 :func:`default_root`; a directory's name carries its recipe's version (and, for the tiny pair, a hash of the
 recipe), never this package's path, so moving the code keeps every cached model.  Importing this package

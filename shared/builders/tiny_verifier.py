@@ -1,0 +1,388 @@
+"""A tiny verifier for the reverse-text task: a judge that answers ``yes`` / ``no`` to "is this a correct
+answer to this prompt", for ``orchestrator.judge.verdict = "loglik"``.
+
+The judge path (``orchestrator/workflows/judge.py``) renders the rubric ``"{question}{answer}="`` as plain
+text (the tiny tokenizer has no chat template) and compares the judge's log-likelihoods of the replies
+``yes`` and ``no`` after it. The verifier is trained on exactly that text::
+
+    "abcd=" + "dcba" + "="  ->  "yes" + EOS          (the correct answer)
+    "abcd=" + "dcb"  + "="  ->  "no"  + EOS          (a near miss: a dropped character)
+
+It starts from the tiny teacher's weights (which already reverse strings) and is fine-tuned on the verdict
+tokens (plus, at each answer position, the letter that belongs there), half correct answers and half near misses of the kinds a sampling student makes
+(:data:`NEAR_MISSES`: a dropped, swapped, repeated or substituted character, a cut or an extra tail, the
+string copied unreversed). The label comes from a *labeler*:
+
+``exact``   correct iff the answer is the reversed string (the verifiable check). Held-out agreement with
+            exact match 0.886, but blind to same-length answers with wrong letters (0.21 on substitutions,
+            0.16 on swaps): a student trained against it learns to exploit that (docs/workflows.md).
+``length``  correct iff the answer is at least as long as the string: a deliberately weakened judge, as if
+            its training labels came from a grader that only penalised omissions. Any long enough answer
+            passes, so a student optimising its verdict can stop caring about the letters.
+
+``build_verifier(labeler)`` trains one (``exact``: 2000 steps, 314 s on one core under load, measured once
+2026-12-02; ``length``: 100 steps, ~30 s), caches it beside the
+tiny pair (name with the recipe's hash, atomic, under the tiny pair's lock) and records in ``BUILD_OK`` its
+held-out agreement with exact match on synthetic answers and on the tiny student's own samples.
+
+Command line: ``python -m shared.builders.tiny_verifier [--labeler exact|length] [--force]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.builders import default_root, tiny_pair
+from shared.builders.tiny_pair import ALPHABET, answer_for, make_string, prompt_for
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+YES, NO = "yes", "no"
+RUBRIC = "{question}{answer}="  # orchestrator.judge.rubric that renders the text the verifier was trained on
+MAX_ANSWER = tiny_pair.MAX_LEN + 4  # the longest answer a near miss (or a 12-token student sample) has
+
+
+def judge_text(s: str, answer: str) -> str:
+    """The judge prompt for ``answer`` to the prompt of ``s``: ``("abcd", "dcba") -> "abcd=dcba="``."""
+    return RUBRIC.format(question=prompt_for(s), answer=answer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: near misses and labelers
+# --------------------------------------------------------------------------------------------------
+
+
+def _drop(r: str, rng: random.Random) -> str:
+    i = rng.randrange(len(r))
+    return r[:i] + r[i + 1 :]
+
+
+def _swap(r: str, rng: random.Random) -> str:
+    i = rng.randrange(len(r) - 1)
+    return r[:i] + r[i + 1] + r[i] + r[i + 2 :]
+
+
+def _repeat(r: str, rng: random.Random) -> str:
+    i = rng.randrange(len(r))
+    return r[: i + 1] + r[i] + r[i + 1 :]
+
+
+def _substitute(r: str, rng: random.Random) -> str:
+    i = rng.randrange(len(r))
+    return r[:i] + rng.choice(ALPHABET.replace(r[i], "")) + r[i + 1 :]
+
+
+def _truncate(r: str, rng: random.Random) -> str:
+    return r[: rng.randrange(len(r))]  # possibly empty: a student that stops at once
+
+
+def _extend(r: str, rng: random.Random) -> str:
+    return r + "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, MAX_ANSWER - len(r))))
+
+
+def _unreversed(r: str, rng: random.Random) -> str:
+    return r[::-1]
+
+
+# Each takes the correct answer r (len >= 3) and returns an edited string, possibly equal to r (a swap of
+# two equal letters, the copy of a palindrome): near_miss() retries those.
+NEAR_MISSES: dict[str, Callable[[str, random.Random], str]] = {
+    "drop": _drop, "swap": _swap, "repeat": _repeat, "substitute": _substitute,
+    "truncate": _truncate, "extend": _extend, "unreversed": _unreversed,
+}
+
+
+def near_miss(s: str, rng: random.Random) -> tuple[str, str]:
+    """``(kind, wrong answer)`` for ``s``: a uniformly drawn kind of :data:`NEAR_MISSES` whose edit changed
+    the answer (kinds are redrawn until one does; ``substitute`` always does)."""
+    r = answer_for(s)
+    while True:
+        kind = rng.choice(tuple(NEAR_MISSES))
+        wrong = NEAR_MISSES[kind](r, rng)
+        if wrong != r:
+            return kind, wrong
+
+
+LABELERS: dict[str, Callable[[str, str], bool]] = {
+    "exact": lambda s, a: a == answer_for(s),
+    "length": lambda s, a: len(a) >= len(s),
+}
+
+
+def make_example(rng: random.Random, labeler: str = "exact") -> tuple[str, str, bool]:
+    """``(s, answer, label)``: a fresh task string, the correct answer or (probability 1/2) a near miss,
+    labelled by ``LABELERS[labeler]``."""
+    s = make_string(rng)
+    answer = answer_for(s) if rng.random() < 0.5 else near_miss(s, rng)[1]
+    return s, answer, LABELERS[labeler](s, answer)
+
+
+def agreement(verdicts: Sequence[bool], truths: Sequence[bool]) -> float:
+    """Fraction of verdicts equal to the truth (exact match): ``([T, T, F, F], [T, F, F, T]) -> 0.5``."""
+    if len(verdicts) != len(truths) or not verdicts:
+        raise ValueError(f"agreement needs two equally long, non-empty lists (got {len(verdicts)}, {len(truths)})")
+    return sum(v == t for v, t in zip(verdicts, truths)) / len(verdicts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe
+# --------------------------------------------------------------------------------------------------
+
+RECIPE_VERSION = 1
+TRAIN = tiny_pair.TrainSpec(lr=1e-3, batch_size=64, warmup_steps=20, schedule_steps=2000, eval_every=100,
+                            stop_at_val_accuracy=0.99)  # "accuracy" here: agreement with the labeler
+VALIDATION_N = 512
+HELDOUT_N = 1000  # synthetic held-out answers (to the tiny pair's held-out strings) for BUILD_OK
+STUDENT_SAMPLES = 2  # the tiny student's temperature-1 samples per held-out string, for BUILD_OK
+MIN_AGREEMENT = {"exact": 0.85}  # a finished verifier below this on held-out answers is a build error
+
+
+def recipe(labeler: str) -> dict:
+    return {"version": RECIPE_VERSION, "pair": tiny_pair.RECIPE_HASH, "labeler": labeler,
+            "near_misses": sorted(NEAR_MISSES), "rubric": RUBRIC, "replies": [YES, NO],
+            "train": dataclasses.asdict(TRAIN), "validation_n": VALIDATION_N, "threads": tiny_pair.BUILD_THREADS}
+
+
+def dir_name(labeler: str = "exact", seed: int = 0) -> str:
+    """The cache directory name of the verifier trained with ``labeler`` from the tiny pair of ``seed``."""
+    if labeler not in LABELERS:
+        raise ValueError(f"labeler must be one of {', '.join(LABELERS)}, got {labeler!r}")
+    digest = hashlib.sha256(json.dumps(recipe(labeler), sort_keys=True).encode()).hexdigest()[:8]
+    return f"tiny-reverse-verifier-{labeler}-v{RECIPE_VERSION}-{digest}-s{seed}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def verdict_logliks(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
+                    pairs: Sequence[tuple[str, str]]) -> list[tuple[float, float]]:
+    """``(log p(yes | prompt), log p(no | prompt))`` per ``(s, answer)``, summed over the reply's tokens, as
+    the judge path's scoring pass computes them."""
+    import torch
+
+    yes, no = _ids(tok, YES), _ids(tok, NO)
+    out: list[tuple[float, float]] = []
+    for start in range(0, len(pairs), 256):
+        rows, spans = [], []
+        for s, a in pairs[start : start + 256]:
+            prompt = tok(judge_text(s, a)).input_ids
+            for reply in (yes, no):
+                rows.append(prompt + reply)
+                spans.append((len(prompt), reply))
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tiny_pair.PAD_ID] * (width - len(r)) for r in rows])  # right padding: causal
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)  # (rows, T, V)
+        sums = [sum(logp[k, n - 1 + j, t].item() for j, t in enumerate(reply)) for k, (n, reply) in enumerate(spans)]
+        out += list(zip(sums[0::2], sums[1::2]))
+    return out
+
+
+def verdicts(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    """The verifier's verdict (``yes`` likelier than ``no``) per ``(s, answer)``."""
+    return [ly > ln for ly, ln in verdict_logliks(model, tok, pairs)]
+
+
+def _batch(tok: PreTrainedTokenizerFast, rng: random.Random, n: int, labeler: str,
+           excluded: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` rows of judge prompt + verdict + EOS, with labels on the verdict and EOS only (right-padded)."""
+    import torch
+
+    rows = []
+    while len(rows) < n:
+        s, a, label = make_example(rng, labeler)
+        if s in excluded:
+            continue
+        prompt, reply = tok(judge_text(s, a)).input_ids, _ids(tok, YES if label else NO) + [tiny_pair.EOS_ID]
+        # Dense supervision the comparison builds on: at each answer position, the letter that belongs there
+        # (the teacher's own reversal, teacher-forced on the answer's possibly wrong prefix).
+        start, r = len(tok(prompt_for(s)).input_ids), _ids(tok, answer_for(s))
+        context = [-100] * start + r[: len(a)] + [-100] * (len(prompt) - start - min(len(a), len(r)))
+        rows.append((prompt + reply, context + reply))
+    width = max(len(x) for x, _ in rows)
+    return (torch.tensor([x + [tiny_pair.PAD_ID] * (width - len(x)) for x, _ in rows]),
+            torch.tensor([y + [-100] * (width - len(y)) for _, y in rows]))
+
+
+def _examples(rng: random.Random, strings: Sequence[str], labeler: str) -> list[tuple[str, str, bool]]:
+    out = []
+    for s in strings:
+        a = answer_for(s) if rng.random() < 0.5 else near_miss(s, rng)[1]
+        out.append((s, a, LABELERS[labeler](s, a)))
+    return out
+
+
+def student_samples(student_dir: Path, strings: Sequence[str], per_string: int, seed: int) -> list[tuple[str, str]]:
+    """``(s, answer)`` pairs sampled from the tiny student at temperature 1 (up to EOS, at most MAX_ANSWER
+    tokens, as ``experiments/judge/tiny.toml`` samples them)."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(student_dir).eval()
+    tok = tiny_pair.build_tokenizer()
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=MAX_ANSWER,
+                           bos_token_id=tiny_pair.BOS_ID, eos_token_id=tiny_pair.EOS_ID, pad_token_id=tiny_pair.PAD_ID)
+    by_length: dict[int, list[str]] = {}
+    for s in strings:
+        by_length.setdefault(len(s), []).append(s)
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for group in by_length.values():
+            prompts = torch.tensor([tok(prompt_for(s)).input_ids for s in group for _ in range(per_string)])
+            with torch.no_grad():
+                ids = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=gen)
+            for k, completion in enumerate(ids[:, prompts.shape[1] :].tolist()):
+                if tiny_pair.EOS_ID in completion:
+                    completion = completion[: completion.index(tiny_pair.EOS_ID)]
+                out.append((group[k // per_string], tok.decode(completion, skip_special_tokens=True)))
+    return out
+
+
+def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: int, steps: int | None
+           ) -> tuple[LlamaForCausalLM, int, float]:
+    """Fine-tune the teacher into a verifier; ``(model, steps taken, validation agreement with the labeler)``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    validation = tiny_pair._distinct_strings(VALIDATION_N, random.Random(f"tiny-verifier-validation-{seed}"))
+    val = _examples(random.Random(f"tiny-verifier-val-answers-{seed}"), validation, labeler)
+    excluded = set(tiny_pair.heldout_strings(tiny_pair.HELDOUT_EXCLUDED)) | set(validation)
+    rng = random.Random(f"tiny-verifier-train-{labeler}-{seed}")
+    model = LlamaForCausalLM.from_pretrained(teacher_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN.lr, betas=TRAIN.betas, weight_decay=TRAIN.weight_decay)
+    total = TRAIN.schedule_steps if steps is None else steps
+    step, val_agreement = 0, 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        while step < total:
+            for group in opt.param_groups:
+                group["lr"] = TRAIN.lr_at(step)
+            ids, labels = _batch(tok, rng, TRAIN.batch_size, labeler, excluded)
+            model(input_ids=ids, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % TRAIN.eval_every == 0 or step == total:
+                model.eval()
+                val_agreement = agreement(verdicts(model, tok, [(s, a) for s, a, _ in val]), [y for _, _, y in val])
+                model.train()
+                print(f"tiny_verifier ({labeler}): step {step}, validation agreement {val_agreement:.3f}", file=sys.stderr)
+                if steps is None and val_agreement >= TRAIN.stop_at_val_accuracy:
+                    break
+    model.eval()
+    return model, step, val_agreement
+
+
+def _heldout_report(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, student_dir: Path, seed: int) -> dict:
+    """Agreement with exact match on synthetic held-out answers (overall and per near-miss kind) and on
+    the tiny student's own samples to held-out strings."""
+    rng = random.Random(f"tiny-verifier-heldout-{seed}")
+    strings = tiny_pair.heldout_strings(HELDOUT_N)
+    kinds, pairs = [], []
+    for s in strings:
+        kind, a = ("correct", answer_for(s)) if rng.random() < 0.5 else near_miss(s, rng)
+        kinds.append(kind)
+        pairs.append((s, a))
+    v = verdicts(model, tok, pairs)
+    truth = [LABELERS["exact"](s, a) for s, a in pairs]
+    per_kind = {k: agreement([x for x, kk in zip(v, kinds) if kk == k], [t for t, kk in zip(truth, kinds) if kk == k])
+                for k in sorted(set(kinds))}
+    samples = student_samples(student_dir, tiny_pair.heldout_strings(tiny_pair.HELDOUT_EVAL_N), STUDENT_SAMPLES, seed)
+    sv = verdicts(model, tok, samples)
+    st = [LABELERS["exact"](s, a) for s, a in samples]
+    return {
+        "heldout_n": len(pairs), "heldout_agreement": agreement(v, truth),
+        "heldout_agreement_by_kind": per_kind,
+        "student_samples_n": len(samples), "student_samples_correct": sum(st) / len(st),
+        "student_samples_agreement": agreement(sv, st),
+        "student_samples_judged_yes": sum(sv) / len(sv),
+    }
+
+
+def build_verifier(labeler: str = "exact", out_root: Path | None = None, seed: int = 0, force: bool = False,
+                   steps: int | None = None) -> Path:
+    """Build (or find cached) the verifier trained with ``labeler``; return its directory.
+
+    The directory is a ``save_pretrained`` model with the tiny tokenizer and a ``BUILD_OK`` record (the
+    held-out agreements). ``steps`` trains exactly that many steps into a directory of its own (``-n<steps>``),
+    for a quick test; otherwise training stops at the first check reaching the recipe's validation agreement.
+    """
+    import torch
+    import transformers
+
+    name = dir_name(labeler, seed) + (f"-n{steps}" if steps is not None else "")
+    root = Path(out_root).expanduser() if out_root is not None else default_root()
+    final = root / name
+    if not force and tiny_pair.is_built(final):
+        return final
+    teacher_dir, student_dir = tiny_pair.build_pair(out_root, seed=seed)
+    with tiny_pair._locked(root):
+        if not force and tiny_pair.is_built(final):
+            return final
+        for stale in root.glob(f".{name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            start = time.perf_counter()
+            tok = tiny_pair.build_tokenizer()
+            with tiny_pair._torch_threads(tiny_pair.BUILD_THREADS):
+                model, taken, val_agreement = _train(labeler, teacher_dir, tok, seed, steps)
+                train_seconds = time.perf_counter() - start
+                report = _heldout_report(model, tok, student_dir, seed)
+            if steps is None and report["heldout_agreement"] < MIN_AGREEMENT.get(labeler, 0.0):
+                raise RuntimeError(f"verifier ({labeler}) reached only {report['heldout_agreement']:.3f} held-out "
+                                   f"agreement with exact match (< {MIN_AGREEMENT[labeler]})")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            info = {"role": "verifier", "labeler": labeler, "seed": seed, "recipe_version": RECIPE_VERSION,
+                    "recipe": recipe(labeler), "from": teacher_dir.name, "rubric": RUBRIC, "yes": YES, "no": NO,
+                    "train_steps": taken, "val_agreement_with_labeler": val_agreement, **report,
+                    "train_seconds": round(train_seconds, 2), "build_seconds": round(time.perf_counter() - start, 2),
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+            (tmp / tiny_pair.BUILD_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            tiny_pair._install(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shared.builders.tiny_verifier", description=__doc__.splitlines()[0])
+    parser.add_argument("--labeler", choices=sorted(LABELERS), default="exact")
+    parser.add_argument("--out", type=Path, default=None, help=f"cache root (default: {default_root()})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="train exactly this many steps (a quick test)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a cached verifier exists")
+    args = parser.parse_args(argv)
+    path = build_verifier(args.labeler, args.out, args.seed, args.force, args.steps)
+    info = tiny_pair.read_build_info(path)
+    print(f"{path}\n  steps={info['train_steps']} heldout_agreement={info['heldout_agreement']:.3f} "
+          f"student_samples_agreement={info['student_samples_agreement']:.3f} "
+          f"(n={info['student_samples_n']}, correct {info['student_samples_correct']:.3f}) "
+          f"build_seconds={info['build_seconds']}")
+
+
+if __name__ == "__main__":
+    main()

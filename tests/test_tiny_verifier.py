@@ -1,0 +1,97 @@
+"""The tiny verifier's data (near misses, labelers), the agreement metric, and the judge prompt it is trained on
+(engine-free; the verifier itself is built and checked in tests/test_workflows.py's tiny judge run)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from orchestrator.judge import judge_messages
+from shared.builders import tiny_verifier as tv
+from shared.builders.tiny_pair import answer_for, prompt_for
+from shared.config import load
+
+
+def test_near_miss_edits_by_hand():
+    rng = random.Random(0)  # each edit, then the property that defines it
+    r = "dcba"
+    assert tv._unreversed(r, rng) == "abcd"
+    for _ in range(50):
+        d = tv._drop(r, rng)
+        assert len(d) == 3 and any(r[:i] + r[i + 1:] == d for i in range(4))
+        w = tv._swap(r, rng)
+        assert sorted(w) == sorted(r) and sum(a != b for a, b in zip(w, r)) == 2
+        i = next(k for k in range(4) if w[k] != r[k])
+        assert (w[i], w[i + 1]) == (r[i + 1], r[i])  # adjacent
+        p = tv._repeat(r, rng)
+        assert len(p) == 5 and any(r[: i + 1] + r[i] + r[i + 1:] == p for i in range(4))
+        s = tv._substitute(r, rng)
+        assert len(s) == 4 and sum(a != b for a, b in zip(s, r)) == 1 and set(s) <= set(tv.ALPHABET)
+        t = tv._truncate(r, rng)
+        assert len(t) < 4 and r.startswith(t)
+        e = tv._extend(r, rng)
+        assert e.startswith(r) and 5 <= len(e) <= tv.MAX_ANSWER
+
+
+def test_near_miss_is_never_the_answer_and_covers_every_kind():
+    rng = random.Random(1)
+    kinds = Counter()
+    for s in ["aaa", "aba", "abcd", "hgfedcba"] * 100:  # palindromes and one-letter strings too
+        kind, wrong = tv.near_miss(s, rng)
+        assert wrong != answer_for(s) and kind in tv.NEAR_MISSES
+        kinds[kind] += 1
+    assert set(kinds) == set(tv.NEAR_MISSES)
+    assert kinds["swap"] < kinds["substitute"]  # "aaa" has no swap or copy that changes it: redrawn
+
+
+@pytest.mark.parametrize("labeler,s,answer,expected", [
+    ("exact", "abcd", "dcba", True), ("exact", "abcd", "dcb", False), ("exact", "abcd", "abcd", False),
+    ("exact", "abcd", "dcbaa", False),
+    ("length", "abcd", "dcba", True), ("length", "abcd", "xxxx", True), ("length", "abcd", "dcbaaaa", True),
+    ("length", "abcd", "dcb", False), ("length", "abcd", "", False),
+])
+def test_labelers_by_hand(labeler, s, answer, expected):
+    assert tv.LABELERS[labeler](s, answer) is expected
+
+
+def test_examples_are_half_correct_and_labels_follow_the_labeler():
+    rng = random.Random(2)
+    rows = [tv.make_example(rng) for _ in range(2000)]
+    correct = sum(a == answer_for(s) for s, a, _ in rows)
+    assert 900 < correct < 1100  # Binomial(2000, 1/2): mean 1000, sd 22
+    assert all(label == (a == answer_for(s)) for s, a, label in rows)
+    rows = [tv.make_example(random.Random(3), "length") for _ in range(200)]
+    assert all(label == (len(a) >= len(s)) for s, a, label in rows)
+    with pytest.raises(KeyError):
+        tv.make_example(rng, "nope")
+
+
+def test_agreement_by_hand():
+    assert tv.agreement([True, True, False, False], [True, False, False, True]) == 0.5
+    assert tv.agreement([True, True, True], [True, True, False]) == pytest.approx(2 / 3)
+    assert tv.agreement([False], [False]) == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        tv.agreement([True], [True, False])
+    with pytest.raises(ValueError, match="non-empty"):
+        tv.agreement([], [])
+
+
+def test_the_judge_path_renders_the_text_the_verifier_was_trained_on():
+    """experiments/judge/tiny.toml's rubric, filled by orchestrator.judge, is the verifier's training text."""
+    cfg = load(["@", "experiments/judge/tiny.toml"])
+    jc = cfg.orchestrator.judge
+    assert (jc.rubric, jc.verdict, jc.yes, jc.no, jc.system) == (tv.RUBRIC, "loglik", tv.YES, tv.NO, "")
+    for s, a in [("abcd", "dcba"), ("abcd", "dcb"), ("hgfedcba", "")]:
+        (msg,) = judge_messages(jc, prompt_for(s), a, answer_for(s))
+        assert msg == {"role": "user", "content": tv.judge_text(s, a)}
+    assert tv.judge_text("abc", "cba") == "abc=cba="
+
+
+def test_cache_names_carry_labeler_and_recipe():
+    exact, length = tv.dir_name("exact"), tv.dir_name("length")
+    assert exact.startswith("tiny-reverse-verifier-exact-v1-") and exact.endswith("-s0")
+    assert length.startswith("tiny-reverse-verifier-length-v1-") and exact.split("-")[-2] != length.split("-")[-2]
+    with pytest.raises(ValueError, match="labeler must be one of exact, length"):
+        tv.dir_name("nope")
