@@ -185,7 +185,9 @@ def test_k2_pipeline_is_two_steps_stale_and_overlaps(local_ray, tiny_pair, tmp_p
     # steps 1..4 sample later steps (0.15 s each) while the trainer trains (0.3 s); steps 5 and 6 have nothing
     # left to sample (max_steps)
     assert all(r["time/overlap"] > 0.05 for r in train[:4]), [r["time/overlap"] for r in train]
-    assert all(r["busy/trainer"] > 0.5 for r in train)
+    # from step 2 on the trainer is busy most of each step (step 1 also waits for the first sampling, on actors
+    # that start cold: under load its share fell to 0.28-0.46 in the old code and the new alike)
+    assert all(r["busy/trainer"] > 0.5 for r in train[1:]), [r["busy/trainer"] for r in train]
     assert not orch.pipe.inflight and not orch.pipe.queue  # nothing sampled past max_steps, nothing left in flight
 
 
