@@ -836,8 +836,9 @@ def _validate_sft(cfg: Config) -> None:
                           "(the teacher's samples do not depend on the student)")
     if cfg.teacher.endpoint:
         raise ConfigError("orchestrator.workflow: \"sft\" needs the in-cluster teacher engine (teacher.endpoint is set)")
-    if oc.continual.core_environments:
-        raise ConfigError("orchestrator.workflow: \"sft\" does not combine with orchestrator.continual")
+    if oc.continual.core_environments and oc.continual.replay_ratio:  # the capability suite and gate compose
+        raise ConfigError("orchestrator.continual.replay_ratio: must be 0 with orchestrator.workflow = \"sft\" "
+                          "(sft composes with the capability suite and the gate only)")
 
 
 def _validate_ray_address(addr: str) -> None:
