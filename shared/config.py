@@ -566,8 +566,8 @@ class OrchestratorConfig(_Section):
         Literal["distill", "judge", "comparator", "sft"],
         "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as "
         "references; sft: the teacher samples the completions and the trainer fits them by NLL (off-policy "
-        "distillation; no student sampling). One module each in orchestrator/workflows/; all but sft compose with "
-        "[orchestrator.continual]",
+        "distillation; no student sampling). One module each in orchestrator/workflows/; all compose with "
+        "[orchestrator.continual] (sft: its capability suite and gate, replay_ratio 0)",
     ) = "distill"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     comparator: ComparatorConfig = field(default_factory=ComparatorConfig)

@@ -121,3 +121,12 @@ def test_the_experiments_load_and_differ_only_in_the_method():
         assert oc.continual.core_environments == list(CORES)
         assert (oc.continual.replay_ratio, oc.continual.gate, cfg.trainer.loss.ref_kl_coef) == (0.0, False, 0.0)
     assert "arithmetic + on operands 0..9" in fg.setup_text(opd)
+
+
+def test_sft_takes_the_capability_suite_but_not_replay():
+    from orchestrator.api import load_config
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r'^orchestrator\.continual\.replay_ratio: must be 0 with orchestrator\.workflow '
+                                          r'= "sft"'):
+        load_config(fg.EXPERIMENT / "opd.toml", *fg.METHODS["sft"], overrides={"orchestrator.continual.replay_ratio": 0.25})
