@@ -159,6 +159,10 @@ def markdown(runs: Sequence[Run], meta: dict[str, Any]) -> str:
                      + " | ".join(f"{r.cores[c][0]:.3f} → {r.cores[c][1]:.3f} ({r.change(c):+.3f})" for c in cores)
                      + " | " + " | ".join(_num(r.forgetting_per_gain(c)) for c in cores)
                      + f" | {r.wall_s:.0f} | {r.load} |")
+    teacher = next((r.teacher_new for r in runs if math.isfinite(r.teacher_new)), math.nan)
+    if math.isfinite(teacher):
+        lines += ["", f"The teacher (the base model with its context) scores {teacher:.3f} on the new behaviour "
+                      "(eval_baseline, the first run)."]
     lines += ["", "Per method (means over seeds; forgetting / gain = mean drop / mean gain, positive = forgot):", "",
               "| method | seeds | French gain | " + " | ".join(f"{c} change" for c in cores) + " | "
               + " | ".join(f"{c} forgetting / gain" for c in cores) + " | mean forgetting / gain |",

@@ -92,6 +92,7 @@ def test_the_table_and_json_carry_the_numbers(runs, tmp_path):
            "+0.000 | 100 | 2.00 |" in text
     assert "| opd | 0, 1 | +0.400 | -0.150 | -0.050 | +0.375 | +0.125 | +0.250 |" in text
     assert "OPD's forgetting per unit of gain / SFT's (mean over cores): 1.33" in text
+    assert "The teacher (the base model with its context) scores 0.850 on the new behaviour" in text
     assert "load average before / after: 1.00 1.00 1.00 / 2.00 2.00 2.00" in text
     data = json.loads((tmp_path / "out" / "forgetting_2026-12-02_test.json").read_text(encoding="utf-8"))
     assert data["opd_over_sft"] == pytest.approx(4 / 3)
