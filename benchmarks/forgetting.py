@@ -1,9 +1,9 @@
 """Forgetting on a real model: the same new behaviour taught by on-policy context distillation and by SFT on the
 teacher's samples, and what each costs the behaviours the model had before.
 
-    python benchmarks/forgetting.py                       # opd and sft, seeds 0 and 1, 8 steps (~40 min, 2 cores)
+    python benchmarks/forgetting.py                       # opd and sft, seeds 0 and 1, 8 steps (6 steps x 1 seed: 24 min, load 5-29)
     python benchmarks/forgetting.py --seeds 1 --steps 8   # one more seed of each
-    python benchmarks/forgetting.py --seeds 0 --steps 1   # a pipeline check (~8 min)
+    python benchmarks/forgetting.py --seeds 0 --steps 1   # a pipeline check
 
 The student is SmolLM2-135M-Instruct with a LoRA adapter; the new behaviour is answering in French
 (``eval/french/avg``), which the teacher (the same model with "Answer in French." before the user turn) has
