@@ -604,8 +604,8 @@ class OrchestratorConfig(_Section):
         Literal["distill", "judge", "comparator", "sft"],
         "distill: teacher log-probs (KL); judge: teacher-as-reward-model (RLAIF); comparator: teacher answers as "
         "references; sft: the teacher samples the completions and the trainer fits them by NLL (off-policy "
-        "distillation; no student sampling). One module each in orchestrator/workflows/; all but sft compose with "
-        "[orchestrator.continual]",
+        "distillation; no student sampling). One module each in orchestrator/workflows/; all compose with "
+        "[orchestrator.continual] (sft: its capability suite and gate, replay_ratio 0)",
     ) = "distill"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     comparator: ComparatorConfig = field(default_factory=ComparatorConfig)
@@ -887,8 +887,9 @@ def _validate_sft(cfg: Config) -> None:
                           "(the teacher's samples do not depend on the student)")
     if cfg.teacher.endpoint:
         raise ConfigError("orchestrator.workflow: \"sft\" needs the in-cluster teacher engine (teacher.endpoint is set)")
-    if oc.continual.core_environments:
-        raise ConfigError("orchestrator.workflow: \"sft\" does not combine with orchestrator.continual")
+    if oc.continual.core_environments and oc.continual.replay_ratio:  # the capability suite and gate compose
+        raise ConfigError("orchestrator.continual.replay_ratio: must be 0 with orchestrator.workflow = \"sft\" "
+                          "(sft composes with the capability suite and the gate only)")
 
 
 def _validate_topk(cfg: Config) -> None:
