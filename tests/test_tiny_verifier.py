@@ -103,33 +103,41 @@ def test_cache_names_carry_labeler_and_recipe():
 
 
 def test_reference_layout_texts_by_hand():
-    """The reference layout shows the judge the reference answer between the prompt and the answer."""
+    """The reference layout shows the judge the reference answer after the answer."""
     assert tv.judge_text("abcd", "dcba", "reference") == "abcd=dcba=dcba="
-    assert tv.judge_text("abcd", "dcab", "reference") == "abcd=dcba=dcab="
-    assert tv.judge_text("abc", "", "reference") == "abc=cba=="
-    assert (tv.answer_start("abcd"), tv.answer_start("abcd", "reference")) == ("abcd=", "abcd=dcba=")
+    assert tv.judge_text("abcd", "dcab", "reference") == "abcd=dcab=dcba="
+    assert tv.judge_text("abc", "", "reference") == "abc==cba="
+    assert (tv.answer_start("abcd"), tv.answer_start("abcd", "reference")) == ("abcd=", "abcd=")
     with pytest.raises(ValueError, match="layout must be one of question, reference"):
         tv.judge_text("abc", "cba", "nope")
 
 
 def test_training_rows_by_hand():
-    """Labels: -100 on the prompt, at each answer position the letter that belongs there (the reference's
-    letter at that offset, as far as the answer reaches), -100 on the closing '=', then the verdict and EOS."""
+    """Labels: -100 on the prompt; reference layout: after each answer letter y if it equals the reference's
+    letter at that offset else n, after the answer's "=" y if the lengths agree, -100 on the reference, then
+    the verdict and EOS; question layout: at each answer position the letter that belongs there (as far as
+    the answer reaches), -100 on the closing '=', the verdict, EOS."""
     from shared.builders.tiny_pair import BOS_ID, EOS_ID, build_tokenizer
 
     tok = build_tokenizer()
     i = {c: tok.convert_tokens_to_ids(c) for c in "abcd=yesno"}
-    ids, labels = tv.training_row(tok, "abc", "cab", False, "reference")  # "abc=cba=cab=" -> no: a swap
-    assert ids == [BOS_ID] + [i[c] for c in "abc=cba=cab=no"] + [EOS_ID]
-    assert labels == [-100] * 9 + [i["c"], i["b"], i["a"], -100, i["n"], i["o"], EOS_ID]
-    ids, labels = tv.training_row(tok, "abc", "cb", False, "reference")  # a dropped letter: 2 positions
-    assert ids == [BOS_ID] + [i[c] for c in "abc=cba=cb=no"] + [EOS_ID]
-    assert labels == [-100] * 9 + [i["c"], i["b"], -100, i["n"], i["o"], EOS_ID]
+    y, n, x = i["y"], i["n"], -100
+    ids, labels = tv.training_row(tok, "abc", "cab", False, "reference")  # "abc=cab=cba=" -> no: a swap
+    assert ids == [BOS_ID] + [i[c] for c in "abc=cab=cba=no"] + [EOS_ID]
+    assert labels == [x] * 6 + [y, n, n, y, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cbaa", False, "reference")  # an extra letter mismatches
+    assert ids == [BOS_ID] + [i[c] for c in "abc=cbaa=cba=no"] + [EOS_ID]
+    assert labels == [x] * 6 + [y, y, y, n, n, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cb", False, "reference")  # a dropped letter: the lengths differ
+    assert labels == [x] * 6 + [y, y, n, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cba", True, "reference")
+    assert labels == [x] * 6 + [y, y, y, y, x, x, x, y, i["e"], i["s"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "", False, "reference")  # nothing but the lengths to compare
+    assert ids == [BOS_ID] + [i[c] for c in "abc==cba=no"] + [EOS_ID]
+    assert labels == [x] * 6 + [n, x, x, x, n, i["o"], EOS_ID]
     ids, labels = tv.training_row(tok, "abc", "cbaa", False)  # question layout, an extra letter: 3 labelled
     assert ids == [BOS_ID] + [i[c] for c in "abc=cbaa=no"] + [EOS_ID]
-    assert labels == [-100] * 5 + [i["c"], i["b"], i["a"], -100, -100, i["n"], i["o"], EOS_ID]
-    ids, labels = tv.training_row(tok, "abc", "cba", True, "reference")
-    assert labels[-4:] == [i["y"], i["e"], i["s"], EOS_ID]
+    assert labels == [x] * 5 + [i["c"], i["b"], i["a"], x, x, n, i["o"], EOS_ID]
 
 
 def test_weighted_near_misses_oversample_substitutions_and_swaps():
@@ -149,5 +157,6 @@ def test_the_reference_rubric_renders_the_text_the_reference_verifier_was_traine
     for s, a in [("abcd", "dcba"), ("abcd", "dbca"), ("hgfedcba", "")]:
         (msg,) = judge_messages(jc, prompt_for(s), a, answer_for(s))
         assert msg == {"role": "user", "content": tv.judge_text(s, a, "reference")}
+    assert tv.judge_text("abcd", "dbca", "reference") == "abcd=dbca=dcba="
     # the longest judge prompt (8 letters, a 12-token answer) plus the reply fits model.max_model_len
     assert 1 + len(tv.judge_text("abcdefgh", "x" * tv.MAX_ANSWER, "reference")) + len(tv.YES) + 1 <= cfg.model.max_model_len

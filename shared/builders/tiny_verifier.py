@@ -56,8 +56,9 @@ YES, NO = "yes", "no"
 # question:  the judge sees the prompt and the answer and must reverse the string itself ("abcd=dcba=").
 # reference: the judge also sees the prompt's reference answer ("abcd=dcba=dcba="): it only has to compare
 #            the answer with it letter by letter (orchestrator.judge fills {reference} from the environment).
-LAYOUTS = {"question": "{question}{answer}=", "reference": "{question}{reference}={answer}="}
+LAYOUTS = {"question": "{question}{answer}=", "reference": "{question}{answer}={reference}="}
 RUBRIC = LAYOUTS["question"]
+MATCH, MISMATCH = "y", "n"  # the reference layout's per-letter labels (never read by the judge path)
 MAX_ANSWER = tiny_pair.MAX_LEN + 4  # the longest answer a near miss (or a 12-token student sample) has
 
 
@@ -171,9 +172,11 @@ VALIDATION_N = 512
 HELDOUT_N = 1000  # synthetic held-out answers (to the tiny pair's held-out strings) for BUILD_OK
 STUDENT_SAMPLES = 2  # the tiny student's temperature-1 samples per held-out string, for BUILD_OK
 # a finished verifier below this on held-out answers is a build error
-MIN_AGREEMENT = {("exact", "question"): 0.85, ("exact", "reference"): 0.95}
+MIN_AGREEMENT = {("exact", "question"): 0.85, ("exact", "reference"): 0.85}
 # Training near misses per kind, by layout (held-out reports draw every kind uniformly): the reference layout
 # sees substituted and swapped letters twice as often, the edits that keep the answer's length.
+# Decoder layers added after the tiny teacher's, by layout (see _initial_model).
+EXTRA_LAYERS = {"question": 0, "reference": 2}
 KIND_WEIGHTS: dict[str, dict[str, float] | None] = {"question": None, "reference": {"substitute": 2.0, "swap": 2.0}}
 
 
@@ -182,7 +185,8 @@ def recipe(labeler: str, layout: str = "question") -> dict:
            "near_misses": sorted(NEAR_MISSES), "rubric": LAYOUTS[layout], "replies": [YES, NO],
            "train": dataclasses.asdict(TRAIN), "validation_n": VALIDATION_N, "threads": tiny_pair.BUILD_THREADS}
     if layout != "question":  # the question layout's recipe (and cache name) predates layouts
-        out |= {"layout": layout, "kind_weights": KIND_WEIGHTS[layout]}
+        out |= {"layout": layout, "kind_weights": KIND_WEIGHTS[layout], "dense": [MATCH, MISMATCH],
+                "extra_layers": EXTRA_LAYERS[layout]}
     return out
 
 
@@ -239,13 +243,24 @@ def verdicts(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, pairs: Seque
 def training_row(tok: PreTrainedTokenizerFast, s: str, a: str, label: bool, layout: str = "question"
                  ) -> tuple[list[int], list[int]]:
     """``(input ids, labels)`` of one training row: judge prompt + verdict + EOS, labelled on the verdict and
-    EOS and, at each answer position, on the letter that belongs there (-100 elsewhere)."""
+    EOS and on the answer (question layout: the letter that belongs at each answer position; reference
+    layout: after each answer letter, whether it matches the reference's), -100 elsewhere."""
     prompt, reply = tok(judge_text(s, a, layout)).input_ids, _ids(tok, YES if label else NO) + [tiny_pair.EOS_ID]
-    # Dense supervision the comparison builds on: at each answer position, the letter that belongs there
-    # (teacher-forced on the answer's possibly wrong prefix): the teacher's own reversal in the question
-    # layout, a copy of the reference's letter at the same offset in the reference layout.
-    start, r = len(tok(answer_start(s, layout)).input_ids), _ids(tok, answer_for(s))
-    context = [-100] * start + r[: len(a)] + [-100] * (len(prompt) - start - min(len(a), len(r)))
+    start, r = len(tok(answer_start(s, layout)).input_ids), answer_for(s)
+    if layout == "reference":
+        # Dense supervision of the comparison itself: after each answer letter, whether it equals the
+        # reference's letter at the same offset (MATCH / MISMATCH; a letter past the reference's end
+        # mismatches), and after the answer's closing "=", whether the lengths agree. The verdict then only
+        # has to see whether anything mismatched.
+        flags = [MATCH if j < len(r) and a[j] == r[j] else MISMATCH for j in range(len(a))]
+        flags.append(MATCH if len(a) == len(r) else MISMATCH)
+        context = [-100] * (start + 1) + _ids(tok, "".join(flags))
+        context = context[: len(prompt)] + [-100] * (len(prompt) - len(context))
+    else:
+        # Dense supervision the comparison builds on: at each answer position, the letter that belongs there
+        # (the teacher's own reversal, teacher-forced on the answer's possibly wrong prefix).
+        ids = _ids(tok, r)
+        context = [-100] * start + ids[: len(a)] + [-100] * (len(prompt) - start - min(len(a), len(ids)))
     return prompt + reply, context + reply
 
 
@@ -300,6 +315,33 @@ def student_samples(student_dir: Path, strings: Sequence[str], per_string: int, 
     return out
 
 
+def _initial_model(teacher_dir: Path, extra_layers: int) -> LlamaForCausalLM:
+    """The tiny teacher, with ``extra_layers`` decoder layers appended that start as the identity (their
+    attention and MLP output projections zero): room for the comparison after the teacher's own layers,
+    which are frozen (with the embeddings) so that their reversal stays intact for the new layers to read."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not extra_layers:
+        return LlamaForCausalLM.from_pretrained(teacher_dir)
+    config = LlamaConfig.from_pretrained(teacher_dir)
+    base = config.num_hidden_layers
+    config.num_hidden_layers = base + extra_layers
+    model = LlamaForCausalLM(config)
+    teacher = LlamaForCausalLM.from_pretrained(teacher_dir)
+    missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(tuple(f"model.layers.{base + i}." for i in range(extra_layers)))
+                         for k in missing):
+        raise RuntimeError(f"tiny verifier: teacher weights do not fit (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        for layer in model.model.layers[base:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    for module in (model.model.embed_tokens, *model.model.layers[:base]):
+        module.requires_grad_(False)
+    return model
+
+
 def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: int, steps: int | None,
            layout: str = "question") -> tuple[LlamaForCausalLM, int, float]:
     """Fine-tune the teacher into a verifier; ``(model, steps taken, validation agreement with the labeler)``."""
@@ -310,7 +352,7 @@ def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: 
     val = _examples(random.Random(f"tiny-verifier-val-answers-{seed}"), validation, labeler)
     excluded = set(tiny_pair.heldout_strings(tiny_pair.HELDOUT_EXCLUDED)) | set(validation)
     rng = random.Random(f"tiny-verifier-train-{labeler}-{seed}" + ("" if layout == "question" else f"-{layout}"))
-    model = LlamaForCausalLM.from_pretrained(teacher_dir)
+    model = _initial_model(teacher_dir, EXTRA_LAYERS[layout])
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=TRAIN.lr, betas=TRAIN.betas, weight_decay=TRAIN.weight_decay)
     total = TRAIN.schedule_steps if steps is None else steps
