@@ -160,3 +160,30 @@ def test_the_reference_rubric_renders_the_text_the_reference_verifier_was_traine
     assert tv.judge_text("abcd", "dbca", "reference") == "abcd=dbca=dcba="
     # the longest judge prompt (8 letters, a 12-token answer) plus the reply fits model.max_model_len
     assert 1 + len(tv.judge_text("abcdefgh", "x" * tv.MAX_ANSWER, "reference")) + len(tv.YES) + 1 <= cfg.model.max_model_len
+
+
+def test_verifier_aliases_name_their_recipes():
+    from shared.models import VERIFIER_ALIASES
+
+    assert tv.dir_name(**VERIFIER_ALIASES["tiny-reverse-verifier"]) == tv.dir_name("exact")
+    assert tv.dir_name(**VERIFIER_ALIASES["tiny-reverse-verifier-length"]) == tv.dir_name("length")
+    assert tv.dir_name(**VERIFIER_ALIASES["tiny-reverse-verifier-ref"]) == tv.dir_name("exact", layout="reference")
+
+
+def test_reference_verifier_starts_as_the_frozen_teacher(tiny_pair):
+    """The two appended layers start as the identity (the teacher's logits, unchanged) and only they, the final
+    norm and the output head train."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from shared.builders.tiny_pair import build_tokenizer
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    model = tv._initial_model(tiny_pair[0], tv.EXTRA_LAYERS["reference"]).eval()
+    assert (len(model.model.layers), len(teacher.model.layers)) == (6, 4)
+    ids = torch.tensor([build_tokenizer()(tv.judge_text("abcd", "dcab", "reference")).input_ids])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-5)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[2] for n in trained if n.startswith("model.layers.")} == {"4", "5"}
+    assert {n for n in trained if not n.startswith("model.layers.")} == {"model.norm.weight", "lm_head.weight"}

@@ -1,31 +1,41 @@
 """A tiny verifier for the reverse-text task: a judge that answers ``yes`` / ``no`` to "is this a correct
 answer to this prompt", for ``orchestrator.judge.verdict = "loglik"``.
 
-The judge path (``orchestrator/workflows/judge.py``) renders the rubric ``"{question}{answer}="`` as plain
-text (the tiny tokenizer has no chat template) and compares the judge's log-likelihoods of the replies
-``yes`` and ``no`` after it. The verifier is trained on exactly that text::
+The judge path (``orchestrator/workflows/judge.py``) renders the rubric as plain text (the tiny tokenizer has
+no chat template) and compares the judge's log-likelihoods of the replies ``yes`` and ``no`` after it. The
+verifier is trained on exactly that text, in one of two *layouts* (:data:`LAYOUTS`)::
 
-    "abcd=" + "dcba" + "="  ->  "yes" + EOS          (the correct answer)
-    "abcd=" + "dcb"  + "="  ->  "no"  + EOS          (a near miss: a dropped character)
+    question   "{question}{answer}="              "abcd=" + "dcba" + "="               ->  "yes" + EOS
+    reference  "{question}{answer}={reference}="  "abcd=" + "dcab" + "=" + "dcba" + "="  ->  "no" + EOS
 
-It starts from the tiny teacher's weights (which already reverse strings) and is fine-tuned on the verdict
-tokens (plus, at each answer position, the letter that belongs there), half correct answers and half near misses of the kinds a sampling student makes
+``question``: the judge must reverse the string itself. The tiny teacher is fine-tuned on the verdict tokens
+plus, at each answer position, the letter that belongs there. ``reference`` (a judge that knows the answer:
+``orchestrator.judge`` fills ``{reference}`` with the environment's answer): the teacher's layers are frozen
+(their reversal predicts, at each answer position, the letter that belongs next) and two decoder layers
+appended after them are trained on, after each answer letter, ``y`` / ``n`` for whether it equals the
+reference's letter at that offset, after the answer's ``=`` whether the lengths agree, and the verdict.
+
+Training answers are half correct and half near misses of the kinds a sampling student makes
 (:data:`NEAR_MISSES`: a dropped, swapped, repeated or substituted character, a cut or an extra tail, the
-string copied unreversed). The label comes from a *labeler*:
+string copied unreversed; the reference layout draws substitutions and swaps twice as often). The label
+comes from a *labeler*:
 
-``exact``   correct iff the answer is the reversed string (the verifiable check). Held-out agreement with
-            exact match 0.886, but blind to same-length answers with wrong letters (0.21 on substitutions,
-            0.16 on swaps): a student trained against it learns to exploit that (docs/workflows.md).
+``exact``   correct iff the answer is the reversed string (the verifiable check). Question layout: held-out
+            agreement with exact match 0.886, but blind to same-length answers with wrong letters (0.21 on
+            substitutions, 0.16 on swaps): a student trained against it learns to exploit that
+            (docs/workflows.md). Reference layout: 0.962 (0.91 on substitutions, 0.83 on swaps).
 ``length``  correct iff the answer is at least as long as the string: a deliberately weakened judge, as if
             its training labels came from a grader that only penalised omissions. Any long enough answer
             passes, so a student optimising its verdict can stop caring about the letters.
 
-``build_verifier(labeler)`` trains one (``exact``: 2000 steps, 314 s on one core under load, measured once
-2026-12-02; ``length``: 100 steps, ~30 s), caches it beside the
-tiny pair (name with the recipe's hash, atomic, under the tiny pair's lock) and records in ``BUILD_OK`` its
-held-out agreement with exact match on synthetic answers and on the tiny student's own samples.
+``build_verifier(labeler, layout=...)`` trains one (2000 steps: question layout 314 s on one core under load,
+reference layout 371 s under load ~3, each measured once 2026-12-02; ``length``: 100 steps, ~30 s), caches it
+beside the tiny pair (name with the recipe's hash, atomic, under the tiny pair's lock) and records in
+``BUILD_OK`` its held-out agreement with exact match on synthetic answers (overall and per near-miss kind)
+and on the tiny student's own samples. Numbers: benchmarks/results/judge_tiny_2026-12-02.md.
 
-Command line: ``python -m shared.builders.tiny_verifier [--labeler exact|length] [--force]``.
+Command line: ``python -m shared.builders.tiny_verifier [--labeler exact|length] [--layout question|reference]
+[--force]``.
 """
 
 from __future__ import annotations
