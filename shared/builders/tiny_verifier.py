@@ -64,8 +64,8 @@ if TYPE_CHECKING:
 YES, NO = "yes", "no"
 # The orchestrator.judge.rubric of each layout: it renders exactly the text the verifier is trained on.
 # question:  the judge sees the prompt and the answer and must reverse the string itself ("abcd=dcba=").
-# reference: the judge also sees the prompt's reference answer ("abcd=dcba=dcba="): it only has to compare
-#            the answer with it letter by letter (orchestrator.judge fills {reference} from the environment).
+# reference: the judge also sees the prompt's reference answer after the answer ("abcd=dcab=dcba="): it has
+#            to compare, not to reverse (orchestrator.judge fills {reference} from the environment).
 LAYOUTS = {"question": "{question}{answer}=", "reference": "{question}{answer}={reference}="}
 RUBRIC = LAYOUTS["question"]
 MATCH, MISMATCH = "y", "n"  # the reference layout's per-letter labels (never read by the judge path)
@@ -78,14 +78,14 @@ def _check_layout(layout: str) -> None:
 
 
 def judge_text(s: str, answer: str, layout: str = "question") -> str:
-    """The judge prompt for ``answer`` to the prompt of ``s``: ``("abcd", "dcba") -> "abcd=dcba="``, with
-    ``layout="reference"`` ``"abcd=dcba=dcba="``."""
+    """The judge prompt for ``answer`` to the prompt of ``s``: ``("abcd", "dcab") -> "abcd=dcab="``, with
+    ``layout="reference"`` ``"abcd=dcab=dcba="``."""
     _check_layout(layout)
     return LAYOUTS[layout].format(question=prompt_for(s), reference=answer_for(s), answer=answer)
 
 
 def answer_start(s: str, layout: str = "question") -> str:
-    """The judge prompt's text before the answer: ``"abcd="``, with ``layout="reference"`` ``"abcd=dcba="``."""
+    """The judge prompt's text before the answer: ``"abcd="`` (in both layouts; the reference comes after)."""
     _check_layout(layout)
     return LAYOUTS[layout].split("{answer}")[0].format(question=prompt_for(s), reference=answer_for(s))
 
@@ -182,11 +182,11 @@ VALIDATION_N = 512
 HELDOUT_N = 1000  # synthetic held-out answers (to the tiny pair's held-out strings) for BUILD_OK
 STUDENT_SAMPLES = 2  # the tiny student's temperature-1 samples per held-out string, for BUILD_OK
 # a finished verifier below this on held-out answers is a build error
-MIN_AGREEMENT = {("exact", "question"): 0.85, ("exact", "reference"): 0.85}
-# Training near misses per kind, by layout (held-out reports draw every kind uniformly): the reference layout
-# sees substituted and swapped letters twice as often, the edits that keep the answer's length.
+MIN_AGREEMENT = {("exact", "question"): 0.85, ("exact", "reference"): 0.95}  # measured 0.886, 0.962
 # Decoder layers added after the tiny teacher's, by layout (see _initial_model).
 EXTRA_LAYERS = {"question": 0, "reference": 2}
+# Training near misses per kind, by layout (held-out reports draw every kind uniformly): the reference layout
+# sees substituted and swapped letters twice as often, the edits that keep the answer's length.
 KIND_WEIGHTS: dict[str, dict[str, float] | None] = {"question": None, "reference": {"substitute": 2.0, "swap": 2.0}}
 
 
@@ -356,7 +356,6 @@ def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: 
            layout: str = "question") -> tuple[LlamaForCausalLM, int, float]:
     """Fine-tune the teacher into a verifier; ``(model, steps taken, validation agreement with the labeler)``."""
     import torch
-    from transformers import LlamaForCausalLM
 
     validation = tiny_pair._distinct_strings(VALIDATION_N, random.Random(f"tiny-verifier-validation-{seed}"))
     val = _examples(random.Random(f"tiny-verifier-val-answers-{seed}"), validation, labeler)
