@@ -16,8 +16,12 @@ from shared.config import ConfigError
 TINY_ALIASES = {"tiny-reverse-teacher": 0, "tiny-reverse-student": 1}
 LONG_ALIASES = {"tiny-long-teacher": 0, "tiny-long-student": 1}  # the running-sum pair (shared/builders/tiny_long.py)
 PAIRS_ALIAS = "tiny-reverse-teacher-pairs"  # the tiny teacher with a letter-pair vocabulary (builders/tiny_cross_vocab.py)
-# The tiny task's yes/no verifiers (a judge for verdict = "loglik"), by the labeler their training data used.
-VERIFIER_ALIASES = {"tiny-reverse-verifier": "exact", "tiny-reverse-verifier-length": "length"}
+# The tiny task's yes/no verifiers (a judge for verdict = "loglik"), by the labeler their training data used
+# and the judge prompt's layout (shared/builders/tiny_verifier.py: "ref" also sees the reference answer).
+VERIFIER_ALIASES = {
+    "tiny-reverse-verifier": {"labeler": "exact"}, "tiny-reverse-verifier-length": {"labeler": "length"},
+    "tiny-reverse-verifier-ref": {"labeler": "exact", "layout": "reference"},
+}
 ALIASES = [*TINY_ALIASES, *LONG_ALIASES, PAIRS_ALIAS, *VERIFIER_ALIASES, "smollm2-135m-instruct",
            "smollm2-135m-instruct-every<k>"]
 # Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE, WordPiece).
@@ -41,7 +45,7 @@ def resolve(name: str, key: str) -> Path:
     if name in VERIFIER_ALIASES:
         from shared.builders.tiny_verifier import build_verifier
 
-        return build_verifier(VERIFIER_ALIASES[name])
+        return build_verifier(**VERIFIER_ALIASES[name])
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 
@@ -89,7 +93,7 @@ def is_built(name: str) -> bool:
     if name in VERIFIER_ALIASES:
         from shared.builders import tiny_pair, tiny_verifier
 
-        return tiny_pair.is_built(tiny_pair.default_root() / tiny_verifier.dir_name(VERIFIER_ALIASES[name]))
+        return tiny_pair.is_built(tiny_pair.default_root() / tiny_verifier.dir_name(**VERIFIER_ALIASES[name]))
     if name.startswith("smollm2-"):
         from shared.builders import smollm2
 

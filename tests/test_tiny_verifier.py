@@ -79,8 +79,9 @@ def test_agreement_by_hand():
 
 
 def test_the_judge_path_renders_the_text_the_verifier_was_trained_on():
-    """experiments/judge/tiny.toml's rubric, filled by orchestrator.judge, is the verifier's training text."""
-    cfg = load(["@", "experiments/judge/tiny.toml"])
+    """The question layout's rubric (experiments/judge/tiny.toml with --teacher.name tiny-reverse-verifier),
+    filled by orchestrator.judge, is the verifier's training text."""
+    cfg = load(["@", "experiments/judge/tiny.toml", "--orchestrator.judge.rubric", tv.RUBRIC])
     jc = cfg.orchestrator.judge
     assert (jc.rubric, jc.verdict, jc.yes, jc.no, jc.system) == (tv.RUBRIC, "loglik", tv.YES, tv.NO, "")
     for s, a in [("abcd", "dcba"), ("abcd", "dcb"), ("hgfedcba", "")]:
@@ -93,5 +94,96 @@ def test_cache_names_carry_labeler_and_recipe():
     exact, length = tv.dir_name("exact"), tv.dir_name("length")
     assert exact.startswith("tiny-reverse-verifier-exact-v1-") and exact.endswith("-s0")
     assert length.startswith("tiny-reverse-verifier-length-v1-") and exact.split("-")[-2] != length.split("-")[-2]
+    ref = tv.dir_name("exact", layout="reference")
+    assert ref.startswith("tiny-reverse-verifier-exact-ref-v1-") and ref.split("-")[-2] != exact.split("-")[-2]
     with pytest.raises(ValueError, match="labeler must be one of exact, length"):
         tv.dir_name("nope")
+    with pytest.raises(ValueError, match="layout must be one of question, reference"):
+        tv.dir_name("exact", layout="nope")
+
+
+def test_reference_layout_texts_by_hand():
+    """The reference layout shows the judge the reference answer after the answer."""
+    assert tv.judge_text("abcd", "dcba", "reference") == "abcd=dcba=dcba="
+    assert tv.judge_text("abcd", "dcab", "reference") == "abcd=dcab=dcba="
+    assert tv.judge_text("abc", "", "reference") == "abc==cba="
+    assert (tv.answer_start("abcd"), tv.answer_start("abcd", "reference")) == ("abcd=", "abcd=")
+    with pytest.raises(ValueError, match="layout must be one of question, reference"):
+        tv.judge_text("abc", "cba", "nope")
+
+
+def test_training_rows_by_hand():
+    """Labels: -100 on the prompt; reference layout: after each answer letter y if it equals the reference's
+    letter at that offset else n, after the answer's "=" y if the lengths agree, -100 on the reference, then
+    the verdict and EOS; question layout: at each answer position the letter that belongs there (as far as
+    the answer reaches), -100 on the closing '=', the verdict, EOS."""
+    from shared.builders.tiny_pair import BOS_ID, EOS_ID, build_tokenizer
+
+    tok = build_tokenizer()
+    i = {c: tok.convert_tokens_to_ids(c) for c in "abcd=yesno"}
+    y, n, x = i["y"], i["n"], -100
+    ids, labels = tv.training_row(tok, "abc", "cab", False, "reference")  # "abc=cab=cba=" -> no: a swap
+    assert ids == [BOS_ID] + [i[c] for c in "abc=cab=cba=no"] + [EOS_ID]
+    assert labels == [x] * 6 + [y, n, n, y, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cbaa", False, "reference")  # an extra letter mismatches
+    assert ids == [BOS_ID] + [i[c] for c in "abc=cbaa=cba=no"] + [EOS_ID]
+    assert labels == [x] * 6 + [y, y, y, n, n, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cb", False, "reference")  # a dropped letter: the lengths differ
+    assert labels == [x] * 6 + [y, y, n, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cba", True, "reference")
+    assert labels == [x] * 6 + [y, y, y, y, x, x, x, y, i["e"], i["s"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "", False, "reference")  # nothing but the lengths to compare
+    assert ids == [BOS_ID] + [i[c] for c in "abc==cba=no"] + [EOS_ID]
+    assert labels == [x] * 6 + [n, x, x, x, n, i["o"], EOS_ID]
+    ids, labels = tv.training_row(tok, "abc", "cbaa", False)  # question layout, an extra letter: 3 labelled
+    assert ids == [BOS_ID] + [i[c] for c in "abc=cbaa=no"] + [EOS_ID]
+    assert labels == [x] * 5 + [i["c"], i["b"], i["a"], x, x, n, i["o"], EOS_ID]
+
+
+def test_weighted_near_misses_oversample_substitutions_and_swaps():
+    rng = random.Random(4)
+    kinds = Counter(tv.near_miss("abcdefg", rng, tv.KIND_WEIGHTS["reference"])[0] for _ in range(9000))
+    # weights 2, 2 and five of 1: 2/9 each (2000 expected, sd 39), 1/9 for the others (1000, sd 31)
+    assert all(1850 < kinds[k] < 2150 for k in ("substitute", "swap"))
+    assert all(880 < kinds[k] < 1120 for k in tv.NEAR_MISSES if k not in ("substitute", "swap"))
+    assert tv.KIND_WEIGHTS["question"] is None  # the question layout's verifiers were trained uniformly
+
+
+def test_the_reference_rubric_renders_the_text_the_reference_verifier_was_trained_on():
+    """orchestrator.judge fills {reference} with the environment's answer: the reference layout's text."""
+    cfg = load(["@", "experiments/judge/tiny.toml"])
+    jc = cfg.orchestrator.judge
+    assert (jc.rubric, cfg.teacher.name) == (tv.LAYOUTS["reference"], "tiny-reverse-verifier-ref")
+    for s, a in [("abcd", "dcba"), ("abcd", "dbca"), ("hgfedcba", "")]:
+        (msg,) = judge_messages(jc, prompt_for(s), a, answer_for(s))
+        assert msg == {"role": "user", "content": tv.judge_text(s, a, "reference")}
+    assert tv.judge_text("abcd", "dbca", "reference") == "abcd=dbca=dcba="
+    # the longest judge prompt (8 letters, a 12-token answer) plus the reply fits model.max_model_len
+    assert 1 + len(tv.judge_text("abcdefgh", "x" * tv.MAX_ANSWER, "reference")) + len(tv.YES) + 1 <= cfg.model.max_model_len
+
+
+def test_verifier_aliases_name_their_recipes():
+    from shared.models import VERIFIER_ALIASES
+
+    assert tv.dir_name(**VERIFIER_ALIASES["tiny-reverse-verifier"]) == tv.dir_name("exact")
+    assert tv.dir_name(**VERIFIER_ALIASES["tiny-reverse-verifier-length"]) == tv.dir_name("length")
+    assert tv.dir_name(**VERIFIER_ALIASES["tiny-reverse-verifier-ref"]) == tv.dir_name("exact", layout="reference")
+
+
+def test_reference_verifier_starts_as_the_frozen_teacher(tiny_pair):
+    """The two appended layers start as the identity (the teacher's logits, unchanged) and only they, the final
+    norm and the output head train."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from shared.builders.tiny_pair import build_tokenizer
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_pair[0]).eval()
+    model = tv._initial_model(tiny_pair[0], tv.EXTRA_LAYERS["reference"]).eval()
+    assert (len(model.model.layers), len(teacher.model.layers)) == (6, 4)
+    ids = torch.tensor([build_tokenizer()(tv.judge_text("abcd", "dcab", "reference")).input_ids])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-5)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[2] for n in trained if n.startswith("model.layers.")} == {"4", "5"}
+    assert {n for n in trained if not n.startswith("model.layers.")} == {"model.norm.weight", "lm_head.weight"}

@@ -237,16 +237,20 @@ def test_comparator_workflow_two_steps(tiny_pair, tmp_path):
 
 @pytest.mark.engine
 def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
-    """The tiny judge: a verifier built on a tiny budget (100 steps, cached; the experiment's own verifier takes
-    2000 steps, minutes, so CI does not build it) records its agreement with exact match on held-out answers
-    and on the student's own samples, and judges through verdict = loglik: every rollout gets 2 P(yes) - 1."""
+    """The tiny judge that sees the reference answer: a verifier built on a tiny budget (100 steps, cached; the
+    experiment's own verifier takes 2000 steps, minutes, so CI does not build it) records its agreement with
+    exact match on held-out answers and on the student's own samples, and judges the rubric
+    "{question}{answer}={reference}=" (the environment's answer filled in) through verdict = loglik: every
+    rollout gets 2 P(yes) - 1."""
     from shared.builders.tiny_pair import read_build_info
     from shared.builders.tiny_verifier import build_verifier
 
-    verifier = build_verifier("exact", steps=100)
+    verifier = build_verifier("exact", steps=100, layout="reference")
     info = read_build_info(verifier)
     assert info["train_steps"] == 100 and info["heldout_n"] == 1000 and info["student_samples_n"] == 400
-    assert info["heldout_agreement"] >= 0.55 and info["heldout_agreement_by_kind"]["correct"] >= 0.9  # measured 0.608, 1.0
+    assert info["layout"] == "reference" and info["rubric"] == "{question}{answer}={reference}="
+    # 100 steps are far from competent (the 2000-step build: 0.962): measured 0.526 overall, 0.90 on correct answers
+    assert info["heldout_agreement"] >= 0.5 and info["heldout_agreement_by_kind"]["correct"] >= 0.85
     from tests.test_e2e import run_rl
 
     out = tmp_path / "j"  # no KL term (kl_coef = 0): teacher_kl is not measured, so not through _run

@@ -1,31 +1,41 @@
 """A tiny verifier for the reverse-text task: a judge that answers ``yes`` / ``no`` to "is this a correct
 answer to this prompt", for ``orchestrator.judge.verdict = "loglik"``.
 
-The judge path (``orchestrator/workflows/judge.py``) renders the rubric ``"{question}{answer}="`` as plain
-text (the tiny tokenizer has no chat template) and compares the judge's log-likelihoods of the replies
-``yes`` and ``no`` after it. The verifier is trained on exactly that text::
+The judge path (``orchestrator/workflows/judge.py``) renders the rubric as plain text (the tiny tokenizer has
+no chat template) and compares the judge's log-likelihoods of the replies ``yes`` and ``no`` after it. The
+verifier is trained on exactly that text, in one of two *layouts* (:data:`LAYOUTS`)::
 
-    "abcd=" + "dcba" + "="  ->  "yes" + EOS          (the correct answer)
-    "abcd=" + "dcb"  + "="  ->  "no"  + EOS          (a near miss: a dropped character)
+    question   "{question}{answer}="              "abcd=" + "dcba" + "="               ->  "yes" + EOS
+    reference  "{question}{answer}={reference}="  "abcd=" + "dcab" + "=" + "dcba" + "="  ->  "no" + EOS
 
-It starts from the tiny teacher's weights (which already reverse strings) and is fine-tuned on the verdict
-tokens (plus, at each answer position, the letter that belongs there), half correct answers and half near misses of the kinds a sampling student makes
+``question``: the judge must reverse the string itself. The tiny teacher is fine-tuned on the verdict tokens
+plus, at each answer position, the letter that belongs there. ``reference`` (a judge that knows the answer:
+``orchestrator.judge`` fills ``{reference}`` with the environment's answer): the teacher's layers are frozen
+(their reversal predicts, at each answer position, the letter that belongs next) and two decoder layers
+appended after them are trained on, after each answer letter, ``y`` / ``n`` for whether it equals the
+reference's letter at that offset, after the answer's ``=`` whether the lengths agree, and the verdict.
+
+Training answers are half correct and half near misses of the kinds a sampling student makes
 (:data:`NEAR_MISSES`: a dropped, swapped, repeated or substituted character, a cut or an extra tail, the
-string copied unreversed). The label comes from a *labeler*:
+string copied unreversed; the reference layout draws substitutions and swaps twice as often). The label
+comes from a *labeler*:
 
-``exact``   correct iff the answer is the reversed string (the verifiable check). Held-out agreement with
-            exact match 0.886, but blind to same-length answers with wrong letters (0.21 on substitutions,
-            0.16 on swaps): a student trained against it learns to exploit that (docs/workflows.md).
+``exact``   correct iff the answer is the reversed string (the verifiable check). Question layout: held-out
+            agreement with exact match 0.886, but blind to same-length answers with wrong letters (0.21 on
+            substitutions, 0.16 on swaps): a student trained against it learns to exploit that
+            (docs/workflows.md). Reference layout: 0.962 (0.91 on substitutions, 0.83 on swaps).
 ``length``  correct iff the answer is at least as long as the string: a deliberately weakened judge, as if
             its training labels came from a grader that only penalised omissions. Any long enough answer
             passes, so a student optimising its verdict can stop caring about the letters.
 
-``build_verifier(labeler)`` trains one (``exact``: 2000 steps, 314 s on one core under load, measured once
-2026-12-02; ``length``: 100 steps, ~30 s), caches it beside the
-tiny pair (name with the recipe's hash, atomic, under the tiny pair's lock) and records in ``BUILD_OK`` its
-held-out agreement with exact match on synthetic answers and on the tiny student's own samples.
+``build_verifier(labeler, layout=...)`` trains one (2000 steps: question layout 314 s on one core under load,
+reference layout 371 s under load ~3, each measured once 2026-12-02; ``length``: 100 steps, ~30 s), caches it
+beside the tiny pair (name with the recipe's hash, atomic, under the tiny pair's lock) and records in
+``BUILD_OK`` its held-out agreement with exact match on synthetic answers (overall and per near-miss kind)
+and on the tiny student's own samples. Numbers: benchmarks/results/judge_tiny_2026-12-02.md.
 
-Command line: ``python -m shared.builders.tiny_verifier [--labeler exact|length] [--force]``.
+Command line: ``python -m shared.builders.tiny_verifier [--labeler exact|length] [--layout question|reference]
+[--force]``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,13 +62,32 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 YES, NO = "yes", "no"
-RUBRIC = "{question}{answer}="  # orchestrator.judge.rubric that renders the text the verifier was trained on
+# The orchestrator.judge.rubric of each layout: it renders exactly the text the verifier is trained on.
+# question:  the judge sees the prompt and the answer and must reverse the string itself ("abcd=dcba=").
+# reference: the judge also sees the prompt's reference answer after the answer ("abcd=dcab=dcba="): it has
+#            to compare, not to reverse (orchestrator.judge fills {reference} from the environment).
+LAYOUTS = {"question": "{question}{answer}=", "reference": "{question}{answer}={reference}="}
+RUBRIC = LAYOUTS["question"]
+MATCH, MISMATCH = "y", "n"  # the reference layout's per-letter labels (never read by the judge path)
 MAX_ANSWER = tiny_pair.MAX_LEN + 4  # the longest answer a near miss (or a 12-token student sample) has
 
 
-def judge_text(s: str, answer: str) -> str:
-    """The judge prompt for ``answer`` to the prompt of ``s``: ``("abcd", "dcba") -> "abcd=dcba="``."""
-    return RUBRIC.format(question=prompt_for(s), answer=answer)
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def judge_text(s: str, answer: str, layout: str = "question") -> str:
+    """The judge prompt for ``answer`` to the prompt of ``s``: ``("abcd", "dcab") -> "abcd=dcab="``, with
+    ``layout="reference"`` ``"abcd=dcab=dcba="``."""
+    _check_layout(layout)
+    return LAYOUTS[layout].format(question=prompt_for(s), reference=answer_for(s), answer=answer)
+
+
+def answer_start(s: str, layout: str = "question") -> str:
+    """The judge prompt's text before the answer: ``"abcd="`` (in both layouts; the reference comes after)."""
+    _check_layout(layout)
+    return LAYOUTS[layout].split("{answer}")[0].format(question=prompt_for(s), reference=answer_for(s))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,12 +135,15 @@ NEAR_MISSES: dict[str, Callable[[str, random.Random], str]] = {
 }
 
 
-def near_miss(s: str, rng: random.Random) -> tuple[str, str]:
-    """``(kind, wrong answer)`` for ``s``: a uniformly drawn kind of :data:`NEAR_MISSES` whose edit changed
-    the answer (kinds are redrawn until one does; ``substitute`` always does)."""
+def near_miss(s: str, rng: random.Random, weights: dict[str, float] | None = None) -> tuple[str, str]:
+    """``(kind, wrong answer)`` for ``s``: a kind of :data:`NEAR_MISSES` drawn uniformly (or in proportion to
+    ``weights``, 1 for a kind not named) whose edit changed the answer (kinds are redrawn until one does;
+    ``substitute`` always does)."""
     r = answer_for(s)
+    kinds = tuple(NEAR_MISSES)
+    w = None if weights is None else [weights.get(k, 1.0) for k in kinds]
     while True:
-        kind = rng.choice(tuple(NEAR_MISSES))
+        kind = rng.choice(kinds) if w is None else rng.choices(kinds, w)[0]
         wrong = NEAR_MISSES[kind](r, rng)
         if wrong != r:
             return kind, wrong
@@ -122,11 +155,12 @@ LABELERS: dict[str, Callable[[str, str], bool]] = {
 }
 
 
-def make_example(rng: random.Random, labeler: str = "exact") -> tuple[str, str, bool]:
-    """``(s, answer, label)``: a fresh task string, the correct answer or (probability 1/2) a near miss,
-    labelled by ``LABELERS[labeler]``."""
+def make_example(rng: random.Random, labeler: str = "exact", weights: dict[str, float] | None = None
+                 ) -> tuple[str, str, bool]:
+    """``(s, answer, label)``: a fresh task string, the correct answer or (probability 1/2) a near miss
+    (kinds weighted by ``weights``, see :func:`near_miss`), labelled by ``LABELERS[labeler]``."""
     s = make_string(rng)
-    answer = answer_for(s) if rng.random() < 0.5 else near_miss(s, rng)[1]
+    answer = answer_for(s) if rng.random() < 0.5 else near_miss(s, rng, weights)[1]
     return s, answer, LABELERS[labeler](s, answer)
 
 
@@ -147,21 +181,34 @@ TRAIN = tiny_pair.TrainSpec(lr=1e-3, batch_size=64, warmup_steps=20, schedule_st
 VALIDATION_N = 512
 HELDOUT_N = 1000  # synthetic held-out answers (to the tiny pair's held-out strings) for BUILD_OK
 STUDENT_SAMPLES = 2  # the tiny student's temperature-1 samples per held-out string, for BUILD_OK
-MIN_AGREEMENT = {"exact": 0.85}  # a finished verifier below this on held-out answers is a build error
+# a finished verifier below this on held-out answers is a build error
+MIN_AGREEMENT = {("exact", "question"): 0.85, ("exact", "reference"): 0.95}  # measured 0.886, 0.962
+# Decoder layers added after the tiny teacher's, by layout (see _initial_model).
+EXTRA_LAYERS = {"question": 0, "reference": 2}
+# Training near misses per kind, by layout (held-out reports draw every kind uniformly): the reference layout
+# sees substituted and swapped letters twice as often, the edits that keep the answer's length.
+KIND_WEIGHTS: dict[str, dict[str, float] | None] = {"question": None, "reference": {"substitute": 2.0, "swap": 2.0}}
 
 
-def recipe(labeler: str) -> dict:
-    return {"version": RECIPE_VERSION, "pair": tiny_pair.RECIPE_HASH, "labeler": labeler,
-            "near_misses": sorted(NEAR_MISSES), "rubric": RUBRIC, "replies": [YES, NO],
-            "train": dataclasses.asdict(TRAIN), "validation_n": VALIDATION_N, "threads": tiny_pair.BUILD_THREADS}
+def recipe(labeler: str, layout: str = "question") -> dict:
+    out = {"version": RECIPE_VERSION, "pair": tiny_pair.RECIPE_HASH, "labeler": labeler,
+           "near_misses": sorted(NEAR_MISSES), "rubric": LAYOUTS[layout], "replies": [YES, NO],
+           "train": dataclasses.asdict(TRAIN), "validation_n": VALIDATION_N, "threads": tiny_pair.BUILD_THREADS}
+    if layout != "question":  # the question layout's recipe (and cache name) predates layouts
+        out |= {"layout": layout, "kind_weights": KIND_WEIGHTS[layout], "dense": [MATCH, MISMATCH],
+                "extra_layers": EXTRA_LAYERS[layout]}
+    return out
 
 
-def dir_name(labeler: str = "exact", seed: int = 0) -> str:
-    """The cache directory name of the verifier trained with ``labeler`` from the tiny pair of ``seed``."""
+def dir_name(labeler: str = "exact", seed: int = 0, layout: str = "question") -> str:
+    """The cache directory name of the verifier trained with ``labeler`` on ``layout`` from the tiny pair of
+    ``seed`` (``tiny-reverse-verifier-exact-v1-<hash>-s0``; the reference layout adds ``-ref``)."""
     if labeler not in LABELERS:
         raise ValueError(f"labeler must be one of {', '.join(LABELERS)}, got {labeler!r}")
-    digest = hashlib.sha256(json.dumps(recipe(labeler), sort_keys=True).encode()).hexdigest()[:8]
-    return f"tiny-reverse-verifier-{labeler}-v{RECIPE_VERSION}-{digest}-s{seed}"
+    _check_layout(layout)
+    digest = hashlib.sha256(json.dumps(recipe(labeler, layout), sort_keys=True).encode()).hexdigest()[:8]
+    tag = "" if layout == "question" else "-ref"
+    return f"tiny-reverse-verifier-{labeler}{tag}-v{RECIPE_VERSION}-{digest}-s{seed}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +221,7 @@ def _ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
 
 
 def verdict_logliks(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
-                    pairs: Sequence[tuple[str, str]]) -> list[tuple[float, float]]:
+                    pairs: Sequence[tuple[str, str]], layout: str = "question") -> list[tuple[float, float]]:
     """``(log p(yes | prompt), log p(no | prompt))`` per ``(s, answer)``, summed over the reply's tokens, as
     the judge path's scoring pass computes them."""
     import torch
@@ -184,7 +231,7 @@ def verdict_logliks(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
     for start in range(0, len(pairs), 256):
         rows, spans = [], []
         for s, a in pairs[start : start + 256]:
-            prompt = tok(judge_text(s, a)).input_ids
+            prompt = tok(judge_text(s, a, layout)).input_ids
             for reply in (yes, no):
                 rows.append(prompt + reply)
                 spans.append((len(prompt), reply))
@@ -197,27 +244,47 @@ def verdict_logliks(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
     return out
 
 
-def verdicts(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+def verdicts(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]],
+             layout: str = "question") -> list[bool]:
     """The verifier's verdict (``yes`` likelier than ``no``) per ``(s, answer)``."""
-    return [ly > ln for ly, ln in verdict_logliks(model, tok, pairs)]
+    return [ly > ln for ly, ln in verdict_logliks(model, tok, pairs, layout)]
+
+
+def training_row(tok: PreTrainedTokenizerFast, s: str, a: str, label: bool, layout: str = "question"
+                 ) -> tuple[list[int], list[int]]:
+    """``(input ids, labels)`` of one training row: judge prompt + verdict + EOS, labelled on the verdict and
+    EOS and on the answer (question layout: the letter that belongs at each answer position; reference
+    layout: after each answer letter, whether it matches the reference's), -100 elsewhere."""
+    prompt, reply = tok(judge_text(s, a, layout)).input_ids, _ids(tok, YES if label else NO) + [tiny_pair.EOS_ID]
+    start, r = len(tok(answer_start(s, layout)).input_ids), answer_for(s)
+    if layout == "reference":
+        # Dense supervision of the comparison itself: after each answer letter, whether it equals the
+        # reference's letter at the same offset (MATCH / MISMATCH; a letter past the reference's end
+        # mismatches), and after the answer's closing "=", whether the lengths agree. The verdict then only
+        # has to see whether anything mismatched.
+        flags = [MATCH if j < len(r) and a[j] == r[j] else MISMATCH for j in range(len(a))]
+        flags.append(MATCH if len(a) == len(r) else MISMATCH)
+        context = [-100] * (start + 1) + _ids(tok, "".join(flags))
+        context = context[: len(prompt)] + [-100] * (len(prompt) - len(context))
+    else:
+        # Dense supervision the comparison builds on: at each answer position, the letter that belongs there
+        # (the teacher's own reversal, teacher-forced on the answer's possibly wrong prefix).
+        ids = _ids(tok, r)
+        context = [-100] * start + ids[: len(a)] + [-100] * (len(prompt) - start - min(len(a), len(ids)))
+    return prompt + reply, context + reply
 
 
 def _batch(tok: PreTrainedTokenizerFast, rng: random.Random, n: int, labeler: str,
-           excluded: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` rows of judge prompt + verdict + EOS, with labels on the verdict and EOS only (right-padded)."""
+           excluded: set[str], layout: str = "question") -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training rows (:func:`training_row`), right-padded."""
     import torch
 
     rows = []
     while len(rows) < n:
-        s, a, label = make_example(rng, labeler)
+        s, a, label = make_example(rng, labeler, KIND_WEIGHTS[layout])
         if s in excluded:
             continue
-        prompt, reply = tok(judge_text(s, a)).input_ids, _ids(tok, YES if label else NO) + [tiny_pair.EOS_ID]
-        # Dense supervision the comparison builds on: at each answer position, the letter that belongs there
-        # (the teacher's own reversal, teacher-forced on the answer's possibly wrong prefix).
-        start, r = len(tok(prompt_for(s)).input_ids), _ids(tok, answer_for(s))
-        context = [-100] * start + r[: len(a)] + [-100] * (len(prompt) - start - min(len(a), len(r)))
-        rows.append((prompt + reply, context + reply))
+        rows.append(training_row(tok, s, a, label, layout))
     width = max(len(x) for x, _ in rows)
     return (torch.tensor([x + [tiny_pair.PAD_ID] * (width - len(x)) for x, _ in rows]),
             torch.tensor([y + [-100] * (width - len(y)) for _, y in rows]))
@@ -258,17 +325,43 @@ def student_samples(student_dir: Path, strings: Sequence[str], per_string: int, 
     return out
 
 
-def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: int, steps: int | None
-           ) -> tuple[LlamaForCausalLM, int, float]:
+def _initial_model(teacher_dir: Path, extra_layers: int) -> LlamaForCausalLM:
+    """The tiny teacher, with ``extra_layers`` decoder layers appended that start as the identity (their
+    attention and MLP output projections zero): room for the comparison after the teacher's own layers,
+    which are frozen (with the embeddings) so that their reversal stays intact for the new layers to read."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not extra_layers:
+        return LlamaForCausalLM.from_pretrained(teacher_dir)
+    config = LlamaConfig.from_pretrained(teacher_dir)
+    base = config.num_hidden_layers
+    config.num_hidden_layers = base + extra_layers
+    model = LlamaForCausalLM(config)
+    teacher = LlamaForCausalLM.from_pretrained(teacher_dir)
+    missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(tuple(f"model.layers.{base + i}." for i in range(extra_layers)))
+                         for k in missing):
+        raise RuntimeError(f"tiny verifier: teacher weights do not fit (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        for layer in model.model.layers[base:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    for module in (model.model.embed_tokens, *model.model.layers[:base]):
+        module.requires_grad_(False)
+    return model
+
+
+def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: int, steps: int | None,
+           layout: str = "question") -> tuple[LlamaForCausalLM, int, float]:
     """Fine-tune the teacher into a verifier; ``(model, steps taken, validation agreement with the labeler)``."""
     import torch
-    from transformers import LlamaForCausalLM
 
     validation = tiny_pair._distinct_strings(VALIDATION_N, random.Random(f"tiny-verifier-validation-{seed}"))
     val = _examples(random.Random(f"tiny-verifier-val-answers-{seed}"), validation, labeler)
     excluded = set(tiny_pair.heldout_strings(tiny_pair.HELDOUT_EXCLUDED)) | set(validation)
-    rng = random.Random(f"tiny-verifier-train-{labeler}-{seed}")
-    model = LlamaForCausalLM.from_pretrained(teacher_dir)
+    rng = random.Random(f"tiny-verifier-train-{labeler}-{seed}" + ("" if layout == "question" else f"-{layout}"))
+    model = _initial_model(teacher_dir, EXTRA_LAYERS[layout])
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=TRAIN.lr, betas=TRAIN.betas, weight_decay=TRAIN.weight_decay)
     total = TRAIN.schedule_steps if steps is None else steps
@@ -278,7 +371,7 @@ def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: 
         while step < total:
             for group in opt.param_groups:
                 group["lr"] = TRAIN.lr_at(step)
-            ids, labels = _batch(tok, rng, TRAIN.batch_size, labeler, excluded)
+            ids, labels = _batch(tok, rng, TRAIN.batch_size, labeler, excluded, layout)
             model(input_ids=ids, labels=labels).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
             opt.step()
@@ -286,16 +379,18 @@ def _train(labeler: str, teacher_dir: Path, tok: PreTrainedTokenizerFast, seed: 
             step += 1
             if step % TRAIN.eval_every == 0 or step == total:
                 model.eval()
-                val_agreement = agreement(verdicts(model, tok, [(s, a) for s, a, _ in val]), [y for _, _, y in val])
+                val_agreement = agreement(verdicts(model, tok, [(s, a) for s, a, _ in val], layout),
+                                          [y for _, _, y in val])
                 model.train()
-                print(f"tiny_verifier ({labeler}): step {step}, validation agreement {val_agreement:.3f}", file=sys.stderr)
+                print(f"tiny_verifier ({labeler}, {layout}): step {step}, validation agreement {val_agreement:.3f}", file=sys.stderr)
                 if steps is None and val_agreement >= TRAIN.stop_at_val_accuracy:
                     break
     model.eval()
     return model, step, val_agreement
 
 
-def _heldout_report(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, student_dir: Path, seed: int) -> dict:
+def _heldout_report(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, student_dir: Path, seed: int,
+                    layout: str = "question") -> dict:
     """Agreement with exact match on synthetic held-out answers (overall and per near-miss kind) and on
     the tiny student's own samples to held-out strings."""
     rng = random.Random(f"tiny-verifier-heldout-{seed}")
@@ -305,16 +400,16 @@ def _heldout_report(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, stude
         kind, a = ("correct", answer_for(s)) if rng.random() < 0.5 else near_miss(s, rng)
         kinds.append(kind)
         pairs.append((s, a))
-    v = verdicts(model, tok, pairs)
+    v = verdicts(model, tok, pairs, layout)
     truth = [LABELERS["exact"](s, a) for s, a in pairs]
     per_kind = {k: agreement([x for x, kk in zip(v, kinds) if kk == k], [t for t, kk in zip(truth, kinds) if kk == k])
                 for k in sorted(set(kinds))}
     samples = student_samples(student_dir, tiny_pair.heldout_strings(tiny_pair.HELDOUT_EVAL_N), STUDENT_SAMPLES, seed)
-    sv = verdicts(model, tok, samples)
+    sv = verdicts(model, tok, samples, layout)
     st = [LABELERS["exact"](s, a) for s, a in samples]
     return {
         "heldout_n": len(pairs), "heldout_agreement": agreement(v, truth),
-        "heldout_agreement_by_kind": per_kind,
+        "heldout_agreement_by_kind": per_kind, "heldout_n_by_kind": dict(sorted(Counter(kinds).items())),
         "student_samples_n": len(samples), "student_samples_correct": sum(st) / len(st),
         "student_samples_agreement": agreement(sv, st),
         "student_samples_judged_yes": sum(sv) / len(sv),
@@ -322,8 +417,8 @@ def _heldout_report(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, stude
 
 
 def build_verifier(labeler: str = "exact", out_root: Path | None = None, seed: int = 0, force: bool = False,
-                   steps: int | None = None) -> Path:
-    """Build (or find cached) the verifier trained with ``labeler``; return its directory.
+                   steps: int | None = None, layout: str = "question") -> Path:
+    """Build (or find cached) the verifier trained with ``labeler`` on ``layout``; return its directory.
 
     The directory is a ``save_pretrained`` model with the tiny tokenizer and a ``BUILD_OK`` record (the
     held-out agreements). ``steps`` trains exactly that many steps into a directory of its own (``-n<steps>``),
@@ -332,7 +427,7 @@ def build_verifier(labeler: str = "exact", out_root: Path | None = None, seed: i
     import torch
     import transformers
 
-    name = dir_name(labeler, seed) + (f"-n{steps}" if steps is not None else "")
+    name = dir_name(labeler, seed, layout) + (f"-n{steps}" if steps is not None else "")
     root = Path(out_root).expanduser() if out_root is not None else default_root()
     final = root / name
     if not force and tiny_pair.is_built(final):
@@ -348,16 +443,18 @@ def build_verifier(labeler: str = "exact", out_root: Path | None = None, seed: i
             start = time.perf_counter()
             tok = tiny_pair.build_tokenizer()
             with tiny_pair._torch_threads(tiny_pair.BUILD_THREADS):
-                model, taken, val_agreement = _train(labeler, teacher_dir, tok, seed, steps)
+                model, taken, val_agreement = _train(labeler, teacher_dir, tok, seed, steps, layout)
                 train_seconds = time.perf_counter() - start
-                report = _heldout_report(model, tok, student_dir, seed)
-            if steps is None and report["heldout_agreement"] < MIN_AGREEMENT.get(labeler, 0.0):
-                raise RuntimeError(f"verifier ({labeler}) reached only {report['heldout_agreement']:.3f} held-out "
-                                   f"agreement with exact match (< {MIN_AGREEMENT[labeler]})")
+                report = _heldout_report(model, tok, student_dir, seed, layout)
+            least = MIN_AGREEMENT.get((labeler, layout), 0.0)
+            if steps is None and report["heldout_agreement"] < least:
+                raise RuntimeError(f"verifier ({labeler}, {layout}) reached only {report['heldout_agreement']:.3f} "
+                                   f"held-out agreement with exact match (< {least})")
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            info = {"role": "verifier", "labeler": labeler, "seed": seed, "recipe_version": RECIPE_VERSION,
-                    "recipe": recipe(labeler), "from": teacher_dir.name, "rubric": RUBRIC, "yes": YES, "no": NO,
+            info = {"role": "verifier", "labeler": labeler, "layout": layout, "seed": seed,
+                    "recipe_version": RECIPE_VERSION, "recipe": recipe(labeler, layout), "from": teacher_dir.name,
+                    "rubric": LAYOUTS[layout], "yes": YES, "no": NO,
                     "train_steps": taken, "val_agreement_with_labeler": val_agreement, **report,
                     "train_seconds": round(train_seconds, 2), "build_seconds": round(time.perf_counter() - start, 2),
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
@@ -371,12 +468,14 @@ def build_verifier(labeler: str = "exact", out_root: Path | None = None, seed: i
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shared.builders.tiny_verifier", description=__doc__.splitlines()[0])
     parser.add_argument("--labeler", choices=sorted(LABELERS), default="exact")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="question",
+                        help="question: judge '{question}{answer}='; reference: '{question}{reference}={answer}='")
     parser.add_argument("--out", type=Path, default=None, help=f"cache root (default: {default_root()})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="train exactly this many steps (a quick test)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached verifier exists")
     args = parser.parse_args(argv)
-    path = build_verifier(args.labeler, args.out, args.seed, args.force, args.steps)
+    path = build_verifier(args.labeler, args.out, args.seed, args.force, args.steps, args.layout)
     info = tiny_pair.read_build_info(path)
     print(f"{path}\n  steps={info['train_steps']} heldout_agreement={info['heldout_agreement']:.3f} "
           f"student_samples_agreement={info['student_samples_agreement']:.3f} "
