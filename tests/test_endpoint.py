@@ -669,9 +669,10 @@ def test_distill_two_steps_through_vllm_serve(vllm_serve, tmp_path):
         assert r["teacher/endpoint_requests"] == scored
         assert r["teacher/score_failed"] == 0 and r["teacher/endpoint_failed"] == 0
         assert 0.5 < r["teacher_kl"] < 10  # README: 4.08 over steps 1-3
-        # a mapped log-prob reaches the floor only in a stretch the teacher's tokenizer spells otherwise (the
-        # untrained student's <extra_i> padding tokens, which its own tokenizer cannot re-encode)
-        assert r["teacher/logprob_clipped"] == 0 or r["align/respelled"] > 0, r
+        # a mapped log-prob can reach the floor: in a stretch the teacher's tokenizer spells otherwise (the
+        # untrained student's <extra_i> padding tokens) or in a group holding a very unlikely student token (the
+        # group's log-ratio is spread over its tokens from the student's own log-probs); a few tokens, not many
+        assert r["teacher/logprob_clipped"] <= 0.1 * r["tokens/step"], r
         # one vocabulary: every group one-to-one, but where a token does not survive re-tokenization (the
         # untrained student's <extra_i> padding is spelled <unk>extra_i<unk> by the same tokenizer)
         assert r["align/respelled"] > 0 or (r["align/multi_token_frac"] == 0 and r["align/teacher_per_student"] == 1)
