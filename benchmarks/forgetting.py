@@ -45,6 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_efficiency import finite_json  # noqa: E402  (strict JSON: non-finite floats as null)
 
 EXPERIMENT = ROOT / "experiments" / "forgetting"
 METHODS: dict[str, tuple[Path, ...]] = {"opd": (), "sft": (EXPERIMENT / "sft.toml",)}  # layers on opd.toml
@@ -187,23 +189,12 @@ def write_results(out: Path, runs: Sequence[Run], meta: dict[str, Any]) -> Path:
     stem = f"forgetting_{meta['date']}{meta.get('suffix', '')}"
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(runs)
-    atomic_write_text(out / f"{stem}.json", json.dumps(_finite({
+    atomic_write_text(out / f"{stem}.json", json.dumps(finite_json({
         "meta": meta, "runs": [{**asdict(r), "gain": r.gain} for r in runs],
         "summary": [asdict(s) for s in summaries], "opd_over_sft": ratio(summaries)}), indent=1, allow_nan=False)
         + "\n")
     atomic_write_text(out / f"{stem}.md", markdown(runs, meta))
     return out / f"{stem}.md"
-
-
-def _finite(x: Any) -> Any:
-    """``x`` with every non-finite float as null: strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _load() -> str:

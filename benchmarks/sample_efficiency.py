@@ -669,7 +669,7 @@ def write_results(out: Path, curves: list[Curve], teachers: dict[str, float], bu
     stem = f"sample_efficiency_{meta['date']}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(markdown(rows, ratios, meta, budget, sweep, versus), encoding="utf-8")
-    (out / f"{stem}.json").write_text(json.dumps(_finite({
+    (out / f"{stem}.json").write_text(json.dumps(finite_json({
         "meta": meta, "budget": asdict(budget), "teachers": teachers, "best_lr": best or {}, "ratios": ratios,
         "versus_opd": versus, "rows": rows, "sweep": sweep, "curves": [asdict(c) for c in curves]}),
         indent=1, allow_nan=False) + "\n", encoding="utf-8")
@@ -678,14 +678,14 @@ def write_results(out: Path, curves: list[Curve], teachers: dict[str, float], bu
     return out / f"{stem}.md"
 
 
-def _finite(x: Any) -> Any:
+def finite_json(x: Any) -> Any:
     """``x`` with every non-finite float (not reached, no value) as null: strict JSON."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: finite_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite_json(v) for v in x]
     return x
 
 
