@@ -690,6 +690,7 @@ def test_judge_two_steps_through_vllm_serve_chat_api(vllm_serve, tmp_path):
         out = tmp_path / "j"
         # the tiny teacher (not the toml's verifier) asked to write a verdict, as the toml once had it
         p = _rl("experiments/judge/tiny.toml", out, proxy.url, "--teacher.endpoint_api", "chat",
+                "--model.max_model_len", "32",  # the server's 33-token context (the toml's 40 is for its verifier)
                 "--trainer.loss.kl_coef", "0", "--teacher.name", "tiny-reverse-teacher",
                 "--orchestrator.judge.verdict", "reply", "--orchestrator.judge.mode", "binary",
                 "--orchestrator.judge.on_unparseable", "zero", "--orchestrator.judge.max_tokens", "8")
