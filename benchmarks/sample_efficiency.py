@@ -3,8 +3,9 @@
     python benchmarks/sample_efficiency.py               # reverse_text and arithmetic, 4 methods x 3 seeds (< 20 min)
     python benchmarks/sample_efficiency.py --quick       # reverse_text, 4 methods x 2 seeds x 3 steps: checks the
                                                          # pipeline writes well-formed results (<= 2 min)
-    python benchmarks/sample_efficiency.py --budget full   # running_sum, the long-horizon task: a learning-rate sweep
-                                                         # per method, the best rate on 3 seeds (about an hour)
+    python benchmarks/sample_efficiency.py --budget full   # running_sum, the long-horizon task: a 60-step learning-
+                                                         # rate sweep per method, then the best rate for 200 steps
+                                                         # on 3 seeds (about an hour)
     python benchmarks/sample_efficiency.py --budget tiny   # running_sum end to end in a few minutes (smoke test)
 
 Methods (every other setting equal; ``shared/advantages.py`` has the algebra):
@@ -33,7 +34,8 @@ base student with a LoRA adapter and optimizer drawn from its seed.  Per run the
 evaluation with accuracy >= 0.9 x the teacher's.  With several learning rates (``Budget.lrs``), every method
 runs every rate on ``Budget.sweep_seeds``, and the best rate per method (:func:`sweep_key`, the same rule for
 every method: fewest median steps to the target, then the highest mean accuracy over the curve) runs the
-remaining seeds.  Steps to the target are also counted in sampled tokens and in teacher tokens, a compute
+remaining seeds; with ``Budget.sweep_steps`` the sweep runs are shorter than the budget, and the best rate
+then runs every seed (the sweep's included) for the whole budget.  Steps to the target are also counted in sampled tokens and in teacher tokens, a compute
 proxy: the tokens the teacher scores (opd, hybrid) or samples (sft); rl uses none.  Writes
 ``sample_efficiency_<date>[_<budget>].md`` (tables), ``.json`` (every curve) and ``.png`` (accuracy against
 steps and against sampled tokens; partial credit against steps where logged) to ``--out``.
@@ -100,6 +102,7 @@ class Budget:
     warmup_steps: int = 10  # then constant: steps-to-target does not depend on the budget
     lrs: tuple[float, ...] = ()  # a learning-rate sweep (every method, every rate, on sweep_seeds); () = lr alone
     sweep_seeds: tuple[int, ...] = ()  # the seeds of the sweep; () = all of seeds
+    sweep_steps: int = 0  # the sweep's runs' length; 0 = steps (the sweep's runs then count as results too)
 
     @property
     def rates(self) -> tuple[float, ...]:
@@ -120,7 +123,10 @@ BUDGETS = {
     "smoke": Budget(steps=20, eval_every=5, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, eval_prompts=50,
                     batch_size=8, warmup_steps=5),
     "medium": Budget(steps=60, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
-    "full": Budget(steps=100, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
+    # the sweep over the medium budget's 60 steps, then the best rate per method for 200 steps on 3 seeds: 15 x 60
+    # + 15 x 200 steps (medium: no method reached the target in 60 steps)
+    "full": Budget(steps=200, eval_every=20, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16,
+                   sweep_steps=60),
 }
 
 
@@ -189,6 +195,7 @@ class Curve:
     lr: float = math.nan
     partial: list[float] = field(default_factory=list)  # partial credit at each evaluation, where the task logs it
     teacher_tokens: list[float] = field(default_factory=list)  # tokens the teacher scored or sampled up to each
+    sweep: bool = False  # a run of a shorter sweep (Budget.sweep_steps): in the sweep table only
 
 
 def curve_from_rows(rows: list[dict], env: str, task: str, method: str, seed: int, wall_s: float,
@@ -371,13 +378,14 @@ def run_task(task: str, env: str, base: dict[str, Any], budget: Budget,
     out = Path(base["output_dir"])
     with Session(experiment, base) as session:
 
-        def one(method: str, lr: float, seed: int) -> None:
+        def one(method: str, lr: float, seed: int, sweep: bool = False) -> None:
             nonlocal teacher
             first = not curves
             t0 = time.perf_counter()
+            steps = {"max_steps": budget.sweep_steps} if sweep else {}
             result = session.run(overrides={**METHODS[method].overrides, "trainer.lr": lr}, seed=seed,
-                                 output_dir=str(out / f"{method}_lr{lr:g}_s{seed}"),
-                                 orchestrator={"eval_baseline": first})
+                                 output_dir=str(out / f"{method}_lr{lr:g}_s{seed}{'_sweep' if sweep else ''}"),
+                                 orchestrator={"eval_baseline": first}, **steps)
             rows = read_metrics(result.output_dir / "metrics.jsonl")
             if first:
                 teacher = next(r[f"eval/{env}/baseline_teacher/avg"] for r in rows
@@ -385,15 +393,17 @@ def run_task(task: str, env: str, base: dict[str, Any], budget: Budget,
             curves.append(curve_from_rows(rows, env, task, method, seed, time.perf_counter() - t0, lr,
                                           METHODS[method].teacher != "none"))
             c = curves[-1]
-            print(f"{task} {method} lr {lr:g} seed {seed}: accuracy {c.accuracy[0]:.2f} -> {c.accuracy[-1]:.2f} "
+            c.sweep = sweep
+            print(f"{task} {method} lr {lr:g} seed {seed}{' (sweep)' if sweep else ''}: accuracy {c.accuracy[0]:.2f} -> {c.accuracy[-1]:.2f} "
                   f"({c.wall_s:.0f} s)", file=sys.stderr, flush=True)
 
+        short = 0 < budget.sweep_steps < budget.steps
         for lr in budget.rates:
             for seed in budget.sweep:
                 for method in methods:
-                    one(method, lr, seed)
+                    one(method, lr, seed, sweep=short)
         best = best_rates(curves, task, teacher)
-        for seed in (s for s in budget.seeds if s not in budget.sweep):
+        for seed in (s for s in budget.seeds if short or s not in budget.sweep):
             for method in methods:
                 one(method, best[method], seed)
         startup = dict(session.startup)
@@ -409,10 +419,12 @@ def _auc(c: Curve) -> float:
 
 
 def sweep_rows(curves: list[Curve], task: str, teacher: float) -> list[dict[str, Any]]:
-    """One row per method x learning rate of ``task``, over the seeds every rate ran (the sweep seeds)."""
+    """One row per method x learning rate of ``task``, over the seeds every rate ran (the sweep seeds); the
+    sweep's own runs alone when it had shorter ones (``Curve.sweep``)."""
     rows = []
+    short = any(c.sweep for c in curves if c.task == task)
     for method in dict.fromkeys(c.method for c in curves if c.task == task):
-        runs = [c for c in curves if c.task == task and c.method == method]
+        runs = [c for c in curves if c.task == task and c.method == method and c.sweep == short]
         rates = sorted({c.lr for c in runs})
         seeds = set.intersection(*({c.seed for c in runs if c.lr == lr} for lr in rates))
         for lr in rates:
@@ -437,8 +449,9 @@ def best_rates(curves: list[Curve], task: str, teacher: float) -> dict[str, floa
 def summarize(curves: list[Curve], teachers: dict[str, float], budget: Budget,
               best: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """One row per task x method (its runs at the best rate, when ``best`` names one): start/final accuracy,
-    steps, sampled tokens and teacher tokens to reach, per seed and median."""
+    steps, sampled tokens and teacher tokens to reach, per seed and median. A shorter sweep's runs are left out."""
     rows = []
+    curves = [c for c in curves if not c.sweep]
     for task, teacher in teachers.items():
         target = REACH * teacher
         for method in dict.fromkeys([*METHODS, *(c.method for c in curves)]):
@@ -514,7 +527,9 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
     rates = ", ".join(f"{lr:g}" for lr in budget.rates)
     lr_text = (f"lr {budget.lr:g}" if len(budget.rates) == 1 else
                f"the best of lr {rates} per method (swept on seed{'s' if len(budget.sweep) > 1 else ''} "
-               f"{', '.join(map(str, budget.sweep))}; table below)")
+               f"{', '.join(map(str, budget.sweep))}"
+               f"{f' in runs of {budget.sweep_steps} steps' if 0 < budget.sweep_steps < budget.steps else ''}; "
+               "table below)")
     lines = [f"# Sample efficiency ({meta['date']}{', ' + meta['label'] if meta.get('label') else ''})", "",
              f"Machine: {meta['machine']}; load average before / after: {meta['load_before']} / {meta['load_after']}; "
              f"wall time {meta['wall_s']:.0f} s; command: `{meta['command']}`.", "",
@@ -557,7 +572,9 @@ def markdown(rows: list[dict], ratios: dict[str, tuple[str, float]], meta: dict[
                          f"{_ratio_cell(*v['teacher_tokens'])} |")
     if sweep and len(budget.rates) > 1:
         lines += ["", f"Learning-rate sweep (seed{'s' if len(budget.sweep) > 1 else ''} "
-                  f"{', '.join(map(str, budget.sweep))}; the best rate per method, "
+                  f"{', '.join(map(str, budget.sweep))}"
+                  f"{f', {budget.sweep_steps} steps' if 0 < budget.sweep_steps < budget.steps else ''}; "
+                  "the best rate per method, "
                   "marked *, has the fewest median steps to the target, then the highest accuracy averaged over "
                   "the curve):", "",
                   "| task | method | lr | steps to target, per seed | mean accuracy over the curve | final |",
@@ -623,7 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="reverse_text only, 2 seeds x 3 steps: a pipeline check")
     ap.add_argument("--budget", choices=BUDGETS, default=None,
                     help="running_sum (default task) with a learning-rate sweep: tiny (3 steps: the pipeline, ~2 min), "
-                         "smoke (20 steps of 8 prompts), medium (60 of 16), full (100 of 16: about an hour on 2 cores)")
+                         "smoke (20 steps of 8 prompts), medium (60 of 16), full (the sweep at 60 steps, then 200 of 16: "
+                         "about an hour on 2 cores)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the results go")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs' outputs go (default: a temporary dir)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
@@ -673,7 +691,7 @@ def write_results(out: Path, curves: list[Curve], teachers: dict[str, float], bu
         "meta": meta, "budget": asdict(budget), "teachers": teachers, "best_lr": best or {}, "ratios": ratios,
         "versus_opd": versus, "rows": rows, "sweep": sweep, "curves": [asdict(c) for c in curves]}),
         indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    plot([c for c in curves if (best or {}).get(c.task, {}).get(c.method, c.lr) == c.lr], teachers,
+    plot([c for c in curves if (best or {}).get(c.task, {}).get(c.method, c.lr) == c.lr and not c.sweep], teachers,
          out / f"{stem}.png")  # the best rate's runs
     return out / f"{stem}.md"
 

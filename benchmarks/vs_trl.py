@@ -1,8 +1,8 @@
 """Ours against TRL's on-policy distillation, alternating runs, as ratios ours/TRL.
 
-    python benchmarks/vs_trl.py                    # tiny pair: 3 pairs of 20-step runs (~10 min on 2 quiet cores)
+    python benchmarks/vs_trl.py                    # tiny pair: 3 triples of 20-step runs (~5 min on 2 quiet cores)
     python benchmarks/vs_trl.py --setup smollm2    # SmolLM2 context distillation: 3 triples of 10-step runs
-    python benchmarks/vs_trl.py --quick            # 1 pair of 2-step runs: checks the results are well-formed
+    python benchmarks/vs_trl.py --quick            # 1 pair of 2-step runs (ours synchronous): checks the results
 
 Setups (``SETUPS``):
 
@@ -10,7 +10,8 @@ Setups (``SETUPS``):
   ``DistillationTrainer`` with ``beta = 1`` (reverse KL). The same prompts (drawn by our ``reverse_text``
   environment with the run's seed, each sampled ``group_size`` times), completion length, temperature, batch
   (32 prompts x 4 = 128 completions per optimizer step, micro-batches of 64), LoRA shape (rank 32, alpha 64),
-  learning rate and schedule, gradient clip, and held-out prompts and grade (greedy, exact reversal).
+  learning rate and schedule, gradient clip, and held-out prompts and grade (greedy, exact reversal). Ours
+  runs twice per seed, synchronous and with one step of asynchrony, as below.
 - ``smollm2``: the main job's context distillation (``experiments/context_distill/rl.toml``: SmolLM2-135M-
   Instruct, the teacher the same model with "Answer in French." before the question), 8 prompts x 32 new
   tokens a step, LoRA r16 on q/k/v/o, float32; TRL's peer is ``SDFTTrainer`` (self-distillation with the
@@ -57,7 +58,7 @@ class Setup(NamedTuple):
     trl_mode: str  # trl_side.py's trainer: "distillation" or "sdft"
     full: dict  # steps, pairs, overrides (on top of COMMON)
     quick: dict
-    variants: dict  # our runs per seed: name -> extra overrides
+    variants: dict  # our runs per seed: name -> extra overrides (--quick: the first alone)
 
 
 SETUPS = {
@@ -66,7 +67,7 @@ SETUPS = {
         full={"steps": 20, "pairs": 3, "overrides": ("--orchestrator.eval.num_prompts", "100")},
         quick={"steps": 2, "pairs": 1,
                "overrides": ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32")},
-        variants={"ours": ()}),
+        variants={"ours": (), "ours_async": ("--orchestrator.max_async_level", "1")}),
     "smollm2": Setup(
         "experiments/context_distill/rl.toml", "eval/french/avg", "sdft",
         full={"steps": 10, "pairs": 3,
@@ -381,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = SETUPS[args.setup]
     mode = setup.quick if args.quick else setup.full
     steps, n_pairs = args.steps or mode["steps"], args.pairs or mode["pairs"]
+    variants = dict(list(setup.variants.items())[:1]) if args.quick else setup.variants
     t0 = time.monotonic()
     try:
         python = trl_env.ensure(log=lambda m: print(m, flush=True))
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = build_spec(setup, steps, seed, mode["overrides"])
         n_params = count_params(spec["student"])
         load_before = loadavg()
-        sides = [*setup.variants, "trl"]
+        sides = [*variants, "trl"]
         order = sides[i % len(sides):] + sides[:i % len(sides)]  # rotate: a drifting load lands on every side
         result = {}
         for side in order:
@@ -404,12 +406,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(load {loadavg():.1f})", flush=True)
             try:
                 result[side] = (run_trl(python, spec, args.work, args.trl_threads, setup, n_params) if side == "trl"
-                                else run_ours(setup, steps, seed, (*mode["overrides"], *setup.variants[side]),
+                                else run_ours(setup, steps, seed, (*mode["overrides"], *variants[side]),
                                               args.work, side, spec, n_params))
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-        ratios = {v: pair_ratios(result[v], result["trl"]) for v in setup.variants}
+        ratios = {v: pair_ratios(result[v], result["trl"]) for v in variants}
         pairs.append({"seed": seed, "order": order, **result, "ratio": ratios["ours"], "ratios": ratios,
                       "load_before": load_before, "load_after": loadavg()})
     peaks.append(matmul_peak(cores))

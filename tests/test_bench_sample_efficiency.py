@@ -178,6 +178,24 @@ def test_sweep_picks_per_method_the_rate_reaching_first_then_the_higher_curve():
     assert se.sweep_key([4, None, 8], 0.5) == (8.0, -0.5)
 
 
+def test_a_shorter_sweep_ranks_the_rates_and_the_whole_budget_runs_alone_are_the_results():
+    """Budget.sweep_steps: the sweep's short runs rank the rates; the best rate's whole-budget runs (the sweep's
+    seed included) fill the results, and nothing of the sweep counts twice."""
+    sweep = [_long("opd", 0, 1e-3, [0.1, 0.5, 0.6]), _long("opd", 0, 3e-3, [0.1, 0.7, 0.8])]
+    for c in sweep:
+        c.sweep = True
+    final = [se.Curve("t", "opd", s, [0, 4, 8, 12], [0.1, 0.7, 0.8, 0.95], [0.0, 400.0, 800.0, 1200.0], 10.0,
+                      math.nan, 3e-3, [], [0.0, 400.0, 800.0, 1200.0]) for s in (0, 1)]
+    curves = sweep + final
+    rows = se.sweep_rows(curves, "t", 1.0)
+    assert [(r["lr"], r["seeds"], r["final_mean"]) for r in rows] == [(1e-3, [0], 0.6), (3e-3, [0], 0.8)]
+    assert se.best_rates(curves, "t", 1.0) == {"opd": 3e-3}
+    (row,) = se.summarize(curves, {"t": 1.0}, se.BUDGETS["full"], {"t": {"opd": 3e-3}})
+    assert row["seeds"] == [0, 1] and row["steps"] == [12, 12] and row["final_mean"] == 0.95
+    full = se.BUDGETS["full"]
+    assert 0 < full.sweep_steps < full.steps and full.steps % full.eval_every == 0
+
+
 def test_costs_against_opd_in_steps_sampled_tokens_and_teacher_tokens():
     curves = [_long("opd", s, 3e-3, [0.1, 0.95, 0.95]) for s in (0, 1, 2)]
     curves += [_long("sft", s, 1e-3, [0.1, 0.5, 0.95], tokens=(0.0, 300.0, 600.0)) for s in (0, 1, 2)]
