@@ -34,6 +34,11 @@ def profile(run: Path) -> dict:
     return summarize(read_metrics(run / "metrics.jsonl"), run.name)
 
 
+def step_rows(rows: list[dict]) -> list[dict]:
+    """The :func:`steady` training steps of a run's rows (evaluation rows carry no ``time/step``)."""
+    return steady([r for r in rows if "time/step" in r and r.get("step", 0) > 0])
+
+
 def steady(steps: list) -> list:
     """The steps that count for averages: all of them, less steps 1..2 (warm-up) when there are more than 4."""
     return steps[2:] if len(steps) > 4 else steps
@@ -61,7 +66,7 @@ def summarize(rows: list[dict], name: str = "run") -> dict:
     averages are over :func:`steady` steps. A role's tokens/s is the step's completion tokens over the
     role's busy seconds; its busy fraction is its busy seconds over the step time.
     """
-    steps = steady([r for r in rows if "time/step" in r and r.get("step", 0) > 0])
+    steps = step_rows(rows)
     start = next((r for r in rows if "time/startup_inference" in r), {})
     out: dict = {"run": name, "steps": len(steps)}
     for role in ROLES:
@@ -82,6 +87,51 @@ def summarize(rows: list[dict], name: str = "run") -> dict:
     out.update(overlap(step_s, {role: out[f"{role}_s"] for role in ROLES}))
     out["slowest_role"] = max(ROLES, key=lambda role: out[f"{role}_s"])
     return out
+
+
+# Where a synchronous step's time goes (orchestrator.max_async_level = 0: the stages run one after another).
+# Each stage's time/<role> is split into what happens inside the role (the engine's own seconds, logged by the
+# engines; the trainer's forward/backward/optimizer and its adapter write) and the rest of that stage: Ray's
+# calls, (de)serialization of the batch, and the orchestrator's own work before the call (rendering, advantages).
+BREAKDOWN = (
+    ("sampling: vLLM (student engine, incl. an adapter's first load)", "time/inference_engine", None),
+    ("sampling: Ray call, (de)serialization, orchestrator", "time/inference", "time/inference_engine"),
+    ("scoring: vLLM prompt_logprobs (teacher engine)", "time/teacher_engine", None),
+    ("scoring: Ray call, (de)serialization, orchestrator", "time/teacher", "time/teacher_engine"),
+    ("training: forward, backward, optimizer", "time/trainer_compute", None),
+    ("training: adapter written to broadcast/step_N", "time/adapter_save", None),
+    ("training: samples built, Ray call, (de)serialization", "time/trainer", ("time/trainer_compute", "time/adapter_save")),
+    ("weight update: the engines told to serve the new adapter", "time/weight_update", None),
+)
+
+
+def breakdown(rows: list[dict]) -> list[tuple[str, float]]:
+    """(component, mean seconds per step) over :func:`steady` synchronous steps, plus ``rest of the step`` (what
+    time/step holds beyond its stages) and ``step``: the parts add up to the step. Empty when the run has no
+    engine timings (older runs) or ran asynchronously (its stages overlap: no sum to split)."""
+    steps = step_rows(rows)
+    if not steps or any("time/inference_engine" not in r or r.get("time/overlap", 0.0) > 0 for r in steps):
+        return []
+
+    def part(r: dict, key: str, minus) -> float:
+        subtract = (minus,) if isinstance(minus, str) else (minus or ())
+        return r.get(key, 0.0) - sum(r.get(k, 0.0) for k in subtract)
+
+    out = [(label, statistics.fmean(part(r, key, minus) for r in steps)) for label, key, minus in BREAKDOWN]
+    stages = ("time/inference", "time/teacher", "time/trainer", "time/weight_update")
+    out.append(("rest of the step (orchestrator: metrics, stale checks)",
+                statistics.fmean(r["time/step"] - sum(r.get(k, 0.0) for k in stages) for r in steps)))
+    out.append(("step", statistics.fmean(r["time/step"] for r in steps)))
+    return out
+
+
+def breakdown_markdown(parts: list[tuple[str, float]]) -> str:
+    step = parts[-1][1]
+    lines = ["| where the time goes | ms per step | share |", "|---|---|---|"]
+    for label, seconds in parts:
+        bold = "**" if label == "step" else ""
+        lines.append(f"| {bold}{label}{bold} | {bold}{1000 * seconds:.0f}{bold} | {100 * seconds / step:.0f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def rl_command(*args: str) -> tuple[list[str], dict[str, str]]:
@@ -197,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no metrics.jsonl in {', '.join(map(str, missing)) or 'any run given'}", file=sys.stderr)
         return 2
     table = markdown([profile(r) for r in runs])
+    for r in runs:  # a synchronous run's step, split into its parts
+        rows = read_metrics(r / "metrics.jsonl")
+        parts = breakdown(rows)
+        if parts:
+            table += (f"\n{r.name}: where a synchronous step's time goes (mean over {len(step_rows(rows))} "
+                      f"steps)\n\n{breakdown_markdown(parts)}")
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

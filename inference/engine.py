@@ -96,11 +96,13 @@ class InferenceEngine(Sleeps):
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
                  top_p: float, max_tokens: int, seed: int) -> bytes:
+        t0 = time.perf_counter()
         if self.answers:
             rollouts = self._choose_answers(prompt_ids, prompt_indices, n, temperature, seed)
         else:
             rollouts = sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p, max_tokens, seed, self.lora)
-        return encode(RolloutBatch(rollouts=rollouts, adapter_step=self.adapter_step))
+        return encode(RolloutBatch(rollouts=rollouts, adapter_step=self.adapter_step,
+                                   seconds=time.perf_counter() - t0))
 
     def _choose_answers(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
                         seed: int) -> list[Rollout]:

@@ -223,6 +223,10 @@ class Orchestrator:
             "time/step": t4 - t0,
             **{f"time/{role}": seconds for role, seconds in times.items()},
             "time/weight_update": t4 - t3,
+            # inside the roles' calls (the rest of time/<role> is Ray, serialization and waiting):
+            **{f"time/{role}_engine": s for role, s in batch.engine_seconds.items()},  # vLLM's own time
+            "time/trainer_compute": max(r.metrics.get("time/trainer_compute", 0.0) for r in results),
+            "time/adapter_save": results[0].metrics.get("time/adapter_save", 0.0),  # rank 0 writes broadcast/step_N
             **pipeline_row,
         }
 

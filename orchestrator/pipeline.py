@@ -54,6 +54,7 @@ class Batch:
     teacher_lp: list[list[float] | None] | None = None  # set once scored: the batch is complete
     t_sampled: float = 0.0
     t_scored: float = 0.0
+    engine_seconds: dict[str, float] = field(default_factory=dict)  # role -> its engines' own time on the batch
 
     def state(self) -> dict[str, Any]:
         """A complete batch as plain data for a checkpoint (msgpack keeps the floats exact)."""
@@ -269,7 +270,8 @@ class Pipeline:
         """Move every queued batch whose calls have finished to its next stage.  Never blocks."""
         for b in self.queue:
             if b.rollouts is None and all(r in self.results for r in b.sample_refs):
-                rollouts, b.adapter_steps = rollouts_of([self.results.pop(r) for r in b.sample_refs], self.adapter_base)
+                rollouts, b.adapter_steps, b.engine_seconds[self.sampler] = rollouts_of(
+                    [self.results.pop(r) for r in b.sample_refs], self.adapter_base)
                 if self.sampler != "inference":  # no student adapter sampled them: never stale
                     b.adapter_steps = {}
                 b.empty = sum(1 for r in rollouts if not r.completion_ids)
@@ -289,7 +291,9 @@ class Pipeline:
                 replies = [self.results.pop(r) for r in b.score_refs]
                 b.teacher_lp = self.roles.teacher_logprobs(b.score_parts, replies, [r.completion_ids for r in b.rollouts],
                                                            [r.logprobs for r in b.rollouts])
-                attach_topk(b.rollouts, b.score_parts, replies)  # the top-k estimator's teacher side, if asked for
+                # the top-k estimator's teacher side, if asked for; the engines' own time
+                b.engine_seconds["teacher"] = (b.engine_seconds.get("teacher", 0.0)  # + its sampling (sft)
+                                               + attach_topk(b.rollouts, b.score_parts, replies))
                 b.t_scored = time.perf_counter()
 
     def next_batch(self, step: int) -> Batch:

@@ -286,16 +286,17 @@ def memory_spec(a: ActorPlan) -> dict[str, Any]:
     return {"gpu_memory_fraction": a.memory, "empty_cache": a.held != a.memory}
 
 
-def rollouts_of(replies: list[bytes], adapter_base: int) -> tuple[list, dict[int, int]]:
-    """The engines' replies as rollouts sorted by prompt index, and the adapter step (of this run) that sampled
-    each prompt."""
-    rollouts, adapter_steps = [], {}
+def rollouts_of(replies: list[bytes], adapter_base: int) -> tuple[list, dict[int, int], float]:
+    """The engines' replies as rollouts sorted by prompt index, the adapter step (of this run) that sampled
+    each prompt, and the engines' own seconds on it (the slowest engine's: they run at once)."""
+    rollouts, adapter_steps, seconds = [], {}, 0.0
     for data in replies:
         batch = decode(data, RolloutBatch)
         rollouts.extend(batch.rollouts)
         adapter_steps.update(dict.fromkeys((r.prompt_index for r in batch.rollouts), batch.adapter_step - adapter_base))
+        seconds = max(seconds, batch.seconds)
     rollouts.sort(key=lambda r: r.prompt_index)
-    return rollouts, adapter_steps
+    return rollouts, adapter_steps, seconds
 
 
 def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> list[list[float] | None]:
@@ -311,10 +312,14 @@ def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> list[list
     return out
 
 
-def attach_topk(rollouts: list, parts: list[list[int]], replies: list[bytes]) -> None:
+def attach_topk(rollouts: list, parts: list[list[int]], replies: list[bytes]) -> float:
     """Put the teacher's top-k ids and log-probs of each scored rollout on it (``Rollout.teacher_topk_*``), where
-    the replies carry them (``ScoreRequest.topk``); rollouts that were not scored keep none."""
+    the replies carry them (``ScoreRequest.topk``); rollouts that were not scored keep none. Returns the teacher
+    engines' own seconds on the replies (the slowest engine's)."""
+    seconds = 0.0
     for part, data in zip(parts, replies):
         result = decode(data, ScoreResult)
+        seconds = max(seconds, result.seconds)
         for i, ids, lps in zip(part, result.topk_ids, result.topk_logprobs):
             rollouts[i].teacher_topk_ids, rollouts[i].teacher_topk_logprobs = ids, lps
+    return seconds

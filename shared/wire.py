@@ -40,6 +40,7 @@ TEACHER_FAILED = "teacher_error"
 class RolloutBatch(Struct, tag=True, kw_only=True):
     rollouts: list[Rollout]
     adapter_step: int = 0
+    seconds: float = 0.0  # the engine's own time on the call (vLLM, an adapter's first load included)
 
 
 class ScoreRequest(Struct, tag=True, kw_only=True, omit_defaults=True):
@@ -59,6 +60,7 @@ class ScoreResult(Struct, tag=True, kw_only=True, omit_defaults=True):
     # with ScoreRequest.topk = k: per completion, per position, the k ids and log-probs (most likely first)
     topk_ids: list[list[list[int]]] = msgspec.field(default_factory=list)
     topk_logprobs: list[list[list[float]]] = msgspec.field(default_factory=list)
+    seconds: float = 0.0  # the engine's own time on the call
 
 
 class TrainSample(Struct, kw_only=True, omit_defaults=True):

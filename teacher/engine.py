@@ -26,13 +26,16 @@ class TeacherEngine(Sleeps):
 
     def score(self, request: bytes) -> bytes:
         req = decode(request, ScoreRequest)
+        t0 = time.perf_counter()
         if req.topk:  # the top-k estimator (trainer/topk.py): the same pass also returns the top k
             lps, ids, tops = completion_topk(self.llm, req.prompt_ids, req.completion_ids, req.topk)
-            return encode(ScoreResult(logprobs=lps, topk_ids=ids, topk_logprobs=tops))
-        return encode(ScoreResult(logprobs=completion_logprobs(self.llm, req.prompt_ids, req.completion_ids)))
+            return encode(ScoreResult(logprobs=lps, topk_ids=ids, topk_logprobs=tops, seconds=time.perf_counter() - t0))
+        lps = completion_logprobs(self.llm, req.prompt_ids, req.completion_ids)
+        return encode(ScoreResult(logprobs=lps, seconds=time.perf_counter() - t0))
 
     def generate(self, prompt_ids: list[list[int]], prompt_indices: list[int], n: int, temperature: float,
                  top_p: float, max_tokens: int, seed: int) -> bytes:
         """The teacher's own answers (baselines, judge replies, reference answers)."""
-        return encode(RolloutBatch(rollouts=sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p,
-                                                   max_tokens, seed)))
+        t0 = time.perf_counter()
+        rollouts = sample(self.llm, prompt_ids, prompt_indices, n, temperature, top_p, max_tokens, seed)
+        return encode(RolloutBatch(rollouts=rollouts, seconds=time.perf_counter() - t0))

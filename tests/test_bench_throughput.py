@@ -69,6 +69,24 @@ def test_summarize_skips_warmup_and_eval_rows():
                                                          "startup_teacher_s": 31.0, "startup_trainer_s": 5.0}
 
 
+def test_breakdown_splits_a_synchronous_step_into_parts_that_add_up_to_it():
+    def row(step, scale=1.0, overlap=0.0):
+        return {"step": step, "time/step": 1.0 * scale, "time/inference": 0.4 * scale,
+                "time/inference_engine": 0.3 * scale, "time/teacher": 0.2 * scale, "time/teacher_engine": 0.15 * scale,
+                "time/trainer": 0.3 * scale, "time/trainer_compute": 0.2 * scale, "time/adapter_save": 0.05 * scale,
+                "time/weight_update": 0.02 * scale, "time/overlap": overlap}
+
+    rows = [row(1, 9.0), row(2, 9.0)] + [row(s) for s in (3, 4, 5, 6)] + [{"step": 6, "eval/x/avg": 0.5}]
+    parts = dict(profile_run.breakdown(rows))  # steps 1-2 (warm-up) left out
+    expected = [0.3, 0.1, 0.15, 0.05, 0.2, 0.05, 0.05, 0.02, 0.08, 1.0]  # rest: 1 - (0.4 + 0.2 + 0.3 + 0.02)
+    assert list(parts.values()) == pytest.approx(expected)
+    assert sum(list(parts.values())[:-1]) == pytest.approx(parts["step"])
+    table = profile_run.breakdown_markdown(list(parts.items()))
+    assert "| **step** | **1000** | 100% |" in table and "| scoring: vLLM prompt_logprobs (teacher engine) | 150 | 15% |" in table
+    assert profile_run.breakdown([row(s, overlap=0.1) for s in (1, 2)]) == []  # asynchronous: stages overlap
+    assert profile_run.breakdown([{k: v for k, v in row(1).items() if k != "time/inference_engine"}]) == []
+
+
 def test_schedule_alternates_and_balances_the_order():
     assert throughput.schedule(1) == [0, 1]
     assert throughput.schedule(3) == [0, 1, 1, 0, 0, 1]

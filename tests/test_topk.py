@@ -254,9 +254,10 @@ def test_attach_topk_puts_the_teachers_top_k_on_the_scored_rollouts():
 
     rollouts = [Rollout(prompt_index=i, prompt_ids=[1], completion_ids=[5, 6], logprobs=[-1.0, -1.0]) for i in range(3)]
     replies = [encode(ScoreResult(logprobs=[[-0.5, -0.6], []], failed=[1], topk_ids=[[[5, 4], [6, 4]], []],
-                                  topk_logprobs=[[[-0.5, -1.5], [-0.6, -1.6]], []]))]
-    parts = [[2, 0]]  # rollout 2 scored, rollout 0 failed; rollout 1 not sent
+                                  topk_logprobs=[[[-0.5, -1.5], [-0.6, -1.6]], []], seconds=0.25)),
+               encode(ScoreResult(logprobs=[], seconds=0.5))]  # a second engine, given nothing to score
+    parts = [[2, 0], []]  # rollout 2 scored, rollout 0 failed; rollout 1 not sent
     assert scores_of(parts, replies, 3) == [None, None, [-0.5, -0.6]]
-    attach_topk(rollouts, parts, replies)
+    assert attach_topk(rollouts, parts, replies) == 0.5  # the engines' own time: the slowest one's
     assert rollouts[2].teacher_topk_ids == [[5, 4], [6, 4]] and rollouts[2].teacher_topk_logprobs[1] == [-0.6, -1.6]
     assert rollouts[0].teacher_topk_ids == [] and rollouts[1].teacher_topk_ids == []
