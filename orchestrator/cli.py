@@ -7,7 +7,57 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+RELAY_ENV = "OPD_RL_RELAY"  # set in the run's own process: the pid of the relay that started it
+
+
+def _relay(argv: list[str]) -> int:
+    """Run ``rl`` in a child process of its own process group and pass every stop signal on to it alone.
+
+    A signal sent to a whole process group (Ctrl-C in a terminal, ``timeout``, ``kill -- -PGID``) would otherwise
+    also reach Ray's GCS, raylet and actors, which share rl's group: they exit at once, and the run ends with an
+    actor error instead of finishing its step and writing a checkpoint. Here the group holds only this relay (and
+    its parents): the run and everything it starts live in a group no such signal reaches, and the relay hands
+    SIGTERM, SIGINT (and SIGHUP, as SIGTERM) to the run, which stops as documented above. If the relay itself is
+    killed, the kernel sends the run SIGTERM (``PR_SET_PDEATHSIG``), which stops it the same way."""
+    import signal
+    import subprocess
+
+    env = {**os.environ, RELAY_ENV: str(os.getpid())}
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], env=env, process_group=0)
+    except OSError as e:
+        _error(f"cannot start the run's process: {e}")
+        return 1
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        except OSError:  # it has just ended
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    rc = child.wait()
+    return 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _end_with_relay() -> None:
+    """In the run's process (see :func:`_relay`): SIGTERM when the relay dies, so a killed ``rl`` still stops
+    its run (checkpoint, Ray shut down) rather than leaving it running unseen. The mark is removed from the
+    environment, so that nothing the run starts (Ray's processes, another ``rl``) inherits it."""
+    import ctypes
+    import signal
+
+    relay = os.environ.pop(RELAY_ENV)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the relay's own forwarding is all there is
+        return
+    if str(os.getppid()) != relay:  # the relay died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _error(message: object) -> None:
@@ -40,19 +90,25 @@ def main(argv: list[str] | None = None) -> int:
 
     ray_env_defaults()  # before anything imports ray
     loopback_env_defaults()
+    relayed = argv is None and os.name == "posix"  # the `rl` command (not a call from Python: tests, notebooks)
     argv = sys.argv[1:] if argv is None else argv
+    if relayed and not (argv and argv[0] in ("-h", "--help", "export")):
+        if RELAY_ENV not in os.environ:
+            return _relay(argv)
+        _end_with_relay()
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("  --dry_run checks the input as a run would (nothing started, written or downloaded) and prints every\n"
-              "  key with its resolved value and the placement plan.")
+        try:
+            print(__doc__.strip())
+            print("  --dry_run checks the input as a run would (nothing started, written or downloaded) and prints every\n"
+                  "  key with its resolved value and the placement plan.", flush=True)
+        except BrokenPipeError:  # `rl --help | head -1`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     if argv and argv[0] == "export":
         return _export(argv[1:])
     try:
         cfg = load(argv)
         if cfg.dry_run:
-            import os
-
             from orchestrator.launcher import preflight
             from shared.placement import describe, plan
 
