@@ -3,9 +3,9 @@
     python benchmarks/sample_efficiency.py               # reverse_text and arithmetic, 4 methods x 3 seeds (< 20 min)
     python benchmarks/sample_efficiency.py --quick       # reverse_text, 4 methods x 2 seeds x 3 steps: checks the
                                                          # pipeline writes well-formed results (<= 2 min)
-    python benchmarks/sample_efficiency.py --budget full   # running_sum, the long-horizon task: a 60-step learning-
-                                                         # rate sweep per method, then the best rate for 200 steps
-                                                         # on 3 seeds (about an hour)
+    python benchmarks/sample_efficiency.py --budget full   # running_sum, the long-horizon task: a 40-step learning-
+                                                         # rate sweep per method, then the best rate for 150 steps
+                                                         # on 3 seeds (about 70 minutes)
     python benchmarks/sample_efficiency.py --budget tiny   # running_sum end to end in a few minutes (smoke test)
 
 Methods (every other setting equal; ``shared/advantages.py`` has the algebra):
@@ -123,10 +123,10 @@ BUDGETS = {
     "smoke": Budget(steps=20, eval_every=5, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, eval_prompts=50,
                     batch_size=8, warmup_steps=5),
     "medium": Budget(steps=60, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16),
-    # the sweep over the medium budget's 60 steps, then the best rate per method for 200 steps on 3 seeds: 15 x 60
-    # + 15 x 200 steps (medium: no method reached the target in 60 steps)
-    "full": Budget(steps=200, eval_every=20, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16,
-                   sweep_steps=60),
+    # the sweep in runs of 40 steps, then the best rate per method for 150 steps on 3 seeds: 15 x 40 + 15 x 150
+    # steps, ~1.3 s each on 2 cores (running_sum's 34-token answers) (medium: no method reached the target in 60)
+    "full": Budget(steps=150, eval_every=10, seeds=(0, 1, 2), sweep_seeds=(0,), lrs=LONG_RATES, batch_size=16,
+                   sweep_steps=40),
 }
 
 
@@ -640,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="reverse_text only, 2 seeds x 3 steps: a pipeline check")
     ap.add_argument("--budget", choices=BUDGETS, default=None,
                     help="running_sum (default task) with a learning-rate sweep: tiny (3 steps: the pipeline, ~2 min), "
-                         "smoke (20 steps of 8 prompts), medium (60 of 16), full (the sweep at 60 steps, then 200 of 16: "
-                         "about an hour on 2 cores)")
+                         "smoke (20 steps of 8 prompts), medium (60 of 16), full (the sweep at 40 steps, then 150 of 16: "
+                         "about 70 minutes on 2 cores)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the results go")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs' outputs go (default: a temporary dir)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=None,

@@ -242,6 +242,12 @@ def run_ours(setup: Setup, steps: int, seed: int, overrides: tuple[str, ...], wo
              spec: dict | None = None, n_params: int = 0) -> dict:
     out_dir = (work / f"{name}_s{seed}").resolve()
     run_s = run_rl(out_dir, "@", setup.toml, "--max_steps", str(steps), "--seed", str(seed), *overrides, *COMMON)
+    return ours_summary(setup, out_dir, run_s, name, seed, spec, n_params)
+
+
+def ours_summary(setup: Setup, out_dir: Path, run_s: float, name: str = "ours", seed: int = 0,
+                 spec: dict | None = None, n_params: int = 0) -> dict:
+    """Our side's figures from its run's ``metrics.jsonl`` (``run_s``: the run's wall seconds)."""
     rows = read_metrics(out_dir / "metrics.jsonl")
     steps_rows = [r for r in rows if "time/step" in r and r.get("step", 0) > 0]
     evals = [r[setup.eval_key] for r in rows if setup.eval_key in r]
@@ -269,6 +275,11 @@ def run_trl(python: Path, spec: dict, work: Path, threads: int, setup: Setup | N
     if proc.returncode != 0 or not out_path.is_file():
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"TRL (seed {spec['seed']}): exit {proc.returncode}: {tail}")
+    return trl_summary(out_path, run_s, spec, setup, n_params)
+
+
+def trl_summary(out_path: Path, run_s: float, spec: dict, setup: Setup | None = None, n_params: int = 0) -> dict:
+    """TRL's figures from what ``trl_side.py`` wrote (``run_s``: the run's wall seconds)."""
     out = json.loads(out_path.read_text())
     if len(out["step_s"]) != spec["steps"]:
         raise RuntimeError(f"TRL (seed {spec['seed']}): {len(out['step_s'])} steps timed, expected {spec['steps']}")
@@ -292,7 +303,11 @@ def ratio_table(pairs: list[dict], variant: str = "ours") -> list[tuple[str, dic
     for key, label in METRICS:
         vals = [p.get("ratios", {}).get(variant, p.get("ratio")) [key] for p in pairs]
         ok = [v for v in vals if math.isfinite(v)]
-        rows.append((label, ratio_stats(ok) if ok else None, len(vals) - len(ok)))
+        if key == "acc_after" and ok:  # ours 0 is a result (nothing learned), not a failed measurement
+            stats = {"min": min(ok), "median": statistics.median(ok), "max": max(ok), "n": len(ok)}
+        else:
+            stats = ratio_stats(ok) if ok else None
+        rows.append((label, stats, len(vals) - len(ok)))
     return rows
 
 

@@ -50,6 +50,10 @@ def test_pair_ratios_and_their_min_median_max():
     assert (st["min"], st["median"], st["max"]) == (3.0, 4.0, 6.0)
     st, undefined = table["held-out accuracy after training"]
     assert (st["min"], st["max"], st["n"], undefined) == (1.0, 2.0, 2, 1)
+    # ours at accuracy 0 (nothing learned in the steps) is a ratio of 0 in the table, not a failed measurement
+    zero = [{"ratio": vs_trl.pair_ratios(_side(0.5, 2000, 0.0), _side(1.0, 500, 0.5))}, *pairs[:2]]
+    st, undefined = {label: (st, u) for label, st, u in vs_trl.ratio_table(zero)}["held-out accuracy after training"]
+    assert (st["min"], st["median"], st["max"], undefined) == (0.0, 1.0, 2.0, 0)
 
 
 def test_spec_holds_our_prompts_schedule_and_lora():
