@@ -11,19 +11,23 @@ import os
 import sys
 
 RELAY_ENV = "OPD_RL_RELAY"  # set in the run's own process: the pid of the relay that started it
+RELAY_ONCE_S = 1.0  # the same signal again within this many seconds is the same request (see _relay)
 
 
 def _relay(argv: list[str]) -> int:
     """Run ``rl`` in a child process of its own process group and pass every stop signal on to it alone.
 
     A signal sent to a whole process group (Ctrl-C in a terminal, ``timeout``, ``kill -- -PGID``) would otherwise
-    also reach Ray's GCS, raylet and actors, which share rl's group: they exit at once, and the run ends with an
-    actor error instead of finishing its step and writing a checkpoint. Here the group holds only this relay (and
+    also reach Ray's GCS and raylet, which share rl's group: they exit at once, and the run ends with "Failed to
+    connect to GCS" or an actor error instead of finishing its step and writing a checkpoint. Here the group holds only this relay (and
     its parents): the run and everything it starts live in a group no such signal reaches, and the relay hands
-    SIGTERM, SIGINT (and SIGHUP, as SIGTERM) to the run, which stops as documented above. If the relay itself is
-    killed, the kernel sends the run SIGTERM (``PR_SET_PDEATHSIG``), which stops it the same way."""
+    SIGTERM, SIGINT (and SIGHUP, as SIGTERM) to the run, which stops as documented above; the same signal twice
+    within ``RELAY_ONCE_S`` is passed on once (``timeout`` signals the whole group and ``uv run`` passes its own
+    copy on: one request, where a second signal would mean "stop at once, without a checkpoint"). If the relay
+    itself is killed, the kernel sends the run SIGTERM (``PR_SET_PDEATHSIG``), which stops it the same way."""
     import signal
     import subprocess
+    import time
 
     env = {**os.environ, RELAY_ENV: str(os.getpid())}
     try:
@@ -32,9 +36,16 @@ def _relay(argv: list[str]) -> int:
         _error(f"cannot start the run's process: {e}")
         return 1
 
+    last: dict[int, float] = {}
+
     def forward(signum: int, frame: object) -> None:
+        sig = signal.SIGTERM if signum == signal.SIGHUP else signum
+        now = time.monotonic()
+        if now - last.get(sig, float("-inf")) < RELAY_ONCE_S:  # one stop sent twice at once: `timeout uv run rl`
+            return  # (timeout signals the group, uv passes its copy on), which must not count as a second signal
+        last[sig] = now
         try:
-            child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+            child.send_signal(sig)
         except OSError:  # it has just ended
             pass
 
