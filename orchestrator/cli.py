@@ -28,14 +28,9 @@ def _relay(argv: list[str]) -> int:
     import signal
     import subprocess
     import time
+    from pathlib import Path
 
-    env = {**os.environ, RELAY_ENV: str(os.getpid())}
-    try:
-        child = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], env=env, process_group=0)
-    except OSError as e:
-        _error(f"cannot start the run's process: {e}")
-        return 1
-
+    child: subprocess.Popen | None = None
     last: dict[int, float] = {}
 
     def forward(signum: int, frame: object) -> None:
@@ -44,13 +39,26 @@ def _relay(argv: list[str]) -> int:
         if now - last.get(sig, float("-inf")) < RELAY_ONCE_S:  # one stop sent twice at once: `timeout uv run rl`
             return  # (timeout signals the group, uv passes its copy on), which must not count as a second signal
         last[sig] = now
+        if child is None:  # not started yet: it sees its relay gone or this signal's twin (_end_with_relay)
+            return
         try:
             child.send_signal(sig)
         except OSError:  # it has just ended
             pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup rl ...` (SIGHUP), `rl ... &` in a script (SIGINT)
+            signal.signal(sig, forward)
+    # the child imports this checkout's code whatever the working directory holds (-P: not the cwd first)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, RELAY_ENV: str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    try:  # stdin: nothing reads it, and a read from a terminal by a background group would stop the run
+        child = subprocess.Popen([sys.executable, "-P", "-m", "orchestrator.cli", *argv], env=env, process_group=0,
+                                 stdin=subprocess.DEVNULL if sys.stdin is not None and sys.stdin.isatty() else None)
+    except OSError as e:
+        _error(f"cannot start the run's process: {e}")
+        return 1
     rc = child.wait()
     return 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell reports it
 

@@ -459,8 +459,11 @@ class _StopOnSignal:
             self.again = True
             return
         self.signum, self.since = signum, time.monotonic()
-        print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
-              "(signal again to stop at once)", file=sys.stderr)
+        try:
+            print(f"\n{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
+                  "(signal again to stop at once)", file=sys.stderr)
+        except OSError:  # the terminal closed (SIGHUP, passed on as SIGTERM) or `| tee` died: stop all the same
+            pass
 
     def check(self, orch: Any) -> None:
         import signal

@@ -38,8 +38,23 @@ def _no_leftover_process_group():
             c10d._world = c10d._World()  # a group torch no longer knows how to destroy: forget it
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid``: what a process started with ``start_new_session=True`` started, in
+    any process group (an ``rl`` run and Ray's processes are in a group of their own below rl's relay)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getsid(int(d)) == sid:
+                    pids.append(int(d))
+            except OSError:  # gone
+                pass
+    return pids
+
+
 def stop_process_group(proc, grace: float) -> None:
-    """SIGTERM to ``proc``'s process group (started with ``start_new_session=True``), SIGKILL after ``grace`` s."""
+    """SIGTERM to ``proc``'s process group (started with ``start_new_session=True``; an ``rl`` relay in it passes
+    the signal on to its run), SIGKILL to everything of its session after ``grace`` s."""
     import signal
     import subprocess
 
@@ -47,5 +62,9 @@ def stop_process_group(proc, grace: float) -> None:
     try:
         proc.communicate(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         proc.communicate()

@@ -19,9 +19,9 @@ import throughput  # noqa: E402
 
 
 def run_quick(script: str, tmp_path, limit: float = 1500.0) -> subprocess.CompletedProcess:
-    """``python benchmarks/<script> --quick`` in its own process group. Past ``limit`` seconds the whole group
-    (the ``rl`` run and its Ray actors too) gets SIGTERM, then SIGKILL, and the test fails: a plain timeout
-    would leave the run behind."""
+    """``python benchmarks/<script> --quick`` in a session of its own. Past ``limit`` seconds its process group
+    gets SIGTERM (``rl``'s relay passes it on to its run), then everything of the session (the run and its Ray
+    actors too) SIGKILL, and the test fails: a plain timeout would leave the run behind."""
     cmd = [sys.executable, f"benchmarks/{script}", "--quick", "--out", str(tmp_path / "out"),
            "--work", str(tmp_path / "work")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
