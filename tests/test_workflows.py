@@ -249,8 +249,17 @@ def test_judge_workflow_two_steps_tiny_pair(tiny_pair, tmp_path):
     info = read_build_info(verifier)
     assert info["train_steps"] == 100 and info["heldout_n"] == 1000 and info["student_samples_n"] == 400
     assert info["layout"] == "reference" and info["rubric"] == "{question}{answer}={reference}="
-    # 100 steps are far from competent (the 2000-step build: 0.962): measured 0.526 overall, 0.90 on correct answers
-    assert info["heldout_agreement"] >= 0.5 and info["heldout_agreement_by_kind"]["correct"] >= 0.85
+    # 100 steps are far from competent (the 2000-step build: 0.962) and not bit-reproducible across machines:
+    # builds measured 0.526 and 0.564 overall, 0.90 and 0.85 on correct answers. What every build must show is
+    # that it tells right from wrong better than any constant answer: balanced accuracy (the mean of its agreement
+    # on correct and on wrong answers, 0.5 for "always yes" or "always no") measured 0.537 and 0.571.
+    by_kind, n_by_kind = info["heldout_agreement_by_kind"], info["heldout_n_by_kind"]
+    n_wrong = sum(n for k, n in n_by_kind.items() if k != "correct")
+    on_wrong = sum(by_kind[k] * n for k, n in n_by_kind.items() if k != "correct") / n_wrong
+    assert sum(n_by_kind.values()) == info["heldout_n"]
+    assert info["heldout_agreement"] * info["heldout_n"] == pytest.approx(
+        by_kind["correct"] * n_by_kind["correct"] + on_wrong * n_wrong)
+    assert (by_kind["correct"] + on_wrong) / 2 > 0.52 and by_kind["correct"] >= 0.75
     from tests.test_e2e import run_rl
 
     out = tmp_path / "j"  # no KL term (kl_coef = 0): teacher_kl is not measured, so not through _run
