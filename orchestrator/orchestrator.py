@@ -30,7 +30,7 @@ from orchestrator import checkpoint, continual, environments, skips, workflows
 from orchestrator.pipeline import Pipeline, split_stale
 from orchestrator.prompts import Renderer
 from orchestrator.failures import RoleFailure
-from orchestrator.roles import Roles, rollouts_of
+from orchestrator.roles import Roles, rollouts_of, scores_of
 from shared.config import Config, kl_in_advantage, topk_in_loss
 from shared.fsutil import atomic_write_text
 from shared.metrics import MetricsLogger
@@ -127,7 +127,8 @@ class Orchestrator:
     def _score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float] | None]:
         """Teacher log-probs of each completion; None where an external teacher failed to score it."""
         refs, parts = self.roles.score_refs(prompt_ids, completion_ids)
-        return self.roles.teacher_logprobs(parts, self.roles.call("teacher", "score", refs), completion_ids)
+        return self.roles.teacher_logprobs(scores_of(parts, self.roles.call("teacher", "score", refs),
+                                                     len(completion_ids)), completion_ids)
 
     def _evaluate(self, env, role: str = "inference", teacher_view: bool = False,
                   extra: dict[str, float] | None = None) -> float:

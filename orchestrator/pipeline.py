@@ -28,7 +28,7 @@ import ray
 from orchestrator import checkpoint, skips
 from orchestrator.data import Prompt
 from orchestrator.failures import get
-from orchestrator.roles import Roles, attach_topk, rollouts_of
+from orchestrator.roles import Roles, rollouts_of, scores_of
 from shared.config import topk_in_loss
 from shared.wire import Rollout
 
@@ -288,12 +288,11 @@ class Pipeline:
                     b.teacher_lp = [list(r.logprobs) for r in b.rollouts]
                     b.t_scored = b.t_sampled
             if b.rollouts is not None and b.teacher_lp is None and all(r in self.results for r in b.score_refs):
-                replies = [self.results.pop(r) for r in b.score_refs]
-                b.teacher_lp = self.roles.teacher_logprobs(b.score_parts, replies, [r.completion_ids for r in b.rollouts],
+                scores = scores_of(b.score_parts, [self.results.pop(r) for r in b.score_refs], len(b.rollouts))
+                b.teacher_lp = self.roles.teacher_logprobs(scores, [r.completion_ids for r in b.rollouts],
                                                            [r.logprobs for r in b.rollouts])
-                # the top-k estimator's teacher side, if asked for; the engines' own time
-                b.engine_seconds["teacher"] = (b.engine_seconds.get("teacher", 0.0)  # + its sampling (sft)
-                                               + attach_topk(b.rollouts, b.score_parts, replies))
+                scores.attach_topk(b.rollouts)  # the top-k estimator's teacher side, if asked for
+                b.engine_seconds["teacher"] = b.engine_seconds.get("teacher", 0.0) + scores.seconds  # + its sampling (sft)
                 b.t_scored = time.perf_counter()
 
     def next_batch(self, step: int) -> Batch:

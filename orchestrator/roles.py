@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +219,12 @@ class Roles:
                         completion_ids=[completion_ids[i] for i in part], topk=topk))), f"teacher-{k}"))
         return refs, parts
 
-    def teacher_logprobs(self, parts: list[list[int]], replies: list[bytes], completion_ids: list[list[int]],
+    def teacher_logprobs(self, scores: Scores, completion_ids: list[list[int]],
                          student_lp: list[list[float]] | None = None) -> list[list[float] | None]:
-        """The replies of :meth:`score_refs` as teacher log-probs of each (student) completion token; None where
-        unscored.  ``student_lp``: the sampler's log-probs (another vocabulary spreads a group by them)."""
-        return self.vocab.to_student(completion_ids, scores_of(parts, replies, len(completion_ids)), student_lp)
+        """The decoded replies of :meth:`score_refs` (:func:`scores_of`) as teacher log-probs of each (student)
+        completion token; None where unscored.  ``student_lp``: the sampler's log-probs (another vocabulary
+        spreads a group by them)."""
+        return self.vocab.to_student(completion_ids, scores.logprobs, student_lp)
 
     def train_refs(self, step: int, samples: list, total_tokens: int, micro_batch_size: int,
                    micro_batch_tokens: int = 0) -> list:
@@ -299,27 +301,34 @@ def rollouts_of(replies: list[bytes], adapter_base: int) -> tuple[list, dict[int
     return rollouts, adapter_steps, seconds
 
 
-def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> list[list[float] | None]:
-    """Teacher log-probs of each completion; None where an external teacher failed to score it, or where it was
-    not sent (longer than ``model.max_model_len``)."""
-    out: list[list[float] | None] = [None] * n
-    for part, data in zip(parts, replies):
-        result = decode(data, ScoreResult)
-        for i, lps in zip(part, result.logprobs):
-            out[i] = lps
-        for k in result.failed:
-            out[part[k]] = None
-    return out
+@dataclass
+class Scores:
+    """The teacher's replies to one batch's scoring calls (:meth:`Roles.score_refs`), decoded once."""
 
+    logprobs: list[list[float] | None]  # per completion, in order; None where not scored
+    topk: dict[int, tuple[list[list[int]], list[list[float]]]]  # completion index -> its top-k ids, log-probs
+    seconds: float  # the teacher engines' own seconds (the slowest engine's: they run at once)
 
-def attach_topk(rollouts: list, parts: list[list[int]], replies: list[bytes]) -> float:
-    """Put the teacher's top-k ids and log-probs of each scored rollout on it (``Rollout.teacher_topk_*``), where
-    the replies carry them (``ScoreRequest.topk``); rollouts that were not scored keep none. Returns the teacher
-    engines' own seconds on the replies (the slowest engine's)."""
-    seconds = 0.0
-    for part, data in zip(parts, replies):
-        result = decode(data, ScoreResult)
-        seconds = max(seconds, result.seconds)
-        for i, ids, lps in zip(part, result.topk_ids, result.topk_logprobs):
+    def attach_topk(self, rollouts: list) -> None:
+        """Put the teacher's top-k ids and log-probs of each scored rollout on it (``Rollout.teacher_topk_*``),
+        where the replies carry them (``ScoreRequest.topk``); rollouts that were not scored keep none."""
+        for i, (ids, lps) in self.topk.items():
             rollouts[i].teacher_topk_ids, rollouts[i].teacher_topk_logprobs = ids, lps
-    return seconds
+
+
+def scores_of(parts: list[list[int]], replies: list[bytes], n: int) -> Scores:
+    """The replies of :meth:`Roles.score_refs` for ``n`` completions: teacher log-probs of each, None where an
+    external teacher failed to score it or where it was not sent (longer than ``model.max_model_len``); the
+    top-k of each scored one where asked for; the engines' own seconds."""
+    out = Scores(logprobs=[None] * n, topk={}, seconds=0.0)
+    for part, data in zip(parts, replies):
+        result = decode(data, ScoreResult)
+        out.seconds = max(out.seconds, result.seconds)
+        for i, lps in zip(part, result.logprobs):
+            out.logprobs[i] = lps
+        for i, ids, lps in zip(part, result.topk_ids, result.topk_logprobs):
+            out.topk[i] = (ids, lps)
+        for k in result.failed:
+            out.logprobs[part[k]] = None
+            out.topk.pop(part[k], None)
+    return out

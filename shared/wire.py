@@ -28,7 +28,7 @@ class Rollout(Struct, tag=True, kw_only=True, omit_defaults=True):
     finish_reason: str = ""
     text: str = ""
     # the teacher's top-k token ids and log-probs at each completion position (trainer.loss.teacher_topk > 0),
-    # attached once scored (orchestrator.roles.attach_topk); empty otherwise
+    # attached once scored (orchestrator.roles.Scores.attach_topk); empty otherwise
     teacher_topk_ids: list[list[int]] = msgspec.field(default_factory=list)
     teacher_topk_logprobs: list[list[float]] = msgspec.field(default_factory=list)
 

@@ -167,7 +167,7 @@ def test_score_refs_send_each_rollout_to_its_teacher_and_merge_in_order(tmp_path
     refs, parts = roles.score_refs([[1]] * 5, [[5], [6, 7], [8], [9], [4]], names)
     assert parts == [[0, 3], [1, 4], [2]]  # b (first used): its one actor; a: split over its two; one call each
     assert [x.calls for x in actors] == [[2], [1], [2]]
-    assert scores_of(parts, refs, 5) == [[-2.0], [-0.0, -0.0], [-1.0], [-2.0], [-0.0]]
+    assert scores_of(parts, refs, 5).logprobs == [[-2.0], [-0.0, -0.0], [-1.0], [-2.0], [-0.0]]
     assert [roles.owner[r] for r in refs] == ["teacher-2", "teacher-0", "teacher-1"]
     # sampling from "the teacher" (a baseline evaluation) asks the primary teacher's actors only
     assert [k for k, _ in roles.teacher_engines()] == [0, 1] and [k for k, _ in roles.teacher_engines("b")] == [2]

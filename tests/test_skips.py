@@ -26,7 +26,7 @@ def test_scores_of_marks_what_was_not_sent_as_unscored():
 
     # items 0 and 2 were sent (one engine each); item 1 was too long; the second engine failed item 2
     replies = [encode(ScoreResult(logprobs=[[-1.0, -2.0]])), encode(ScoreResult(logprobs=[[]], failed=[0]))]
-    assert scores_of([[0], [2]], replies, 3) == [[-1.0, -2.0], None, None]
+    assert scores_of([[0], [2]], replies, 3).logprobs == [[-1.0, -2.0], None, None]
 
 
 def test_rows_line_names_the_first_rows_and_counts_all():

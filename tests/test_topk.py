@@ -249,7 +249,7 @@ def test_topk_tensors_line_up_with_the_trainers_per_token_arrays():
 
 
 def test_attach_topk_puts_the_teachers_top_k_on_the_scored_rollouts():
-    from orchestrator.roles import attach_topk, scores_of
+    from orchestrator.roles import scores_of
     from shared.wire import Rollout, ScoreResult, encode
 
     rollouts = [Rollout(prompt_index=i, prompt_ids=[1], completion_ids=[5, 6], logprobs=[-1.0, -1.0]) for i in range(3)]
@@ -257,7 +257,9 @@ def test_attach_topk_puts_the_teachers_top_k_on_the_scored_rollouts():
                                   topk_logprobs=[[[-0.5, -1.5], [-0.6, -1.6]], []], seconds=0.25)),
                encode(ScoreResult(logprobs=[], seconds=0.5))]  # a second engine, given nothing to score
     parts = [[2, 0], []]  # rollout 2 scored, rollout 0 failed; rollout 1 not sent
-    assert scores_of(parts, replies, 3) == [None, None, [-0.5, -0.6]]
-    assert attach_topk(rollouts, parts, replies) == 0.5  # the engines' own time: the slowest one's
+    scores = scores_of(parts, replies, 3)
+    assert scores.logprobs == [None, None, [-0.5, -0.6]]
+    assert scores.seconds == 0.5  # the engines' own time: the slowest one's
+    scores.attach_topk(rollouts)
     assert rollouts[2].teacher_topk_ids == [[5, 4], [6, 4]] and rollouts[2].teacher_topk_logprobs[1] == [-0.6, -1.6]
     assert rollouts[0].teacher_topk_ids == [] and rollouts[1].teacher_topk_ids == []
