@@ -68,6 +68,9 @@ class Run:
     wall_s: float = 0.0
     load: str = ""  # the 1/5/15-minute load averages at the run's end
     teacher_new: float = math.nan  # the teacher's score on the new behaviour (eval_baseline), when measured
+    # the teacher's (with its context) on each core behaviour (eval_baseline), when measured: what a student that
+    # became the teacher would score there, so a drop down to it is the new behaviour itself, not forgetting
+    teacher_cores: dict[str, float] = field(default_factory=dict)
 
     @property
     def gain(self) -> float:
@@ -103,8 +106,11 @@ def run_from_rows(rows: list[dict[str, Any]], new_env: str, cores: Sequence[str]
                          "(orchestrator.continual.core_environments)")
     teacher = next((r[f"eval/{new_env}/baseline_teacher/avg"] for r in rows
                     if f"eval/{new_env}/baseline_teacher/avg" in r), math.nan)
+    teacher_cores = {c: r[f"eval/core/{c}/baseline_teacher/avg"] for r in rows for c in cores
+                     if f"eval/core/{c}/baseline_teacher/avg" in r}
     return Run(method, seed, last["step"], (first[key], last[key]),
-               {c: (first[f"eval/core/{c}/avg"], last[f"eval/core/{c}/avg"]) for c in cores}, wall_s, load, teacher)
+               {c: (first[f"eval/core/{c}/avg"], last[f"eval/core/{c}/avg"]) for c in cores}, wall_s, load, teacher,
+               teacher_cores)
 
 
 @dataclass
@@ -165,6 +171,12 @@ def markdown(runs: Sequence[Run], meta: dict[str, Any]) -> str:
     if math.isfinite(teacher):
         lines += ["", f"The teacher (the base model with its context) scores {teacher:.3f} on the new behaviour "
                       "(eval_baseline, the first run)."]
+    teacher_cores = next((r.teacher_cores for r in runs if r.teacher_cores), {})
+    if teacher_cores:
+        lines += ["", "On the core behaviours the teacher, with its context, scores "
+                  + ", ".join(f"{c} {v:.3f}" for c, v in teacher_cores.items())
+                  + ": a student that became the teacher would score that, so a drop down to it is the new "
+                    "behaviour itself rather than forgetting."]
     lines += ["", "Per method (means over seeds; forgetting / gain = mean drop / mean gain, positive = forgot):", "",
               "| method | seeds | French gain | " + " | ".join(f"{c} change" for c in cores) + " | "
               + " | ".join(f"{c} forgetting / gain" for c in cores) + " | mean forgetting / gain |",

@@ -166,6 +166,10 @@ class Off:
     def metrics(self, prompts: list[Prompt]) -> dict[str, float]:
         return {}
 
+    def baseline(self, teacher_score: Callable[[Any], float]) -> dict[str, float]:
+        """The teacher's scores on the core behaviours (``orchestrator.eval_baseline``), none here."""
+        return {}
+
     def finish(self, final: Path) -> None:
         pass
 
@@ -204,6 +208,12 @@ class Continual(Off):
 
     def metrics(self, prompts: list[Prompt]) -> dict[str, float]:
         return self.mix.metrics(prompts) if self.mix else {}
+
+    def baseline(self, teacher_score: Callable[[Any], float]) -> dict[str, float]:
+        """``eval/core/<env>/baseline_teacher/avg``: the teacher, with its context, on each core behaviour. What
+        the student would score there if it became the teacher: the part of a core's drop that is the new
+        behaviour itself (a teacher told to answer in French does sums in French) rather than forgetting."""
+        return {f"eval/core/{name}/baseline_teacher/avg": teacher_score(env) for name, env in self.cores.items()}
 
     def restore(self, failed_step: int) -> tuple[Path, int]:
         """The gate failed at ``failed_step``: (the last passing adapter, its step), now the run's final one."""

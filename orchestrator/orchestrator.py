@@ -276,11 +276,14 @@ class Orchestrator:
             self.roles.trainer_call("save_adapter", 0)
         first_eval, _ = self._eval_row(env, 0)
         if self.cfg.orchestrator.eval_baseline:
-            teacher = self._evaluate(env, role="teacher", teacher_view=True)
+            def teacher_score(e) -> float:
+                return self._evaluate(e, role="teacher", teacher_view=True)
+            teacher = teacher_score(env)
             first_eval.update({
                 f"eval/{env.name}/baseline_student/avg": first_eval[key],
                 f"eval/{env.name}/baseline_teacher/avg": teacher,
                 f"eval/{env.name}/baseline_diff": teacher - first_eval[key],
+                **self.continual.baseline(teacher_score),  # the teacher on the core behaviours, if any
             })
         return first_eval
 

@@ -22,8 +22,9 @@ def _write_run(path, french, arith, fmt, teacher=None):
     end evaluation; ``french``/``arith``/``fmt`` are (start, middle, end) scores."""
     rows = [{"step": 0, "eval/french/avg": french[0], "eval/core/arithmetic/avg": arith[0],
              "eval/core/format_check/avg": fmt[0], "eval/core/arithmetic/delta_from_start": 0.0}]
-    if teacher is not None:
-        rows[0]["eval/french/baseline_teacher/avg"] = teacher
+    if teacher is not None:  # eval_baseline: the teacher with its context, on the new and the core behaviours
+        rows[0].update({"eval/french/baseline_teacher/avg": teacher, "eval/core/arithmetic/baseline_teacher/avg": 0.25,
+                        "eval/core/format_check/baseline_teacher/avg": 0.5})
     rows += [{"step": s, "teacher_kl": 0.3, "loss/sft": 1.0} for s in range(1, 5)]
     rows.append({"step": 2, "eval/french/avg": french[1], "eval/core/arithmetic/avg": arith[1],
                  "eval/core/format_check/avg": fmt[1]})
@@ -54,6 +55,7 @@ def test_a_run_is_read_at_its_first_and_last_evaluation(runs):
     assert (r.method, r.seed, r.steps) == ("opd", 0, 4)
     assert r.new == (0.0, 0.5) and r.cores == {"arithmetic": (0.8, 0.7), "format_check": (0.6, 0.6)}  # not step 2
     assert r.teacher_new == 0.85 and math.isnan(runs[1].teacher_new)
+    assert r.teacher_cores == {"arithmetic": 0.25, "format_check": 0.5} and runs[1].teacher_cores == {}
     assert r.gain == pytest.approx(0.5)
     assert r.drop("arithmetic") == pytest.approx(0.1)
     assert r.forgetting_per_gain("arithmetic") == pytest.approx(0.2)  # 0.1 / 0.5
@@ -93,6 +95,7 @@ def test_the_table_and_json_carry_the_numbers(runs, tmp_path):
     assert "| opd | 0, 1 | +0.400 | -0.150 | -0.050 | +0.375 | +0.125 | +0.250 |" in text
     assert "OPD's forgetting per unit of gain / SFT's (mean over cores): 1.33" in text
     assert "The teacher (the base model with its context) scores 0.850 on the new behaviour" in text
+    assert "On the core behaviours the teacher, with its context, scores arithmetic 0.250, format_check 0.500:" in text
     assert "load average before / after: 1.00 1.00 1.00 / 2.00 2.00 2.00" in text
     data = json.loads((tmp_path / "out" / "forgetting_2026-12-02_test.json").read_text(encoding="utf-8"))
     assert data["opd_over_sft"] == pytest.approx(4 / 3)

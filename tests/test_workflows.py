@@ -308,8 +308,12 @@ def test_continual_gate_restores_the_last_passing_adapter(tiny_pair, tmp_path):
     to step_0 (the untouched student), whose evaluation then equals the start's."""
     out = tmp_path / "gate"
     rows, _ = _run("experiments/continual/rl.toml", out, "--trainer.lr", "0.5", "--orchestrator.eval.interval", "1",
-                   "--orchestrator.continual.max_regression", "0.0", steps=(1,))
+                   "--orchestrator.continual.max_regression", "0.0", "--orchestrator.eval_baseline", "true",
+                   steps=(1,))
     start = next(r for r in rows if r.get("step") == 0 and "eval/core/reverse_text_short/avg" in r)
+    # eval_baseline also scores the teacher on each core behaviour: the trained tiny teacher reverses short
+    # texts far better than the student it will teach
+    assert start["eval/core/reverse_text_short/baseline_teacher/avg"] > start["eval/core/reverse_text_short/avg"] + 0.3
     failed = next(r for r in rows if r.get("continual/gate_failed") == 1.0)
     restored = next(r for r in rows if "continual/restored_step" in r)
     assert failed["eval/core/reverse_text_short/delta_from_start"] < 0
