@@ -4,6 +4,7 @@ teacher's samples, and what each costs the behaviours the model had before.
     python benchmarks/forgetting.py                       # opd and sft, seeds 0 and 1, 8 steps (6 steps x 1 seed: 24 min, load 5-29)
     python benchmarks/forgetting.py --seeds 1 --steps 8   # one more seed of each
     python benchmarks/forgetting.py --seeds 0 --steps 1   # a pipeline check
+    python benchmarks/forgetting.py --runs DIR ...        # again after a stop: the runs DIR holds finished are kept
 
 The student is SmolLM2-135M-Instruct with a LoRA adapter; the new behaviour is answering in French
 (``eval/french/avg``), which the teacher (the same model with "Answer in French." before the user turn) has
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -166,7 +168,7 @@ def markdown(runs: Sequence[Run], meta: dict[str, Any]) -> str:
         lines.append(f"| {r.method} | {r.seed} | {r.steps} | {r.new[0]:.3f} → {r.new[1]:.3f} ({r.gain:+.3f}) | "
                      + " | ".join(f"{r.cores[c][0]:.3f} → {r.cores[c][1]:.3f} ({r.change(c):+.3f})" for c in cores)
                      + " | " + " | ".join(_num(r.forgetting_per_gain(c)) for c in cores)
-                     + f" | {r.wall_s:.0f} | {r.load} |")
+                     + f" | {_num(r.wall_s, '{:.0f}')} | {r.load} |")
     teacher = next((r.teacher_new for r in runs if math.isfinite(r.teacher_new)), math.nan)
     if math.isfinite(teacher):
         lines += ["", f"The teacher (the base model with its context) scores {teacher:.3f} on the new behaviour "
@@ -209,6 +211,23 @@ def write_results(out: Path, runs: Sequence[Run], meta: dict[str, Any]) -> Path:
     return out / f"{stem}.md"
 
 
+def finished_run(out_dir: Path, new_env: str, cores: Sequence[str], method: str, seed: int,
+                 steps: int) -> Run | None:
+    """The run already in ``out_dir`` if it finished ``steps`` steps (its end evaluation is in metrics.jsonl),
+    read as :func:`run_from_rows` does (its wall time is not known again: NaN; its load: "earlier"); else None.
+    So a benchmark stopped part-way (``--runs DIR`` again) keeps the runs it finished."""
+    from shared.metrics import read_metrics
+
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        r = run_from_rows(read_metrics(path), new_env, cores, method, seed, math.nan, "earlier")
+    except ValueError:
+        return None
+    return r if r.steps == steps else None
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -239,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the results go")
     ap.add_argument("--runs", type=Path, default=None, help="where the runs' outputs go (default: a temporary dir)")
     ap.add_argument("--suffix", default="", help="appended to the result files' stem (e.g. _seed1)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                    help="methods to run, in this order within each seed (default: all)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps: must be at least 1")
@@ -258,18 +279,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Session(EXPERIMENT / "opd.toml", output_dir=str(runs_dir / "session"), max_steps=args.steps) as session:
         meta["startup_s"] = dict(session.startup)
         for seed in args.seeds:
-            for method, layers in METHODS.items():
-                t1 = time.perf_counter()
-                result = session.run(*layers, seed=seed, max_steps=args.steps,
-                                     output_dir=str(runs_dir / f"{method}_s{seed}"),
-                                     orchestrator={"eval_baseline": not runs})
-                rows = read_metrics(result.output_dir / "metrics.jsonl")
-                runs.append(run_from_rows(rows, cfg.orchestrator.environment, cores, method, seed,
-                                          time.perf_counter() - t1, _load()))
-                r = runs[-1]
+            for method in args.methods:
+                out_dir = runs_dir / f"{method}_s{seed}"
+                r = finished_run(out_dir, cfg.orchestrator.environment, cores, method, seed, args.steps)
+                if r is None:
+                    if out_dir.exists():  # a run cut short (a crash, a kill): it starts again from nothing
+                        print(f"{method} seed {seed}: {out_dir} holds no finished run; starting it again",
+                              file=sys.stderr, flush=True)
+                        shutil.rmtree(out_dir)
+                    t1 = time.perf_counter()
+                    # the teacher's baselines (new and core behaviours) once, in the first run that measures them
+                    result = session.run(*METHODS[method], seed=seed, max_steps=args.steps, output_dir=str(out_dir),
+                                         orchestrator={"eval_baseline": not any(x.teacher_cores for x in runs)})
+                    rows = read_metrics(result.output_dir / "metrics.jsonl")
+                    r = run_from_rows(rows, cfg.orchestrator.environment, cores, method, seed,
+                                      time.perf_counter() - t1, _load())
+                runs.append(r)
                 print(f"{method} seed {seed}: French {r.new[0]:.3f} -> {r.new[1]:.3f}; "
                       + "; ".join(f"{c} {b:.3f} -> {a:.3f}" for c, (b, a) in r.cores.items())
-                      + f" ({r.wall_s:.0f} s, load {r.load})", file=sys.stderr, flush=True)
+                      + f" ({_num(r.wall_s, '{:.0f}')} s, load {r.load})", file=sys.stderr, flush=True)
                 md = write_results(args.out, runs, {**meta, "load_after": _load(),
                                                     "wall_s": time.perf_counter() - t0})
     print(md.read_text(encoding="utf-8"))

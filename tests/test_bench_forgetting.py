@@ -134,3 +134,22 @@ def test_sft_takes_the_capability_suite_but_not_replay():
     with pytest.raises(ConfigError, match=r'^orchestrator\.continual\.replay_ratio: must be 0 with orchestrator\.workflow '
                                           r'= "sft"'):
         load_config(fg.EXPERIMENT / "opd.toml", *fg.METHODS["sft"], overrides={"orchestrator.continual.replay_ratio": 0.25})
+
+
+def test_a_finished_run_is_kept_and_one_cut_short_is_not(tmp_path):
+    """``--runs DIR`` again: a run whose end evaluation is at the asked step count is read back (wall time not
+    known again), anything else (no file, one evaluation, another step count) is run again."""
+    done = tmp_path / "opd_s0"
+    done.mkdir()
+    _write_run(done / "metrics.jsonl", (0.0, 0.2, 0.5), (0.8, 0.1, 0.7), (0.6, 0.6, 0.6))
+    r = fg.finished_run(done, "french", CORES, "opd", 0, steps=4)
+    assert r is not None and r.new == (0.0, 0.5) and math.isnan(r.wall_s) and r.load == "earlier"
+    assert fg.finished_run(done, "french", CORES, "opd", 0, steps=10) is None  # asked for more steps
+    assert fg.finished_run(tmp_path / "sft_s0", "french", CORES, "sft", 0, steps=4) is None  # never started
+    cut = tmp_path / "sft_s1"
+    cut.mkdir()
+    (cut / "metrics.jsonl").write_text('{"step": 0, "eval/french/avg": 0.0}\n{"step": 1, "teacher_kl": 0.3}\n')
+    assert fg.finished_run(cut, "french", CORES, "sft", 1, steps=4) is None  # stopped before its end evaluation
+    meta = {"date": "2026-12-02", "machine": "m", "load_before": "1", "load_after": "2", "wall_s": 1.0,
+            "command": "c", "setup": "s"}
+    assert "| opd | 0 | 4 | 0.000 → 0.500 (+0.500) |" in fg.markdown([r], meta) and "| n/a | earlier |" in fg.markdown([r], meta)
