@@ -2,7 +2,8 @@
 
     python benchmarks/trainer_packing.py [--reps 3] [--budgets 1024,4096] [--out benchmarks/results/x.md]
 
-The batch is the one ``experiments/context_distill/rl.toml`` trains on: 8 French-environment prompts in
+The batch is the one ``experiments/context_distill/rl.toml`` trained on until 2026-12-02 (it now samples 16 x 1
+x 32 tokens): 8 French-environment prompts in
 SmolLM2-135M-Instruct's chat template x 4 completions sampled from the model itself (temperature 0.8,
 at most 64 new tokens, seeded), SmolLM2-135M + LoRA r16 on q/k/v/o, float32, the job's trainer spec.  One
 real trainer rank (FSDP2 over gloo, world size 1) runs ``TrainerRank.accumulate`` (forward, loss,
@@ -180,7 +181,7 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M + LoRA r16 (q/k/v/o), float32, one trainer rank (FSDP2/gloo), {torch.get_num_threads()} threads, "
         f"{platform.machine()}, {os.cpu_count()} cores, {args.reps} reps alternating, after one warm-up.",
-        f"Batch of experiments/context_distill/rl.toml: {len(samples)} sequences (8 prompts x 4 completions sampled "
+        f"Batch of experiments/context_distill/rl.toml as of 2026-11 (8 x 4 x 64): {len(samples)} sequences (8 prompts x 4 completions sampled "
         f"by the model, temperature {cfg.inference.temperature}, max {cfg.inference.max_tokens} new tokens, seed "
         f"{args.seed}; sampling or reading took {gen_s:.0f} s): prompt lengths {min(s.prompt_len for s in samples)}-"
         f"{max(s.prompt_len for s in samples)}, completion lengths {min(completion)}-{max(completion)} "
