@@ -1,8 +1,9 @@
 """Forgetting on a real model: the same new behaviour taught by on-policy context distillation and by SFT on the
 teacher's samples, and what each costs the behaviours the model had before.
 
-    python benchmarks/forgetting.py                       # opd and sft, seeds 0 and 1, 8 steps (6 steps x 1 seed: 24 min, load 5-29)
-    python benchmarks/forgetting.py --seeds 1 --steps 8   # one more seed of each
+    python benchmarks/forgetting.py                       # opd and sft, seeds 0 and 1, 8 steps
+    python benchmarks/forgetting.py --seeds 0 1 --steps 10  # the result of 2026-12-02: ~50 min on 2 idle cores
+    python benchmarks/forgetting.py --seeds 2 --steps 10    # one more seed of each
     python benchmarks/forgetting.py --seeds 0 --steps 1   # a pipeline check
     python benchmarks/forgetting.py --runs DIR ...        # again after a stop: the runs DIR holds finished are kept
 
