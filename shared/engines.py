@@ -83,26 +83,44 @@ def sample(llm: Any, prompt_ids: list[list[int]], prompt_indices: list[int], n: 
            top_p: float, max_tokens: int, seed: int, lora_request: Any = None) -> list:
     """``n`` completions per prompt with the sampler's log-prob of every sampled token.
 
-    Each prompt gets its own seed (``seed + prompt index``), so a rerun samples the same rollouts."""
+    Each prompt gets its own seed (``seed + prompt index``), so a rerun samples the same rollouts. vLLM does
+    not detokenize as it decodes (``detokenize=False``: its incremental detokenizer costs a few ms per engine
+    step, a sixth of a tiny-pair generate); the texts are decoded once at the end by :func:`completion_texts`."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from shared.wire import Rollout
 
     params = [
-        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=seed + i)
+        SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=seed + i,
+                       detokenize=False)
         for i in prompt_indices
     ]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
     outputs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
+    texts = iter(completion_texts(llm.get_tokenizer(), [c for out in outputs for c in out.outputs]))
     rollouts = []
     for idx, ids, out in zip(prompt_indices, prompt_ids, outputs):
         for comp in out.outputs:
             toks = list(comp.token_ids)
             lps = [float(d[t].logprob) for t, d in zip(toks, comp.logprobs or [])]
             rollouts.append(Rollout(prompt_index=idx, prompt_ids=list(ids), completion_ids=toks, logprobs=lps,
-                                    finish_reason=str(comp.finish_reason or ""), text=comp.text))
+                                    finish_reason=str(comp.finish_reason or ""), text=next(texts)))
     return rollouts
+
+
+def completion_texts(tokenizer: Any, completions: list) -> list[str]:
+    """The text vLLM's own detokenizer would give each completion (``CompletionOutput``), in one batched decode:
+    special tokens skipped, and the token that stopped it (EOS or a stop token id: ``finish_reason == "stop"``
+    with no stop string) left out, as vLLM 0.32's ``v1/engine/detokenizer.py`` does. Checked against vLLM's
+    own texts in ``tests/test_e2e.py``."""
+    ids = []
+    for c in completions:
+        toks = list(c.token_ids)
+        if toks and c.finish_reason == "stop" and not isinstance(c.stop_reason, str):
+            toks = toks[:-1]
+        ids.append(toks)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
 
 
 def completion_logprobs(llm: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -112,7 +130,7 @@ def completion_logprobs(llm: Any, prompt_ids: list[list[int]], completion_ids: l
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)  # ids only
     prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
     outputs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
     result = []
@@ -131,7 +149,7 @@ def completion_topk(llm: Any, prompt_ids: list[list[int]], completion_ids: list[
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)  # ids only
     prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     lps, ids, tops = [], [], []

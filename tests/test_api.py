@@ -107,6 +107,9 @@ def test_run_two_steps_from_python_and_load_the_exported_student(tiny_pair, tmp_
     served = serve_exports(tmp_path / "cli_merged", tiny_pair[1], tmp_path / "cli_adapter")
     assert served["merged"][0] == served["adapter"][0]
     assert served["merged"][1] == pytest.approx(served["adapter"][1], abs=1e-3)
+    mine, vllms, reasons = served["texts"]
+    assert mine == vllms and len(mine) == 12 and any(mine)  # our one batched decode is vLLM's detokenizer's text
+    assert "stop" in reasons  # ... including completions that ended on EOS (its token left out of the text)
     prompt = torch.tensor([[1, 4, 5, 6, 30]])  # serve_exports' prompt
     with torch.no_grad():
         first = torch.log_softmax(merged(input_ids=prompt).logits[0, -1], -1)[served["merged"][0][0]]

@@ -73,7 +73,9 @@ def test_failing_role_is_named(tiny_pair, tmp_path):
 
 def serve_exports(merged, base, adapter) -> dict[str, list]:
     """Both exports served with vLLM: the merged folder as a plain model, the adapter as a LoRARequest on the
-    base; greedy tokens and their log-probs for one prompt, ``{"merged": [ids, logprobs], "adapter": ...}``."""
+    base; greedy tokens and their log-probs for one prompt, ``{"merged": [ids, logprobs], "adapter": ...}``;
+    ``"texts"``: the texts of 12 sampled completions as ``shared.engines.sample`` decodes them, as vLLM's own
+    detokenizer does for the same seeds, and their finish reasons."""
     import sys
 
     script = r'''
@@ -91,6 +93,15 @@ if __name__ == "__main__":
     llm = LLM(model=merged, dtype="float32", max_model_len=32, enforce_eager=True, seed=0)
     c = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
     out["merged"] = [list(c.token_ids), [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]]
+    # the sampler's texts (decoded once at the end, shared/engines.py) against vLLM's own detokenizer's
+    from shared.engines import sample
+    ids = [[1, 4, 5, 6, 30], [1, 7, 8, 30], [1, 9, 10, 11, 12, 30]]
+    mine = sample(llm, ids, [0, 1, 2], 4, 1.0, 1.0, 12, 3)
+    own = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
+                       [SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=3 + i) for i in range(3)],
+                       use_tqdm=False)
+    out["texts"] = [[r.text for r in mine], [c.text for o in own for c in o.outputs],
+                    [r.finish_reason for r in mine]]
     del llm
     llm = LLM(model=base, dtype="float32", max_model_len=32, enforce_eager=True, seed=0, enable_lora=True,
               max_lora_rank=32, max_loras=1)
