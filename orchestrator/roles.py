@@ -90,7 +90,7 @@ class Roles:
                             gpu_memory_utilization=inf.gpu_memory_utilization,
                             finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer,
                             sleep=a.sleeps, logprobs_mode=sampler_logprobs_mode(cfg))
-                options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib))
+                options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib, cpu=not a.devices))
                 self.actors["inference"].append(
                     ray.remote(InferenceEngine).options(**options).remote(self.run.student, spec, log))
             else:

@@ -58,7 +58,7 @@ class EngineTeacher(TeacherBackend):
                     sleep=a.sleeps)
         if cfg.trainer.loss.teacher_topk > 20:  # vLLM's default max_logprobs
             spec["max_logprobs"] = cfg.trainer.loss.teacher_topk
-        options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib))
+        options["runtime_env"]["env_vars"].update(engine_env(cfg.teacher.kv_cache_gib, cpu=not a.devices))
         return ray.remote(TeacherEngine).options(**options).remote(run.teacher, spec, log)
 
 

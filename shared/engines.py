@@ -6,14 +6,30 @@ import os
 from typing import Any
 
 
-def engine_env(kv_cache_gib: int) -> dict[str, str]:
-    """Environment for an engine actor: in-process engine core (no orphan processes), CPU KV cache."""
-    return {
+def cpu_threads() -> int:
+    """The cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def engine_env(kv_cache_gib: int, cpu: bool = True) -> dict[str, str]:
+    """Environment for an engine actor: in-process engine core (no orphan processes), CPU KV cache.
+
+    A CPU engine (``cpu``: no GPU ids) gets every core as OpenMP threads: Ray sets ``OMP_NUM_THREADS=1`` in
+    an actor that reserves no CPUs, as ours do, and vLLM's CPU worker takes its thread count from it, so an
+    engine would run on one core (SmolLM2 on 2 cores: sampling 16 x 32 tokens takes 0.65x the time on both,
+    scoring 0.57x; ``benchmarks/results/engine_threads_2026-12-02.md``)."""
+    env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if cpu:
+        env["OMP_NUM_THREADS"] = str(cpu_threads())
+    return env
 
 
 def llm_kwargs(

@@ -7,7 +7,7 @@ import ray
 import torch
 
 from inference.engine import InferenceEngine
-from shared.engines import engine_env
+from shared.engines import cpu_threads, engine_env
 from shared.wire import RolloutBatch, StepResult, TrainBatch, TrainSample, decode, encode
 from trainer.worker import TrainerRank
 
@@ -59,6 +59,9 @@ def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
             str(student), spec, None
         )
         ray.get(engine.ready.remote())
+        # Ray gives an actor that reserves no CPUs OMP_NUM_THREADS=1; a CPU engine must decode on every core
+        threads = ray.get(engine.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
+        assert threads == cpu_threads() > 1
         prompts = [tok(s + "=").input_ids for s in ["abcdef", "hgfe", "aabbcc", "dcbah"]]
         ray.get(engine.load_adapter.remote(result.adapter_path, 1))
         batch = decode(ray.get(engine.generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 10, 7)), RolloutBatch)
