@@ -134,9 +134,16 @@ class Orchestrator:
                   extra: dict[str, float] | None = None) -> float:
         """Mean score of one completion per held-out prompt (``eval.temperature``; 0 = greedy); ``extra``
         receives the environment's own further scores (``env.eval_metrics``) as ``eval/<env>/<key>``."""
+        return self._eval_collect(env, role, *self._eval_submit(env, role, teacher_view), extra=extra)
+
+    def _eval_submit(self, env, role: str, teacher_view: bool) -> tuple[list, Any]:
+        """The held-out prompts, and the refs of ``role``'s samples of them (:meth:`_evaluate`'s first half)."""
         prompts = env.eval_prompts(self.cfg.orchestrator.eval.num_prompts)
         ids = [self.renderer.ids(p, teacher=teacher_view) for p in prompts]
-        rollouts = self._sample(role, ids, 0, 1, self.cfg.orchestrator.eval.temperature)
+        return prompts, self.roles.sample_refs(role, ids, 0, 1, self.cfg.orchestrator.eval.temperature)
+
+    def _eval_collect(self, env, role: str, prompts: list, refs: Any, extra: dict[str, float] | None = None) -> float:
+        rollouts = rollouts_of(self.roles.call(role, f"{role} generate", refs), self.adapter_base)[0]
         scored = [(prompts[r.prompt_index], r.text) for r in rollouts]
         if extra is not None:
             extra.update({f"eval/{env.name}/{k}": v for k, v in env.eval_metrics(scored).items()})
@@ -258,10 +265,11 @@ class Orchestrator:
     def _eval_row(self, env, step: int, gate: bool = True) -> tuple[dict[str, float], bool]:
         """The evaluation row, with the continual suite's core scores and gate (``passed`` is False when a core
         metric regressed beyond max_regression)."""
+        t0 = time.perf_counter()
         extra: dict[str, float] = {}
         row = {"step": step, f"eval/{env.name}/avg": self._evaluate(env, extra=extra), **extra}
         core, passed = self.continual.evaluate(self._evaluate, step, gate)
-        return {**row, **core}, passed
+        return {**row, **core, "time/eval": time.perf_counter() - t0}, passed
 
     def _restore(self, step: int) -> dict[str, float]:
         """The gate failed at ``step``: the engines serve the last passing adapter again, which becomes the final one."""
@@ -271,20 +279,23 @@ class Orchestrator:
 
     def _first_eval(self, env) -> dict[str, float]:
         """The evaluation before training (and the baselines, with ``orchestrator.eval_baseline``)."""
-        key = f"eval/{env.name}/avg"
+        key, t0 = f"eval/{env.name}/avg", time.perf_counter()
         if self.continual.keeps_step_0:  # broadcast/step_0: the untouched student, the gate's first fallback
             self.roles.trainer_call("save_adapter", 0)
+        # the teacher's baseline samples on its own engine while the student's are sampled on theirs
+        pending = self._eval_submit(env, "teacher", True) if self.cfg.orchestrator.eval_baseline else None
         first_eval, _ = self._eval_row(env, 0)
-        if self.cfg.orchestrator.eval_baseline:
+        if pending is not None:
             def teacher_score(e) -> float:
                 return self._evaluate(e, role="teacher", teacher_view=True)
-            teacher = teacher_score(env)
+            teacher = self._eval_collect(env, "teacher", *pending)
             first_eval.update({
                 f"eval/{env.name}/baseline_student/avg": first_eval[key],
                 f"eval/{env.name}/baseline_teacher/avg": teacher,
                 f"eval/{env.name}/baseline_diff": teacher - first_eval[key],
                 **self.continual.baseline(teacher_score),  # the teacher on the core behaviours, if any
             })
+        first_eval["time/eval"] = time.perf_counter() - t0  # the baselines' too
         return first_eval
 
     def request_stop(self) -> bool:

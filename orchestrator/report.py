@@ -120,6 +120,9 @@ def write_report(output_dir: str | Path, summary: dict[str, Any], config_toml: s
     for key, v in startup.items():
         if key.startswith("time/startup_"):
             lines.append(f"- start-up of {key.removeprefix('time/startup_')}: {v:.1f} s")
+    evals = [r["time/eval"] for r in rows if "time/eval" in r]
+    if evals:
+        lines.append(f"- evaluations: {sum(evals):.1f} s for {len(evals)}")
     if images:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     lines += ["", "## Config", "", "```toml", config_toml.strip(), "```", ""]

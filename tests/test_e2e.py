@@ -51,6 +51,9 @@ def test_two_step_run(tiny_pair, tmp_path):
     assert train[0]["ratio/mean"] == pytest.approx(1.0, abs=0.01) and train[0]["masked/low"] == 0
     evals = [r for r in rows if "eval/reverse_text/avg" in r]
     assert [r["step"] for r in evals] == [0, 2]
+    assert all(0 < r["time/eval"] < 120 for r in evals)  # each evaluation's own time, summed in the report
+    report = (out / "report.md").read_text()
+    assert f"- evaluations: {evals[0]['time/eval'] + evals[1]['time/eval']:.1f} s for 2" in report
     for step in (1, 2):
         adapter = out / "broadcast" / f"step_{step}"
         assert (adapter / "COMPLETE").exists()
