@@ -64,9 +64,11 @@ class Setup(NamedTuple):
 SETUPS = {
     "tiny": Setup(
         "experiments/reverse_text/rl.toml", "eval/reverse_text/avg", "distillation",
-        full={"steps": 20, "pairs": 3, "overrides": ("--orchestrator.eval.num_prompts", "100")},
+        full={"steps": 20, "pairs": 3,
+              "overrides": ("--orchestrator.eval.num_prompts", "100", "--inference.lora_mode", "merge")},
         quick={"steps": 2, "pairs": 1,
-               "overrides": ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32")},
+               "overrides": ("--orchestrator.batch_size", "8", "--orchestrator.eval.num_prompts", "32",
+                             "--inference.lora_mode", "merge")},
         variants={"ours": (), "ours_async": ("--orchestrator.max_async_level", "1")}),
     "smollm2": Setup(
         "experiments/context_distill/rl.toml", "eval/french/avg", "sdft",
@@ -85,7 +87,8 @@ METRICS = (("step_s", "wall time per step (s)"), ("tok_s", "student tokens/s"),
            ("flop_s", "achieved model FLOP/s"))
 
 DIFFERENCES = """\
-- Sampling: ours samples with vLLM (CPU engine, the newest LoRA loaded as a vLLM adapter after every step) in
+- Sampling: ours samples with vLLM (CPU engine on every core, the newest LoRA merged into its weights after
+  every step: `inference.lora_mode = "merge"`, twice as fast as vLLM's CPU LoRA kernels on the tiny pair) in
   its own process; TRL samples with `transformers.generate` on the training model (peft LoRA unmerged) in the
   training process. Both at temperature 1 with no top-k/top-p, up to 12 tokens, stopping at EOS.
 - Loss: ours is a policy gradient whose per-token advantage is the sampled reverse-KL term
@@ -100,10 +103,13 @@ DIFFERENCES = """\
   gloo, one rank with 2 torch threads) sharing the 2 cores; TRL is one process. Ours pays the engine
   start-ups (in parallel; ~30 s on a quiet machine) before step 1; the per-step ratios leave start-up out,
   the whole-run ratio includes it (and both sides' two evaluations).
-- Threads: TRL's process runs with 1 torch thread (`--trl-threads`). With torch's default of 2 (= the cores),
-  at a load average of 16 from other jobs, `generate` of 32 x 12 tokens on the tiny student took 7.1 s
-  against 0.09 s with 1 thread (OpenMP threads waiting on each other); that would have measured the load,
-  not TRL. Ours runs as shipped.
+- Threads: TRL's process runs with as many torch threads as ours (`--trl-threads`, default: every core, as
+  our engines and trainer rank use). Before 2026-12-02 17:00 UTC our engines ran on one thread (Ray's
+  `OMP_NUM_THREADS=1` for actors that reserve no CPU) and TRL was given 1 to match; results of that date
+  before that hour say so in their command (`--trl-threads 1`). Under heavy load from other jobs, 2
+  threads on 2 cores can be far slower than 1 (OpenMP threads waiting on each other: `generate` of
+  32 x 12 tokens on the tiny student took 7.1 s against 0.09 s at a load average of 16), so time on a quiet
+  machine.
 - Prompts: TRL has no groups; each of our 32 prompts appears 4 times in a row in TRL's unshuffled
   dataset, so a step sees the same 128 (prompt, sample) slots. TRL's default sampler is used otherwise.
 - Learning rate: identical per step (TRL's scheduler is replaced by ours, `trainer/schedule.py`); both use
@@ -119,7 +125,6 @@ DIFFERENCES_SMOLLM2 = """\
   adapter switched off, in the training process) and `distillation_mode = "sampled_token"` (the sampled-token
   reverse KL, the same estimator as ours), its default importance-sampling clip 2.0; the teacher's prompt is
   `"{privileged_context} {prompt}"` in the user turn, the layout of our `context_mode = "user_prefix"`.
-  Ours merges each new adapter into the student engine's weights (`inference.lora_mode = "merge"`).
 - Held-out accuracy is the French rate of 32 held-out questions' answers sampled at the eval temperature
   (0.8), graded by our `french` environment on both sides (TRL's side returns its texts).
 """
@@ -390,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one pair of 2-step runs with a small batch")
     ap.add_argument("--pairs", type=int, help="pairs of runs (default 3; --quick 1)")
     ap.add_argument("--steps", type=int, help="steps per run (default 20 tiny, 10 smollm2; --quick 2)")
-    ap.add_argument("--trl-threads", type=int, default=1,
-                    help="torch threads of the TRL process (default 1: see DIFFERENCES, 'Threads')")
+    ap.add_argument("--trl-threads", type=int, default=0,
+                    help="torch threads of the TRL process (default 0: every core, as ours; DIFFERENCES, 'Threads')")
+    ap.add_argument("--tag", default="", help="suffix of the results' file names (a second run on one date)")
     output_args(ap, "vs_trl")
     args = ap.parse_args(argv)
     setup = SETUPS[args.setup]
@@ -406,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     env_s = time.monotonic() - t0
     cores = os.cpu_count() or 1
+    args.trl_threads = args.trl_threads or cores
     peaks = [matmul_peak(cores)]
     pairs = []
     for i in range(n_pairs):
@@ -432,13 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     peaks.append(matmul_peak(cores))
     flags = [f for f, on in ((f"--setup {args.setup}", args.setup != "tiny"), ("--quick", args.quick),
                               (f"--pairs {args.pairs}", args.pairs), (f"--steps {args.steps}", args.steps),
-                              (f"--trl-threads {args.trl_threads}", args.trl_threads != 1)) if on]
+                              (f"--trl-threads {args.trl_threads}", True), (f"--tag {args.tag}", args.tag)) if on]
     command = " ".join(["python benchmarks/vs_trl.py", *flags])
     versions = "TRL environment: " + " ".join(trl_env.PINS)
     title = {"tiny": "tiny reverse-text pair", "smollm2": "SmolLM2-135M context distillation"}[args.setup]
     table = markdown(pairs, command, versions, peaks, title)
     diffs = DIFFERENCES + (DIFFERENCES_SMOLLM2 if args.setup == "smollm2" else "")
-    suffix = ("" if args.setup == "tiny" else f"_{args.setup}") + ("_quick" if args.quick else "")
+    suffix = ("" if args.setup == "tiny" else f"_{args.setup}") + ("_quick" if args.quick else "") + args.tag
     stem = f"vs_trl_{time.strftime('%Y-%m-%d')}{suffix}"
     path = write_results(args.out, stem, "Against TRL", f"{table}\nWhat differs:\n\n{diffs}\n{FLOPS_NOTE}",
                          {"setup": args.setup, "pairs": pairs, "env_s": env_s, "matmul_peak_flop_s": peaks,
