@@ -60,7 +60,9 @@ if __name__ == "__main__":
 
 
 def run_side(threads: int, reps: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_ENABLE_V1_MULTIPROCESSING="0",
+    from shared.engines import omp_env
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **omp_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0",
                VLLM_CPU_KVCACHE_SPACE="2", VLLM_LOGGING_LEVEL="ERROR", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(reps)], env=env, capture_output=True, text=True,
                        timeout=1200)
@@ -70,7 +72,7 @@ def run_side(threads: int, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.engines import cpu_threads
+    from shared.engines import cpu_threads, omp_env
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=2)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/engine_threads.py --pairs {args.pairs} --reps {args.reps}` — "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {cores} cores, "
-        f"load average (1 min) {min(loads):.2f}–{max(loads):.2f} over the run.",
+        f"load average (1 min) {min(loads):.2f}–{max(loads):.2f} over the run; "
+        f"OMP_WAIT_POLICY={omp_env()['OMP_WAIT_POLICY']}.",
         "",
         "SmolLM2-135M-Instruct, float32, eager, in-process engine core. Sampling: 16 prompts of 40 tokens x 32 "
         "new tokens (temperature 0.8, every completion 32 tokens). Scoring: `prompt_logprobs` of the same 16 "

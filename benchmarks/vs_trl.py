@@ -47,6 +47,7 @@ from profile_run import loadavg, machine, output_args, ratio_stats, run_rl, stea
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from shared.engines import omp_env  # noqa: E402
 from shared.metrics import read_metrics  # noqa: E402
 
 COMMON = ("--wandb.mode", "disabled", "--orchestrator.eval.interval", "0")
@@ -109,7 +110,7 @@ DIFFERENCES = """\
   before that hour say so in their command (`--trl-threads 1`). Under heavy load from other jobs, 2
   threads on 2 cores can be far slower than 1 (OpenMP threads waiting on each other: `generate` of
   32 x 12 tokens on the tiny student took 7.1 s against 0.09 s at a load average of 16), so time on a quiet
-  machine.
+  machine. Both sides run with `OMP_WAIT_POLICY=PASSIVE`, as every role of ours does (`shared/engines.py`).
 - Prompts: TRL has no groups; each of our 32 prompts appears 4 times in a row in TRL's unshuffled
   dataset, so a step sees the same 128 (prompt, sample) slots. TRL's default sampler is used otherwise.
 - Learning rate: identical per step (TRL's scheduler is replaced by ours, `trainer/schedule.py`); both use
@@ -271,7 +272,7 @@ def run_trl(python: Path, spec: dict, work: Path, threads: int, setup: Setup | N
     spec_path.write_text(json.dumps({**spec, "threads": threads}))
     out_path.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env.update(OMP_NUM_THREADS=str(threads), **omp_env(), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     t0 = time.monotonic()
     proc = subprocess.run([str(python), str(Path(__file__).with_name("trl_side.py")), str(spec_path), str(out_path)],

@@ -59,7 +59,7 @@ class Roles:
     def start(self) -> dict[str, float]:
         """Create every planned actor, wait until all are ready; each role's start-up seconds."""
         from inference.engine import InferenceEngine
-        from shared.engines import engine_env
+        from shared.engines import engine_env, omp_env
         from trainer.worker import TrainerRank
 
         cfg, out = self.cfg, self.out
@@ -94,7 +94,7 @@ class Roles:
                 self.actors["inference"].append(
                     ray.remote(InferenceEngine).options(**options).remote(self.run.student, spec, log))
             else:
-                options["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] = "false"
+                options["runtime_env"]["env_vars"].update(TOKENIZERS_PARALLELISM="false", **omp_env())
                 self.actors["trainer"].append(ray.remote(TrainerRank).options(**options).remote(
                     a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.run.student,
                     {**self.trainer_spec(), **self.finetune_spec(), **memory_spec(a)}, str(out), log))

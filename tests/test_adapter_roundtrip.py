@@ -62,6 +62,8 @@ def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
         # Ray gives an actor that reserves no CPUs OMP_NUM_THREADS=1; a CPU engine must decode on every core
         threads = ray.get(engine.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
         assert threads == cpu_threads() > 1
+        # ... and its OpenMP threads sleep when they wait, leaving the cores to the role that has work
+        assert ray.get(engine.__ray_call__.remote(lambda self: __import__("os").environ["OMP_WAIT_POLICY"])) == "PASSIVE"
         prompts = [tok(s + "=").input_ids for s in ["abcdef", "hgfe", "aabbcc", "dcbah"]]
         ray.get(engine.load_adapter.remote(result.adapter_path, 1))
         batch = decode(ray.get(engine.generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 10, 7)), RolloutBatch)
