@@ -36,8 +36,9 @@ def omp_env() -> dict[str, str]:
     """OpenMP's waiting policy for every role's actor: ``PASSIVE`` (a thread waiting for work sleeps at once
     instead of spinning), unless the user's environment sets one. The roles share the cores, each with every
     core's threads; spinning threads took the cores from the role that had work: on the tiny pair with one step
-    of asynchrony, 1.3-1.5 s a step spinning against 0.43 s passive, with no loss on SmolLM2's sampling
-    (``benchmarks/results/engine_threads_2026-12-02_passive.md``)."""
+    of asynchrony, 1.3-1.5 s a step spinning against 0.35-0.44 s passive (``benchmarks/results/
+    vs_trl_2026-12-02_engines.md`` against ``_passive.md``), with no loss on SmolLM2's sampling
+    (``engine_threads_2026-12-02_passive.md``)."""
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
