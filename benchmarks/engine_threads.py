@@ -60,10 +60,10 @@ if __name__ == "__main__":
 
 
 def run_side(threads: int, reps: int) -> dict:
-    from shared.engines import omp_env
+    from shared.engines import engine_env
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **omp_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_KVCACHE_SPACE="2", VLLM_LOGGING_LEVEL="ERROR", TOKENIZERS_PARALLELISM="false")
+    # an engine actor's environment, with the thread count under test in place of its own
+    env = {**os.environ, **engine_env(2), "OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "ERROR"}
     p = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(reps)], env=env, capture_output=True, text=True,
                        timeout=1200)
     if p.returncode != 0:

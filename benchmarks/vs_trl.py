@@ -47,7 +47,7 @@ from profile_run import loadavg, machine, output_args, ratio_stats, run_rl, stea
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from shared.engines import omp_env  # noqa: E402
+from shared.engines import cpu_threads, omp_env  # noqa: E402
 from shared.metrics import read_metrics  # noqa: E402
 
 COMMON = ("--wandb.mode", "disabled", "--orchestrator.eval.interval", "0")
@@ -89,7 +89,7 @@ METRICS = (("step_s", "wall time per step (s)"), ("tok_s", "student tokens/s"),
 
 DIFFERENCES = """\
 - Sampling: ours samples with vLLM (CPU engine on every core, the newest LoRA merged into its weights after
-  every step: `inference.lora_mode = "merge"`, twice as fast as vLLM's CPU LoRA kernels on the tiny pair) in
+  every step: `inference.lora_mode = "merge"`, about twice as fast as vLLM's CPU LoRA kernels on the tiny pair: benchmarks/README.md) in
   its own process; TRL samples with `transformers.generate` on the training model (peft LoRA unmerged) in the
   training process. Both at temperature 1 with no top-k/top-p, up to 12 tokens, stopping at EOS.
 - Loss: ours is a policy gradient whose per-token advantage is the sampled reverse-KL term
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     env_s = time.monotonic() - t0
     cores = os.cpu_count() or 1
-    args.trl_threads = args.trl_threads or cores
+    args.trl_threads = args.trl_threads or cpu_threads()  # the count our engines get (shared/engines.py)
     peaks = [matmul_peak(cores)]
     pairs = []
     for i in range(n_pairs):
