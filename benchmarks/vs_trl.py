@@ -91,7 +91,8 @@ DIFFERENCES = """\
 - Sampling: ours samples with vLLM (CPU engine on every core, the newest LoRA merged into its weights after
   every step: `inference.lora_mode = "merge"`, about twice as fast as vLLM's CPU LoRA kernels on the tiny
   pair: benchmarks/README.md) in its own process; TRL samples with `transformers.generate` on the training
-  model (peft LoRA unmerged) in the training process. Both at temperature 1 with no top-k/top-p, up to 12 tokens, stopping at EOS.
+  model (peft LoRA unmerged) in the training process. Both at temperature 1 with no top-k/top-p, up to 12
+  tokens, stopping at EOS.
 - Loss: ours is a policy gradient whose per-token advantage is the sampled reverse-KL term
   `logp_teacher(t) - logp_student(t)` (one-sample estimate, importance ratio and ratio masking as in
   `trainer/loss.py`); TRL's `beta = 1` is the exact reverse KL summed over the whole vocabulary at each
