@@ -2,7 +2,9 @@
 
 Two ways to serve it (``inference.lora_mode``): ``adapter`` loads it under a fresh ``LoRARequest`` id
 (vLLM's LoRA kernels), ``merge`` writes ``W0 + scale * B @ A`` into the engine's weights
-(``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU).  With full fine-tuning
+(``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU); merged adapters arrive from
+trainer rank 0's memory through Ray's object store (``trainer.weight_transfer = "memory"``, the default
+there), not from ``broadcast/step_N``, which the trainer writes after the engines have the weights.  With full fine-tuning
 (``trainer.finetune = "full"``) ``broadcast/step_N`` is a whole model, loaded in place (``merge.load_model_dir``),
 or the weights arrive by NCCL broadcast from trainer rank 0 (``shared/weight_sync.py``, GPUs).
 
@@ -74,6 +76,19 @@ class InferenceEngine(Sleeps):
             self.llm.reset_prefix_cache()  # cached keys/values came from the previous weights
         else:
             self.lora = LoRARequest(f"step_{step}", step + 1, path)
+        self.adapter_step = step
+
+    def load_adapter_tensors(self, payload: dict, step: int) -> None:
+        """Serve the adapter trainer rank 0 sends from memory (``trainer.weight_transfer = "memory"``: Ray passes
+        ``payload``, its :meth:`~trainer.worker.TrainerRank.adapter_payload`, from the object store; no file
+        is read), merged into the weights as :meth:`load_adapter` does with a directory."""
+        from inference.merge import lora_deltas, set_linear_weights
+
+        if self.merger is None:
+            raise RuntimeError('an adapter from memory is served merged; it needs inference.lora_mode = "merge"')
+        weights = self.merger.merged_deltas(lora_deltas(payload["tensors"], payload["scale"], f"step {step}"))
+        self.llm.apply_model(lambda model: set_linear_weights(model, weights))
+        self.llm.reset_prefix_cache()  # cached keys/values came from the previous weights
         self.adapter_step = step
 
     # -- NCCL weight transfer (shared/weight_sync.py; GPUs only) ------------------------------------------

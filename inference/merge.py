@@ -22,16 +22,16 @@ import torch
 _PREFIX = "base_model.model."
 
 
-def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """``{"model.layers.0.self_attn.q_proj.weight": scale * B @ A, ...}`` of a peft adapter directory."""
-    from safetensors.torch import load_file
+def lora_scale(config: dict) -> float:
+    """``alpha / r`` of a peft LoRA config (``alpha / sqrt(r)`` with rsLoRA)."""
+    rank = int(config["r"])
+    alpha = float(config.get("lora_alpha", rank))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
-    adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    rank = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", rank))
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+def lora_deltas(tensors: dict[str, torch.Tensor], scale: float, where: str = "adapter") -> dict[str, torch.Tensor]:
+    """``{"model.layers.0.self_attn.q_proj.weight": scale * B @ A, ...}`` of peft-format LoRA tensors
+    (``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``, as in ``adapter_model.safetensors``)."""
     deltas = {}
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
@@ -41,8 +41,18 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         name = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
         deltas[f"{name}.weight"] = scale * (b.double() @ a.double())
     if not deltas:
-        raise ValueError(f"{adapter_dir}: adapter holds no LoRA weights")
+        raise ValueError(f"{where}: adapter holds no LoRA weights")
     return deltas
+
+
+def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """:func:`lora_deltas` of a peft adapter directory."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return lora_deltas(tensors, lora_scale(cfg), str(adapter_dir))
 
 
 def read_base_weights(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -120,7 +130,10 @@ class Merger:
 
     def merged(self, adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         """vLLM layer name → its full weight with the adapter merged (``fused_weights``)."""
-        deltas = adapter_deltas(adapter_dir)
+        return self.merged_deltas(adapter_deltas(adapter_dir))
+
+    def merged_deltas(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same from ``lora_deltas`` already computed (an adapter sent from memory: ``trainer.weight_transfer``)."""
         need = set()
         for n in deltas:
             parent, leaf = n[: -len(".weight")].rsplit(".", 1)

@@ -81,16 +81,25 @@ class Orchestrator:
         self.score_failed = 0
         self._stop = threading.Event()
         self.step = 0  # the step in progress
+        self.persisting: list = []  # trainer rank 0 writing the last served adapter to disk (memory transfer)
 
     # -- roles ------------------------------------------------------------------------------------------
     def _start_roles(self) -> dict[str, float]:
         return self.roles.start()
 
-    def _serve_refs(self, adapter: str, step: int) -> list:
-        """Ask every student engine to serve ``adapter`` (this run's step ``step``); the refs of the calls."""
+    def _serve_refs(self, adapter: str, step: int, trained: bool = False) -> list:
+        """Ask every student engine to serve ``adapter`` (this run's step ``step``); the refs of the calls.
+        ``trained``: the step just trained, whose adapter trainer rank 0 may still hold in memory."""
         version = self.adapter_base + step
         self.next_version = max(self.next_version, version + 1)
-        return self.roles.weight_update_refs(adapter, version)
+        return self.roles.weight_update_refs(adapter, version, step if trained else 0)
+
+    def _persisted(self) -> None:
+        """Wait until the last trained adapter is on disk (``memory`` transfer: it is written after the engines
+        have it, while the next batch is sampled, so this rarely waits)."""
+        if self.persisting:
+            self.pipe.wait(self.persisting)
+            self.persisting = []
 
     def open_session(self) -> dict[str, float]:
         """Start the roles for the runs of a session; each role's start-up seconds."""
@@ -204,8 +213,10 @@ class Orchestrator:
         results = [decode(d, StepResult) for d in self.pipe.wait(self.pipe.submit("trainer", refs))]
         self.roles.colocation.after_train()  # ... and wake before they load the new adapter
         t3 = time.perf_counter()
-        self.pipe.wait(self.pipe.submit("weight_update", self._serve_refs(results[0].adapter_path, step)))
+        self.pipe.wait(self.pipe.submit("weight_update", self._serve_refs(results[0].adapter_path, step, True)))
         t4 = time.perf_counter()
+        self._persisted()  # the previous step's file (long written)
+        self.persisting = self.pipe.submit("persist", self.roles.persist_refs(step))  # this one's, in the background
 
         tm = {k: sum(r.metrics.get(k, 0.0) for r in results) for k in SUMMED_METRICS}
         times = self._role_times(t0, t1, t2, t3, t4, built.teacher_seconds)
@@ -273,6 +284,7 @@ class Orchestrator:
 
     def _restore(self, step: int) -> dict[str, float]:
         """The gate failed at ``step``: the engines serve the last passing adapter again, which becomes the final one."""
+        self._persisted()  # step N's adapter is on disk before the later ones are set aside
         path, last = self.continual.restore(step)
         self.roles.call("inference", "load_adapter", self._serve_refs(str(path), last))
         return {"continual/restored_step": float(last)}
@@ -342,6 +354,7 @@ class Orchestrator:
         the engines serve a newer adapter), start them again and rewind the run to the checkpoint of ``step``:
         metrics.jsonl loses the rows after it, which the next steps write again."""
         self.pipe.drain(0.0)
+        self.persisting = []
         self.roles.kill()
         t0 = time.perf_counter()
         startup = self._start_roles()
@@ -375,7 +388,7 @@ class Orchestrator:
         self.bad_steps = BadSteps(cfg.trainer.max_bad_steps)
         key = f"eval/{env.name}/avg"
         restarts: list[dict[str, Any]] = []
-        self.pipe = None
+        self.pipe, self.persisting = None, []
         try:
             startup = self._start_roles() if fresh_roles else self._reset_roles()
             self.pipe = self._pipeline()
@@ -396,6 +409,7 @@ class Orchestrator:
                     self.bad_steps.in_a_row, self.bad_steps.last_good = history["bad_steps"]
                 try:
                     step, stopped = self._steps(env, logger, start)
+                    self._persisted()  # the last adapter on disk before the run returns it
                     break
                 except RoleFailure as failure:  # on_failure = "restart": every role again, from the last checkpoint
                     found = checkpoint.latest(self.out)

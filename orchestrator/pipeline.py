@@ -148,7 +148,10 @@ class Timeline:
 
 
 CALLS = {"inference": "generate", "teacher": "score (or generate)", "trainer": "train_step",
-         "weight_update": "load_adapter"}  # what a tracked call of each label asked
+         "weight_update": "load_adapter", "persist": "persist"}  # what a tracked call of each label asked
+ROLE_OF = {"weight_update": "inference", "persist": "trainer"}  # the role of a label that is not one
+
+
 
 
 class Pipeline:
@@ -192,7 +195,7 @@ class Pipeline:
             ref, soonest = min(left.items(), key=lambda kv: kv[1])
             if soonest <= 0:  # hung: no answer within the deadline of its kind
                 label, start = self.inflight[ref]
-                role = "inference" if label == "weight_update" else label
+                role = ROLE_OF.get(label, label)
                 raise deadlines.expired(role, self.roles.owner.get(ref, role), CALLS[label], self.step, now - start,
                                         deadlines.limit(label))
             if ray.wait(list(self.inflight), num_returns=1, timeout=soonest)[0]:
@@ -204,7 +207,7 @@ class Pipeline:
             actor = self.roles.owner.pop(ref, "")
             self.timeline.add(label, start, now)
             deadlines.record(label, now - start)
-            role = "inference" if label == "weight_update" else label
+            role = ROLE_OF.get(label, label)
             self.results[ref] = get(role, ref, actor=actor)
             self.last_reply[role] = now
 

@@ -23,7 +23,7 @@ from orchestrator.colocation import Colocation
 from orchestrator.deadlines import Deadlines
 from orchestrator.failures import RoleFailure, get
 from orchestrator.teacher_set import teacher_backend
-from shared.config import Config, primary_teacher, topk_in_loss
+from shared.config import Config, primary_teacher, topk_in_loss, weight_transfer
 from shared.fsutil import atomic_write_text
 from shared.placement import ActorPlan, RunPlan, node_affinity
 from shared.sampling import policy_temperature, sampler_logprobs_mode
@@ -88,7 +88,7 @@ class Roles:
                             lora_mode=inf.lora_mode, answers=list(cfg.orchestrator.env_args.answers),
                             answer_choice=cfg.orchestrator.env_args.answer_choice,
                             gpu_memory_utilization=inf.gpu_memory_utilization,
-                            finetune=cfg.trainer.finetune, weight_transfer=cfg.trainer.weight_transfer,
+                            finetune=cfg.trainer.finetune, weight_transfer=weight_transfer(cfg),
                             sleep=a.sleeps, logprobs_mode=sampler_logprobs_mode(cfg))
                 options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib, cpu=not a.devices))
                 self.actors["inference"].append(
@@ -147,7 +147,7 @@ class Roles:
         """The trainer's full fine-tuning keys (trainer/full.py); a whole model a step is big, so only the newest
         two stay on disk, unless a continual gate may restore an older one."""
         t, cont = self.cfg.trainer, self.cfg.orchestrator.continual
-        return dict(finetune=t.finetune, weight_transfer=t.weight_transfer,
+        return dict(finetune=t.finetune, weight_transfer=weight_transfer(self.cfg),
                     keep_full_steps=0 if cont.core_environments and cont.gate else 2)
 
     # -- calls ---------------------------------------------------------------------------------------
@@ -241,15 +241,29 @@ class Roles:
                     micro_batch_tokens=micro_batch_tokens))), f"trainer-{i}")
                 for i, (rank, share) in enumerate(zip(ranks, shares))]
 
-    def weight_update_refs(self, adapter: str, version: int) -> list:
-        """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once."""
+    def weight_update_refs(self, adapter: str, version: int, step: int = 0) -> list:
+        """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once.
+        With ``step`` (a training step's update) and the ``memory`` transfer they merge the adapter trainer rank 0
+        still holds: its ``adapter_payload`` goes to every engine through Ray's object store, not the orchestrator
+        (and ``persist_refs`` writes ``adapter`` afterwards)."""
+        engines = self.actors["inference"]
+        if step and weight_transfer(self.cfg) == "memory":
+            payload = self.actors["trainer"][0].adapter_payload.remote(step)
+            return [self._owned(e.load_adapter_tensors.remote(payload, version), f"inference-{i}")
+                    for i, e in enumerate(engines)]
         if self.cfg.trainer.weight_transfer != "nccl":
             return [self._owned(e.load_adapter.remote(adapter, version), f"inference-{i}")
-                    for i, e in enumerate(self.actors["inference"])]
+                    for i, e in enumerate(engines)]
         return ([self._owned(e.receive_weights.remote(self.weight_info, version), f"inference-{i}")
-                 for i, e in enumerate(self.actors["inference"])]
+                 for i, e in enumerate(engines)]
                 + [self._owned(r.send_weights.remote(version), f"trainer-{i}")
                    for i, r in enumerate(self.actors["trainer"])])
+
+    def persist_refs(self, step: int) -> list:
+        """``memory`` transfer: trainer rank 0 writes step ``step``'s adapter (already served) to disk."""
+        if weight_transfer(self.cfg) != "memory":
+            return []
+        return [self._owned(self.actors["trainer"][0].persist.remote(step), "trainer-0")]
 
     def trainer_call(self, method: str, *args: Any) -> list:
         """The same call on every trainer rank; their results (within the deadline of ``method``)."""

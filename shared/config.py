@@ -238,15 +238,25 @@ class TrainerConfig(_Section):
     loss: LossConfig = field(default_factory=LossConfig)
     finetune: _doc(Literal["lora", "full"], "train a LoRA adapter (model.lora) or every student weight (full: no "
                                             "peft; broadcast/step_N holds the whole model)") = "lora"
-    weight_transfer: _doc(Literal["filesystem", "nccl"], "how engines get new full weights: broadcast/step_N files, "
-                                                         "or an NCCL broadcast from trainer rank 0 (GPUs only)") = (
-        "filesystem"
-    )
+    weight_transfer: _doc(Literal["auto", "filesystem", "memory", "nccl"],
+                          "how the engines get each step's weights: broadcast/step_N files; memory (a merged LoRA "
+                          "adapter from trainer rank 0 through Ray's object store, the file written afterwards); "
+                          "an NCCL broadcast of full weights from trainer rank 0 (GPUs only); auto: memory where "
+                          "inference.lora_mode = \"merge\" trains LoRA, else filesystem") = "auto"
     gpu_memory_fraction: _doc(float, "placement.colocate: each trainer rank's share of its GPU while it steps "
                                      "(torch.cuda.set_per_process_memory_fraction)", gt=0, le=1) = 1.0
     gpu_memory_idle_fraction: _doc(float, "placement.colocate with sleeping engines: what a trainer rank keeps of its "
                                           "GPU between steps (weights, adapter, optimizer; its cache is emptied)",
                                    gt=0, le=1) = 0.1
+
+
+def weight_transfer(cfg: Config) -> str:
+    """``trainer.weight_transfer`` with ``auto`` resolved: ``memory`` for a LoRA adapter the engines merge (they
+    take tensors), ``filesystem`` otherwise (vLLM's LoRA kernels load an adapter from a directory)."""
+    t = cfg.trainer
+    if t.weight_transfer != "auto":
+        return t.weight_transfer
+    return "memory" if t.finetune == "lora" and cfg.inference.lora_mode == "merge" else "filesystem"
 
 
 def _validate_finetune(cfg: Config) -> None:
@@ -255,6 +265,9 @@ def _validate_finetune(cfg: Config) -> None:
     if t.finetune == "full" and cfg.inference.lora_mode == "adapter":
         raise ConfigError('trainer.finetune: "full" trains no LoRA adapter for inference.lora_mode = "adapter" to '
                           'serve; set inference.lora_mode = "merge" (the engines load the full weights in place)')
+    if t.weight_transfer == "memory" and (t.finetune != "lora" or cfg.inference.lora_mode != "merge"):
+        raise ConfigError('trainer.weight_transfer: "memory" sends a LoRA adapter that the engines merge; it needs '
+                          'trainer.finetune = "lora" and inference.lora_mode = "merge"')
     if t.weight_transfer == "nccl":
         if t.finetune != "full":
             raise ConfigError('trainer.weight_transfer: "nccl" sends full weights; it needs trainer.finetune = "full"')

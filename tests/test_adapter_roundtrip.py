@@ -1,4 +1,7 @@
-"""Trainer saves an adapter → vLLM serves it → its sampled log-probs match the peft model."""
+"""Trainer saves an adapter → vLLM serves it → its sampled log-probs match the peft model.
+
+Merged (``lora_mode = "merge"``) the adapter goes from trainer memory to the engine first (``weight_transfer =
+"memory"``) and from the file written afterwards second: both must serve the same model."""
 
 import socket
 
@@ -43,8 +46,10 @@ def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
     tok = AutoTokenizer.from_pretrained(str(student))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a leftover cluster
     try:
+        memory = lora_mode == "merge"
         trainer = ray.remote(TrainerRank).options(num_cpus=0).remote(
-            0, 1, "gloo", f"tcp://127.0.0.1:{_port()}", str(student), SPEC, str(tmp_path), None
+            0, 1, "gloo", f"tcp://127.0.0.1:{_port()}", str(student),
+            {**SPEC, "weight_transfer": "memory" if memory else "filesystem"}, str(tmp_path), None
         )
         ray.get(trainer.setup.remote())
         prompt = tok("abcdef=").input_ids
@@ -65,9 +70,17 @@ def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
         # ... and its OpenMP threads sleep when they wait, leaving the cores to the role that has work
         assert ray.get(engine.__ray_call__.remote(lambda self: __import__("os").environ["OMP_WAIT_POLICY"])) == "PASSIVE"
         prompts = [tok(s + "=").input_ids for s in ["abcdef", "hgfe", "aabbcc", "dcbah"]]
-        ray.get(engine.load_adapter.remote(result.adapter_path, 1))
+        if memory:  # from trainer memory, through the object store: nothing on disk yet
+            assert not (tmp_path / "broadcast" / "step_1").exists()
+            ray.get(engine.load_adapter_tensors.remote(trainer.adapter_payload.remote(1), 1))
+            assert ray.get(trainer.persist.remote(1)) > 0  # ... then written, as the orchestrator asks after a step
+            with pytest.raises(ray.exceptions.RayTaskError, match="adapter_payload: step 2 asked, rank 0 holds none"):
+                ray.get(trainer.adapter_payload.remote(2))
+        else:
+            ray.get(engine.load_adapter.remote(result.adapter_path, 1))
         batch = decode(ray.get(engine.generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 10, 7)), RolloutBatch)
-        # loading the same adapter again serves the same model (merging never accumulates)
+        # loading the same adapter again serves the same model (merging never accumulates); merged: from the
+        # file persist wrote, the same model as from memory
         ray.get(engine.load_adapter.remote(result.adapter_path, 2))
         again = decode(ray.get(engine.generate.remote(prompts, [0, 1, 2, 3], 2, 1.0, 1.0, 10, 7)), RolloutBatch)
     finally:

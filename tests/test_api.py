@@ -64,12 +64,15 @@ def test_run_two_steps_from_python_and_load_the_exported_student(tiny_pair, tmp_
 
     from tests.test_e2e import run_rl, serve_exports
 
+    # merged, so step 1's adapter reaches the engine from trainer memory and its file is written afterwards
     cfg = load_config(TOML, overrides={"orchestrator.batch_size": 8, "orchestrator.eval.num_prompts": 16,
-                                       "wandb.mode": "disabled", "trainer.lr": 0.02},
+                                       "wandb.mode": "disabled", "trainer.lr": 0.02, "inference.lora_mode": "merge"},
                       max_steps=2, output_dir=str(tmp_path / "run"))
     result = run(cfg, export=tmp_path / "student")
     assert isinstance(result, RunResult) and result.steps == 2
     assert result.metrics["step"] == 2 and math.isfinite(result.metrics["teacher_kl"])
+    # step 2 was sampled by step 1's adapter as the engine got it from memory: its log-probs are the trainer's
+    assert result.metrics["ratio/mean"] == pytest.approx(1.0, abs=0.01)
     assert 0.0 <= result.metrics["reward/mean"] <= 1.0  # the task reward is computed (adv_tau = 0: not trained on)
     assert result.eval["step"] == 2 and result.eval["eval/reverse_text/avg"] == result.eval_end
     assert 0.0 <= result.eval_start <= 1.0 and 0.0 <= result.eval_end <= 1.0

@@ -253,8 +253,9 @@ def test_failure_without_restart_names_the_role_and_cancels_in_flight_work(local
 
 
 def test_a_hung_trainer_stops_the_run_at_its_deadline(local_ray, tiny_pair, tmp_path, monkeypatch):
-    """A train step that never returns: the pipeline's deadline (floor 3 s here) stops the run with one line
-    naming the role, the actor, the call and the step, and the tail of the actor's log as detail."""
+    """A train step that never returns: the pipeline's deadline (floor 8 s here) stops the run with one line
+    naming the role, the actor, the call and the step, and the tail of the actor's log as detail. (The floor
+    holds for every call: at 3 s a generate on a machine loaded by other jobs once outlived it first.)"""
     import time
 
     from orchestrator.failures import RoleFailure
@@ -262,7 +263,7 @@ def test_a_hung_trainer_stops_the_run_at_its_deadline(local_ray, tiny_pair, tmp_
     log = tmp_path / "run" / "logs" / "trainer-0.log"
     log.parent.mkdir(parents=True)
     log.write_text("loading\nrank 0: entering the step's all-reduce\n")
-    orch = _orchestrator(tiny_pair, tmp_path, monkeypatch, "--max_steps", "4", "--orchestrator.deadline.floor_s", "3",
+    orch = _orchestrator(tiny_pair, tmp_path, monkeypatch, "--max_steps", "4", "--orchestrator.deadline.floor_s", "8",
                          hang_at=2)
     t0 = time.monotonic()
     with pytest.raises(RoleFailure) as e:
@@ -271,7 +272,7 @@ def test_a_hung_trainer_stops_the_run_at_its_deadline(local_ray, tiny_pair, tmp_
     assert e.value.role == "trainer" and "\n" not in str(e.value)
     assert "trainer-0 did not answer train_step in step 2 within its deadline" in str(e.value)
     assert e.value.detail.splitlines()[-1] == "rank 0: entering the step's all-reduce"
-    assert waited < 30, waited  # the deadline, not the hour the step would take
+    assert waited < 45, waited  # the deadline, not the hour the step would take
     assert not orch.pipe.inflight
     steps = [r["step"] for r in _rows(tmp_path) if "teacher_kl" in r]
     assert steps == [1]

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from shared.config import ConfigError, load
+from shared.config import ConfigError, load, weight_transfer
 from shared.weight_sync import broadcast_all, plan, update_info
 
 FULL = ["--trainer.finetune", "full", "--inference.lora_mode", "merge"]
@@ -33,6 +33,12 @@ GPUS = ["--inference_gpu_ids", "0,1", "--teacher_gpu_ids", "2", "--trainer_gpu_i
      'trainer.weight_transfer: "nccl" keeps no per-step weights on disk for the continual gate to restore; use '
      '"filesystem" or orchestrator.continual.gate = false'),
     (["--trainer.finetune", "partial"], 'trainer.finetune: expected one of "lora", "full", got "partial"'),
+    (["--trainer.weight_transfer", "memory"],  # vLLM's LoRA kernels load a directory
+     'trainer.weight_transfer: "memory" sends a LoRA adapter that the engines merge; it needs trainer.finetune = '
+     '"lora" and inference.lora_mode = "merge"'),
+    ([*FULL, "--trainer.weight_transfer", "memory"],
+     'trainer.weight_transfer: "memory" sends a LoRA adapter that the engines merge; it needs trainer.finetune = '
+     '"lora" and inference.lora_mode = "merge"'),
 ])
 def test_config_errors_name_the_key(args, message):
     with pytest.raises(ConfigError) as e:
@@ -43,7 +49,11 @@ def test_config_errors_name_the_key(args, message):
 def test_config_accepts_full_and_nccl_on_gpus():
     cfg = load([*FULL, "--trainer.weight_transfer", "nccl", *GPUS])
     assert (cfg.trainer.finetune, cfg.trainer.weight_transfer) == ("full", "nccl")
-    assert load([*FULL]).trainer.weight_transfer == "filesystem"
+    assert weight_transfer(load([*FULL])) == "filesystem"  # auto: whole models are files (or NCCL)
+    assert weight_transfer(load([])) == "filesystem"  # auto: vLLM's LoRA kernels load a directory
+    assert weight_transfer(load(["--inference.lora_mode", "merge"])) == "memory"  # auto: merged tensors
+    assert weight_transfer(load(["--inference.lora_mode", "merge", "--trainer.weight_transfer", "filesystem"])) == (
+        "filesystem")
 
 
 def test_resume_may_switch_the_transfer_but_not_the_finetuning():

@@ -305,11 +305,13 @@ def test_continual_workflow_two_steps_two_teachers(tiny_pair, tmp_path):
 @pytest.mark.engine
 def test_continual_gate_restores_the_last_passing_adapter(tiny_pair, tmp_path):
     """A learning rate that wrecks the student: the core metric regresses at step 1, the engines go back
-    to step_0 (the untouched student), whose evaluation then equals the start's."""
+    to step_0 (the untouched student), whose evaluation then equals the start's. Merged, so step 1's adapter
+    reached the engine from trainer memory and its file is written in the background: the gate must still
+    find it and set it aside."""
     out = tmp_path / "gate"
     rows, _ = _run("experiments/continual/rl.toml", out, "--trainer.lr", "0.5", "--orchestrator.eval.interval", "1",
                    "--orchestrator.continual.max_regression", "0.0", "--orchestrator.eval_baseline", "true",
-                   steps=(1,))
+                   "--inference.lora_mode", "merge", steps=(1,))
     start = next(r for r in rows if r.get("step") == 0 and "eval/core/reverse_text_short/avg" in r)
     # eval_baseline also scores the teacher on each core behaviour: the trained tiny teacher reverses short
     # texts far better than the student it will teach
@@ -322,6 +324,7 @@ def test_continual_gate_restores_the_last_passing_adapter(tiny_pair, tmp_path):
     final = json.loads((out / "final_adapter.json").read_text())
     assert final["gate_failed"] and final["step"] == 0
     assert not (out / "broadcast" / f"step_{failed['step']}").exists()
+    assert (out / "broadcast" / f"rejected_step_{failed['step']}" / "COMPLETE").exists()
 
 
 @pytest.mark.engine

@@ -4,7 +4,9 @@ The orchestrator sends each rank its share of a :class:`TrainBatch` (msgpack byt
 same number of micro-batches so the collectives line up.  The loss is the policy term plus the optional
 terms the spec switches on (reference KL, lock-in / corrective NLL, entropy bonus; ``trainer/loss.py``),
 each divided by the batch's policy tokens.  After the optimizer step the LoRA weights
-are gathered (``full_tensor``) and rank 0 writes a peft adapter to ``broadcast/step_N`` atomically.
+are gathered (``full_tensor``) and rank 0 writes a peft adapter to ``broadcast/step_N`` atomically (with
+``trainer.weight_transfer = "memory"`` the engines get it from rank 0's memory first, and the file is written
+afterwards: ``adapter_payload``, ``persist``).
 With ``trainer.finetune = "full"`` every weight trains and ``broadcast/step_N`` is a whole model
 (``trainer/full.py``), or the weights go to the engines by NCCL broadcast (``shared/weight_sync.py``).
 """
@@ -64,6 +66,7 @@ class TrainerRank:
         self.empty_cache = bool(spec.get("empty_cache", False))
         self.model = None
         self.last_step = 0  # the step whose weights the model holds (set by train_step and load_checkpoint)
+        self.unsaved: tuple[int, dict] | None = None  # rank 0, weight_transfer "memory": (step, adapter) not yet on disk
 
     def setup(self) -> float:
         """Join the process group, load and shard the model; returns seconds taken."""
@@ -151,6 +154,7 @@ class TrainerRank:
                 fresh[name] = torch.zeros(p.shape)
         set_model_state_dict(self.model, fresh, options=StateDictOptions(full_state_dict=True, strict=False))
         self._make_optimizer()
+        self.unsaved = None
         return str(self.save_adapter(0))
 
     # ------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ class TrainerRank:
             torch.cuda.set_rng_state(extra["cuda_rng"])
         version, internal, gauss = extra["python_rng"]
         random.setstate((version, tuple(internal), gauss))
-        self.last_step = step
+        self.last_step, self.unsaved = step, None
         self.save_adapter(step)
         return time.perf_counter() - t0
 
@@ -351,11 +355,20 @@ class TrainerRank:
             return full.write_model_dir(self.model, self.model_path, self.output_dir / "broadcast" / f"step_{step}",
                                         step, self.rank, getattr(torch, self.spec["dtype"]),
                                         keep=self.spec.get("keep_full_steps", 0))
+        return self._write_adapter(step, self._gather_adapter())
+
+    def _gather_adapter(self) -> dict[str, torch.Tensor]:
+        """Every LoRA weight in full, float32 on the CPU (``full_tensor`` is a collective: every rank calls it)."""
         state = {}
         for name, p in self.model.named_parameters():
             if "lora_" in name:
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 state[name] = full.detach().to("cpu", torch.float32).contiguous()
+        return state
+
+    def _write_adapter(self, step: int, state: dict[str, torch.Tensor]) -> Path:
+        """Rank 0 writes ``state`` as a peft adapter to ``broadcast/step_N``: into a temporary directory, the
+        ``COMPLETE`` marker last, then renamed; the other ranks write nothing."""
         final = self.output_dir / "broadcast" / f"step_{step}"
         if self.rank == 0:
             tmp = final.with_name(f".step_{step}.tmp")
@@ -370,6 +383,30 @@ class TrainerRank:
             os.replace(tmp, final)
         return final
 
+    # -- the adapter from memory (trainer.weight_transfer = "memory") --------------------------------------
+    def adapter_payload(self, step: int) -> dict:
+        """Rank 0: step ``step``'s adapter for the engines (``InferenceEngine.load_adapter_tensors``), through Ray's
+        object store: ``{"step", "scale", "tensors"}``, the tensors keyed as in ``adapter_model.safetensors``."""
+        from peft.utils import get_peft_model_state_dict
+
+        if self.unsaved is None or self.unsaved[0] != step:
+            held = "none" if self.unsaved is None else f"step {self.unsaved[0]}"
+            raise RuntimeError(f"adapter_payload: step {step} asked, rank {self.rank} holds {held}")
+        config = self.model.peft_config["default"]
+        scale = (config.lora_alpha / math.sqrt(config.r) if config.use_rslora else config.lora_alpha / config.r)
+        tensors = get_peft_model_state_dict(self.model, state_dict=self.unsaved[1])
+        return {"step": step, "scale": float(scale), "tensors": tensors}
+
+    def persist(self, step: int) -> float:
+        """Rank 0: write step ``step``'s adapter, which the engines already serve from memory, to
+        ``broadcast/step_N`` (for export, the continual gate and the report); seconds taken.  The orchestrator
+        asks after the weight update, so this runs while the next batch is sampled."""
+        t0 = time.perf_counter()
+        if self.unsaved is not None and self.unsaved[0] == step:
+            self._write_adapter(step, self.unsaved[1])
+            self.unsaved = None
+        return time.perf_counter() - t0
+
     # -- full fine-tuning (trainer/full.py) and its NCCL weight transfer (shared/weight_sync.py) ----------
     @contextlib.contextmanager
     def _reference(self):
@@ -382,9 +419,14 @@ class TrainerRank:
 
     def _publish(self, step: int) -> Path:
         """After a step: ``broadcast/step_N`` on disk.  With the NCCL transfer the engines get the weights from
-        :meth:`send_weights` instead, and only the last step's are written (for ``rl export``)."""
+        :meth:`send_weights` instead, and only the last step's are written (for ``rl export``); from memory
+        (``"memory"``) rank 0 keeps them for :meth:`adapter_payload` and writes them in :meth:`persist`."""
         self.last_step = step
         if self.spec.get("weight_transfer") == "nccl" and step < self.spec.get("total_steps", 0):
+            return self.output_dir / "broadcast" / f"step_{step}"
+        if self.spec.get("weight_transfer") == "memory":  # sent by adapter_payload, written by persist
+            state = self._gather_adapter()
+            self.unsaved = (step, state) if self.rank == 0 else None
             return self.output_dir / "broadcast" / f"step_{step}"
         return self.save_adapter(step)
 
