@@ -83,10 +83,11 @@ class InferenceEngine(Sleeps):
         ``payload``, its :meth:`~trainer.worker.TrainerRank.adapter_payload`, from the object store; no file
         is read), merged into the weights as :meth:`load_adapter` does with a directory."""
         from inference.merge import lora_deltas, set_linear_weights
+        from shared.adapter_payload import unpack
 
         if self.merger is None:
             raise RuntimeError('an adapter from memory is served merged; it needs inference.lora_mode = "merge"')
-        weights = self.merger.merged_deltas(lora_deltas(payload["tensors"], payload["scale"], f"step {step}"))
+        weights = self.merger.merged_deltas(lora_deltas(unpack(payload), payload["scale"], f"step {step}"))
         self.llm.apply_model(lambda model: set_linear_weights(model, weights))
         self.llm.reset_prefix_cache()  # cached keys/values came from the previous weights
         self.adapter_step = step

@@ -14,19 +14,13 @@ cache must be reset: cached keys/values were computed by the old weights.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from shared.adapter_payload import lora_scale
+
 _PREFIX = "base_model.model."
-
-
-def lora_scale(config: dict) -> float:
-    """``alpha / r`` of a peft LoRA config (``alpha / sqrt(r)`` with rsLoRA)."""
-    rank = int(config["r"])
-    alpha = float(config.get("lora_alpha", rank))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def lora_deltas(tensors: dict[str, torch.Tensor], scale: float, where: str = "adapter") -> dict[str, torch.Tensor]:

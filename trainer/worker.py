@@ -386,16 +386,17 @@ class TrainerRank:
     # -- the adapter from memory (trainer.weight_transfer = "memory") --------------------------------------
     def adapter_payload(self, step: int) -> dict:
         """Rank 0: step ``step``'s adapter for the engines (``InferenceEngine.load_adapter_tensors``), through Ray's
-        object store: ``{"step", "scale", "tensors"}``, the tensors keyed as in ``adapter_model.safetensors``."""
+        object store: one flat buffer (``shared/adapter_payload.py``), the tensors named as in
+        ``adapter_model.safetensors``."""
         from peft.utils import get_peft_model_state_dict
+
+        from shared.adapter_payload import lora_scale, pack
 
         if self.unsaved is None or self.unsaved[0] != step:
             held = "none" if self.unsaved is None else f"step {self.unsaved[0]}"
             raise RuntimeError(f"adapter_payload: step {step} asked, rank {self.rank} holds {held}")
-        config = self.model.peft_config["default"]
-        scale = (config.lora_alpha / math.sqrt(config.r) if config.use_rslora else config.lora_alpha / config.r)
         tensors = get_peft_model_state_dict(self.model, state_dict=self.unsaved[1])
-        return {"step": step, "scale": float(scale), "tensors": tensors}
+        return pack(step, lora_scale(self.model.peft_config["default"].to_dict()), tensors)
 
     def persist(self, step: int) -> float:
         """Rank 0: write step ``step``'s adapter, which the engines already serve from memory, to
