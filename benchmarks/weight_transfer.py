@@ -62,7 +62,8 @@ def markdown(command: str, runs: list[dict], ratios: dict[str, dict], steps: int
     for key, label in KEYS:
         s = ratios[key]
         lines.append(f"| {label} | {s['min']:.2f} | {s['median']:.2f} | {s['max']:.2f} | {s['n']} |")
-    lines += ["", "| pair | side | " + " | ".join(label for _, label in KEYS) + " | adapters on disk | run (s) | load |",
+    header = " | ".join(label for _, label in KEYS)
+    lines += ["", f"| pair | side | {header} | adapters on disk | run (s) | load |",
               "|---|---|" + "---|" * len(KEYS) + "---|---|---|"]
     for r in runs:
         cells = " | ".join(f"{r[key] * 1000:.0f} ms" for key, _ in KEYS)

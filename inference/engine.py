@@ -4,8 +4,8 @@ Two ways to serve it (``inference.lora_mode``): ``adapter`` loads it under a fre
 (vLLM's LoRA kernels), ``merge`` writes ``W0 + scale * B @ A`` into the engine's weights
 (``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU); merged adapters arrive from
 trainer rank 0's memory through Ray's object store (``trainer.weight_transfer = "memory"``, the default
-there), not from ``broadcast/step_N``, which the trainer writes after the engines have the weights.  With full fine-tuning
-(``trainer.finetune = "full"``) ``broadcast/step_N`` is a whole model, loaded in place (``merge.load_model_dir``),
+there), not from ``broadcast/step_N``, which the trainer writes after the engines have the weights.  With
+full fine-tuning (``trainer.finetune = "full"``) ``broadcast/step_N`` is a whole model, loaded in place (``merge.load_model_dir``),
 or the weights arrive by NCCL broadcast from trainer rank 0 (``shared/weight_sync.py``, GPUs).
 
 With a fixed answer set and ``orchestrator.env_args.answer_choice = "loglik"`` the engine scores the

@@ -74,7 +74,8 @@ def test_adapter_round_trip(tiny_pair, tmp_path, lora_mode):
             assert not (tmp_path / "broadcast" / "step_1").exists()
             ray.get(engine.load_adapter_tensors.remote(trainer.adapter_payload.remote(1), 1))
             assert ray.get(trainer.persist.remote(1)) > 0  # ... then written, as the orchestrator asks after a step
-            with pytest.raises(ray.exceptions.RayTaskError, match="adapter_payload: step 2 asked, rank 0 holds none"):
+            with pytest.raises(ray.exceptions.RayTaskError,
+                               match="adapter_payload: step 2 asked, rank 0 holds none"):
                 ray.get(trainer.adapter_payload.remote(2))
         else:
             ray.get(engine.load_adapter.remote(result.adapter_path, 1))

@@ -36,3 +36,14 @@ def test_complete_adapters_counts_only_marked_directories(tmp_path):
     (tmp_path / "broadcast" / "step_3" / "COMPLETE").write_text("3")
     assert weight_transfer.complete_adapters(tmp_path, 3) == 2
     assert weight_transfer.complete_adapters(tmp_path, 1) == 1
+
+
+def test_markdown_gives_the_ratio_table_and_one_row_per_run():
+    runs = [{"pair": 0, "side": side, "load": 1.5, "run_s": 50.0, "adapters": 20, "time/step": step,
+             "time/weight_update": upd, "time/adapter_save": save}
+            for side, step, upd, save in (("filesystem", 0.6, 0.015, 0.04), ("memory", 0.54, 0.02, 0.005))]
+    ratios = {key: weight_transfer.ratio_stats([runs[1][key] / runs[0][key]]) for key, _ in weight_transfer.KEYS}
+    text = weight_transfer.markdown("python benchmarks/weight_transfer.py", runs, ratios, 20)
+    assert "| step (s) | 0.90 | 0.90 | 0.90 | 1 |" in text
+    assert "| weight update (s) | 1.33 | 1.33 | 1.33 | 1 |" in text
+    assert "| 0 | memory | 540 ms | 20 ms | 5 ms | 20/20 | 50 | 1.5 |" in text

@@ -66,7 +66,7 @@ class TrainerRank:
         self.empty_cache = bool(spec.get("empty_cache", False))
         self.model = None
         self.last_step = 0  # the step whose weights the model holds (set by train_step and load_checkpoint)
-        self.unsaved: tuple[int, dict] | None = None  # rank 0, weight_transfer "memory": (step, adapter) not yet on disk
+        self.unsaved: tuple[int, dict] | None = None  # rank 0, "memory" transfer: (step, adapter) not on disk yet
 
     def setup(self) -> float:
         """Join the process group, load and shard the model; returns seconds taken."""
