@@ -99,7 +99,8 @@ BREAKDOWN = (
     ("scoring: vLLM prompt_logprobs (teacher engine)", "time/teacher_engine", None),
     ("scoring: Ray call, (de)serialization, orchestrator", "time/teacher", "time/teacher_engine"),
     ("training: forward, backward, optimizer", "time/trainer_compute", None),
-    ("training: adapter written to broadcast/step_N", "time/adapter_save", None),
+    ("training: adapter gathered (and written to broadcast/step_N unless sent from memory)", "time/adapter_save",
+     None),
     ("training: samples built, Ray call, (de)serialization", "time/trainer", ("time/trainer_compute", "time/adapter_save")),
     ("weight update: the engines told to serve the new adapter", "time/weight_update", None),
 )
