@@ -52,6 +52,16 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def default_signals() -> None:
+    """``preexec_fn`` for a process a test signals: SIGINT, SIGHUP and SIGTERM at their defaults, however pytest
+    was started (under ``nohup`` or ``&`` they arrive ignored, and ``rl`` rightly leaves an ignored signal
+    ignored, so a test sending one would wait for nothing)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def stop_process_group(proc, grace: float) -> None:
     """SIGTERM to ``proc``'s process group (started with ``start_new_session=True``; an ``rl`` relay in it passes
     the signal on to its run), SIGKILL to everything of its session after ``grace`` s."""

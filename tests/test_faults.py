@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RL, ROOT
+from tests.conftest import RL, ROOT, default_signals
 
 pytestmark = pytest.mark.engine
 
@@ -31,7 +31,7 @@ def _start(out: Path, *args: str, group: bool = False) -> tuple[subprocess.Popen
     env = {**os.environ, "OPD_TEST_RUN": mark}
     proc = subprocess.Popen([RL, "@", "experiments/reverse_text/rl.toml", "--output_dir", str(out), *SMALL, *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            process_group=0 if group else None)
+                            process_group=0 if group else None, preexec_fn=default_signals)
     return proc, mark
 
 

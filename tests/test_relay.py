@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_signals
 
 STAND_IN = """
 import os, signal, sys, time, pathlib
@@ -35,11 +35,6 @@ sys.exit(143 if got else 0)
 """
 
 
-def _default_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
-
-
 def _relay(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     """The relay, started as a shell starts a job (a process group of its own), with a stand-in for the run:
     ``sys.executable`` is a script that runs STAND_IN whatever its arguments (``-m orchestrator.cli ...``)."""
@@ -50,9 +45,7 @@ def _relay(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     fake.chmod(0o755)
     code = (f"import sys; sys.executable = {str(fake)!r}; from orchestrator.cli import _relay; "
             "sys.exit(_relay(['@', 'x.toml']))")
-    # default dispositions, however pytest was started: under `nohup` or `&` SIGHUP / SIGINT arrive ignored,
-    # and the relay (rightly) leaves an ignored signal ignored
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, process_group=0, preexec_fn=_default_signals)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, process_group=0, preexec_fn=default_signals)
     deadline = time.monotonic() + 30
     while not (notes.exists() and notes.read_text().startswith("ready")) and time.monotonic() < deadline:
         time.sleep(0.02)
