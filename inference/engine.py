@@ -5,8 +5,9 @@ Two ways to serve it (``inference.lora_mode``): ``adapter`` loads it under a fre
 (``inference/merge.py``; no LoRA kernels, much faster decoding on the CPU); merged adapters arrive from
 trainer rank 0's memory through Ray's object store (``trainer.weight_transfer = "memory"``, the default
 there), not from ``broadcast/step_N``, which the trainer writes after the engines have the weights.  With
-full fine-tuning (``trainer.finetune = "full"``) ``broadcast/step_N`` is a whole model, loaded in place (``merge.load_model_dir``),
-or the weights arrive by NCCL broadcast from trainer rank 0 (``shared/weight_sync.py``, GPUs).
+full fine-tuning (``trainer.finetune = "full"``) ``broadcast/step_N`` is a whole model, loaded in place
+(``merge.load_model_dir``), or the weights arrive by NCCL broadcast from trainer rank 0
+(``shared/weight_sync.py``, GPUs).
 
 With a fixed answer set and ``orchestrator.env_args.answer_choice = "loglik"`` the engine scores the
 allowed answers instead of decoding free text (``inference/answer_choice.py``).
@@ -69,11 +70,7 @@ class InferenceEngine(Sleeps):
 
             load_model_dir(self.llm, path)
         elif self.merger is not None:
-            from inference.merge import set_linear_weights
-
-            weights = self.merger.merged(path)
-            self.llm.apply_model(lambda model: set_linear_weights(model, weights))
-            self.llm.reset_prefix_cache()  # cached keys/values came from the previous weights
+            self._serve_merged(self.merger.merged(path))
         else:
             self.lora = LoRARequest(f"step_{step}", step + 1, path)
         self.adapter_step = step
@@ -82,15 +79,20 @@ class InferenceEngine(Sleeps):
         """Serve the adapter trainer rank 0 sends from memory (``trainer.weight_transfer = "memory"``: Ray passes
         ``payload``, its :meth:`~trainer.worker.TrainerRank.adapter_payload`, from the object store; no file
         is read), merged into the weights as :meth:`load_adapter` does with a directory."""
-        from inference.merge import lora_deltas, set_linear_weights
+        from inference.merge import lora_deltas
         from shared.adapter_payload import unpack
 
         if self.merger is None:
             raise RuntimeError('an adapter from memory is served merged; it needs inference.lora_mode = "merge"')
-        weights = self.merger.merged_deltas(lora_deltas(unpack(payload), payload["scale"], f"step {step}"))
+        self._serve_merged(self.merger.merged_deltas(lora_deltas(unpack(payload), payload["scale"], f"step {step}")))
+        self.adapter_step = step
+
+    def _serve_merged(self, weights: dict) -> None:
+        """Write merged weights (``Merger``) into the engine's layers; its prefix cache goes with the old ones."""
+        from inference.merge import set_linear_weights
+
         self.llm.apply_model(lambda model: set_linear_weights(model, weights))
         self.llm.reset_prefix_cache()  # cached keys/values came from the previous weights
-        self.adapter_step = step
 
     # -- NCCL weight transfer (shared/weight_sync.py; GPUs only) ------------------------------------------
     def node_address(self) -> str:

@@ -92,7 +92,7 @@ class Orchestrator:
         ``trained``: the step just trained, whose adapter trainer rank 0 may still hold in memory."""
         version = self.adapter_base + step
         self.next_version = max(self.next_version, version + 1)
-        return self.roles.weight_update_refs(adapter, version, step if trained else 0)
+        return self.roles.weight_update_refs(adapter, version, step if trained else None)
 
     def _persisted(self) -> None:
         """Wait until the last trained adapter is on disk (``memory`` transfer: it is written after the engines

@@ -152,8 +152,6 @@ CALLS = {"inference": "generate", "teacher": "score (or generate)", "trainer": "
 ROLE_OF = {"weight_update": "inference", "persist": "trainer"}  # the role of a label that is not one
 
 
-
-
 class Pipeline:
     """The batches of the next ``k = max_async_level`` steps, sampled and scored while the trainer works, and
     every remote call in flight (:meth:`submit` / :meth:`wait`).

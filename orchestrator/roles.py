@@ -53,6 +53,7 @@ class Roles:
         self.vocab = vocabulary.make(cfg, run.student, run.teacher)  # what the teacher reads (orchestrator/vocabulary.py)
         self.actors: dict[str, list] = started.actors if started else {}
         self.weight_info: dict | None = started.weight_info if started else None
+        self.transfer = weight_transfer(cfg)  # trainer.weight_transfer, "auto" resolved
         self.deadlines = Deadlines(cfg, out)
         self.owner: dict[Any, str] = {}  # a call in flight -> the actor it was made to (for a deadline's message)
 
@@ -88,7 +89,7 @@ class Roles:
                             lora_mode=inf.lora_mode, answers=list(cfg.orchestrator.env_args.answers),
                             answer_choice=cfg.orchestrator.env_args.answer_choice,
                             gpu_memory_utilization=inf.gpu_memory_utilization,
-                            finetune=cfg.trainer.finetune, weight_transfer=weight_transfer(cfg),
+                            finetune=cfg.trainer.finetune, weight_transfer=self.transfer,
                             sleep=a.sleeps, logprobs_mode=sampler_logprobs_mode(cfg))
                 options["runtime_env"]["env_vars"].update(engine_env(inf.kv_cache_gib, cpu=not a.devices))
                 self.actors["inference"].append(
@@ -108,7 +109,7 @@ class Roles:
             role, actor = owners[pending[0]]
             raise self.deadlines.expired(role, actor, "start-up", 0, limit, limit)
         times = {f"time/startup_{role}": max(get(role, r)) for role, r in refs.items()}
-        if cfg.trainer.weight_transfer == "nccl":
+        if self.transfer == "nccl":
             self._join_weight_group()
         self.write_pids()
         return times
@@ -147,7 +148,7 @@ class Roles:
         """The trainer's full fine-tuning keys (trainer/full.py); a whole model a step is big, so only the newest
         two stay on disk, unless a continual gate may restore an older one."""
         t, cont = self.cfg.trainer, self.cfg.orchestrator.continual
-        return dict(finetune=t.finetune, weight_transfer=weight_transfer(self.cfg),
+        return dict(finetune=t.finetune, weight_transfer=self.transfer,
                     keep_full_steps=0 if cont.core_environments and cont.gate else 2)
 
     # -- calls ---------------------------------------------------------------------------------------
@@ -241,17 +242,17 @@ class Roles:
                     micro_batch_tokens=micro_batch_tokens))), f"trainer-{i}")
                 for i, (rank, share) in enumerate(zip(ranks, shares))]
 
-    def weight_update_refs(self, adapter: str, version: int, step: int = 0) -> list:
+    def weight_update_refs(self, adapter: str, version: int, trained_step: int | None = None) -> list:
         """The engines load ``broadcast/step_N``, or (NCCL) receive what the trainer ranks send, all at once.
-        With ``step`` (a training step's update) and the ``memory`` transfer they merge the adapter trainer rank 0
-        still holds: its ``adapter_payload`` goes to every engine through Ray's object store, not the orchestrator
-        (and ``persist_refs`` writes ``adapter`` afterwards)."""
+        With ``trained_step`` (the step just trained) and the ``memory`` transfer they merge the adapter trainer
+        rank 0 still holds: its ``adapter_payload`` goes to every engine through Ray's object store, not the
+        orchestrator (and ``persist_refs`` writes ``adapter`` afterwards)."""
         engines = self.actors["inference"]
-        if step and weight_transfer(self.cfg) == "memory":
-            payload = self.actors["trainer"][0].adapter_payload.remote(step)
+        if trained_step is not None and self.transfer == "memory":
+            payload = self.actors["trainer"][0].adapter_payload.remote(trained_step)
             return [self._owned(e.load_adapter_tensors.remote(payload, version), f"inference-{i}")
                     for i, e in enumerate(engines)]
-        if self.cfg.trainer.weight_transfer != "nccl":
+        if self.transfer != "nccl":
             return [self._owned(e.load_adapter.remote(adapter, version), f"inference-{i}")
                     for i, e in enumerate(engines)]
         return ([self._owned(e.receive_weights.remote(self.weight_info, version), f"inference-{i}")
@@ -261,7 +262,7 @@ class Roles:
 
     def persist_refs(self, step: int) -> list:
         """``memory`` transfer: trainer rank 0 writes step ``step``'s adapter (already served) to disk."""
-        if weight_transfer(self.cfg) != "memory":
+        if self.transfer != "memory":
             return []
         return [self._owned(self.actors["trainer"][0].persist.remote(step), "trainer-0")]
 
