@@ -117,7 +117,8 @@ class Orchestrator:
         seed and write ``broadcast/step_0`` (B = 0, so it computes exactly the base model), which the engines
         then serve under a new version."""
         t0 = time.perf_counter()
-        adapter = self.roles.trainer_call("reset", self.roles.trainer_spec(), str(self.out))[0]
+        spec = {**self.roles.trainer_spec(), **self.roles.finetune_spec()}  # weight_transfer: as at the start
+        adapter = self.roles.trainer_call("reset", spec, str(self.out))[0]
         self.adapter_base = self.next_version
         self.roles.call("inference", "load_adapter", self._serve_refs(adapter, 0))
         return {"time/reset": time.perf_counter() - t0}
@@ -245,6 +246,7 @@ class Orchestrator:
             # inside the roles' calls (the rest of time/<role> is Ray, serialization and waiting):
             **{f"time/{role}_engine": s for role, s in batch.engine_seconds.items()},  # vLLM's own time
             "time/trainer_compute": max(r.metrics.get("time/trainer_compute", 0.0) for r in results),
+            "time/trainer_update": max(r.metrics.get("time/trainer_update", 0.0) for r in results),
             "time/adapter_save": results[0].metrics.get("time/adapter_save", 0.0),  # rank 0 writes broadcast/step_N
             **pipeline_row,
         }

@@ -159,11 +159,12 @@ def test_session_run_config_goes_on_the_sources_and_refuses_fixed_keys():
 def test_session_runs_start_from_the_base_student_and_repeat_exactly(tiny_pair, tmp_path):
     """Three runs on one start of the roles: a run after others (seed 0 again) repeats the first exactly, so
     the trainer's LoRA/optimizer and the engines' adapter really went back to the start; an SFT run trains on
-    the teacher's samples; a run that changes a fixed key is refused before it starts."""
+    the teacher's samples; a run that changes a fixed key is refused before it starts. Merged, as the main job:
+    every run's weights reach the engines from the trainer's memory (a reset trainer must still hold them)."""
     from shared.metrics import read_metrics
 
     small = {"orchestrator.batch_size": 8, "orchestrator.eval.num_prompts": 16, "orchestrator.eval.interval": 1,
-             "wandb.mode": "disabled"}
+             "wandb.mode": "disabled", "inference.lora_mode": "merge"}
     with Session(TOML, overrides=small, max_steps=2, output_dir=str(tmp_path / "session")) as session:
         assert set(session.startup) == {"time/startup_inference", "time/startup_teacher", "time/startup_trainer"}
         first = session.run(seed=0, output_dir=str(tmp_path / "a"))
@@ -183,7 +184,7 @@ def test_session_runs_start_from_the_base_student_and_repeat_exactly(tiny_pair, 
         assert ra["tokens/step"] == rb["tokens/step"]
         assert ra["teacher_kl"] == pytest.approx(rb["teacher_kl"], abs=1e-5)
     assert first.eval_start == again.eval_start and first.eval_end == again.eval_end
-    assert (tmp_path / "b" / "broadcast" / "step_0" / "COMPLETE").exists()
+    assert all((tmp_path / "b" / "broadcast" / f"step_{n}" / "COMPLETE").exists() for n in (0, 1, 2))
     s = rows(sft)
     assert all(r["teacher_kl"] is None and r["loss/sft"] > 0 and r["loss/policy"] == 0 for r in s)
     assert all(r["time/inference"] == 0 and r["tokens/step"] > 0 for r in s)

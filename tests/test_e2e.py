@@ -48,6 +48,7 @@ def test_two_step_run(tiny_pair, tmp_path):
         # the trainer's compute and its adapter write
         assert r["time/inference_engine"] > 0 and r["time/teacher_engine"] > 0
         assert 0 < r["time/trainer_compute"] < r["time/step"] and 0 < r["time/adapter_save"] < r["time/step"]
+        assert 0 < r["time/trainer_update"] < r["time/trainer_compute"]  # the optimizer's part of the compute
     assert train[0]["ratio/mean"] == pytest.approx(1.0, abs=0.01) and train[0]["masked/low"] == 0
     evals = [r for r in rows if "eval/reverse_text/avg" in r]
     assert [r["step"] for r in evals] == [0, 2]

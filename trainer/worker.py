@@ -143,7 +143,8 @@ class TrainerRank:
         changed = [k for k in fixed if spec.get(k) != self.spec.get(k)]
         if changed:
             raise ValueError(f"reset: {', '.join(changed)} cannot change after setup (the model is built with them)")
-        self.spec, self.output_dir = spec, Path(output_dir)
+        # on top of the setup's spec: what a run does not restate (a colocated rank's memory caps) stays
+        self.spec, self.output_dir = {**self.spec, **spec}, Path(output_dir)
         torch.manual_seed(spec["seed"])
         gen = torch.Generator().manual_seed(spec["seed"])
         fresh = {}
@@ -182,6 +183,7 @@ class TrainerRank:
         batch = decode(batch_bytes, TrainBatch)
         t0 = time.perf_counter()
         totals = self.accumulate(batch)
+        t_update = time.perf_counter()
         update = self.apply_update()
         train_seconds = time.perf_counter() - t0
         adapter = self._publish(batch.step)
@@ -192,6 +194,7 @@ class TrainerRank:
             **totals,
             **update,
             "time/trainer_compute": train_seconds,
+            "time/trainer_update": t0 + train_seconds - t_update,  # clipping and AdamW: a part of trainer_compute
             "time/adapter_save": time.perf_counter() - t0 - train_seconds,
         }
         return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=str(adapter)))
