@@ -149,14 +149,27 @@ def completion_texts(tokenizer: Any, completions: list) -> list[str]:
     return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
 
 
+LOGPROBS_FROM = "opd_logprobs_from"  # SamplingParams.extra_args key: index of the first token whose log-prob is read
+
+
+def scoring_params(prompt_ids: list[list[int]], k: int) -> list:
+    """One ``SamplingParams`` per prompt for scoring ``prompt + completion``: ``prompt_logprobs = k``, ids only
+    (no detokenizing), and the completion's first index as ``extra_args[LOGPROBS_FROM]``, so the teacher's
+    batched prompt log-probs (``teacher/prompt_logprobs.py``) compute no row for the prompt; an engine without
+    them ignores the key."""
+    from vllm import SamplingParams
+
+    return [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
+                           extra_args={LOGPROBS_FROM: len(p)}) for p in prompt_ids]
+
+
 def completion_logprobs(llm: Any, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                         lora_request: Any = None) -> list[list[float]]:
     """Log-probs of the given completion tokens after each prompt (``prompt_logprobs`` of one pass over
     ``prompt + completion``; the prompt's own entries are dropped). A missing entry is NaN."""
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)  # ids only
+    params = scoring_params(prompt_ids, 0)
     prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
     outputs = llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
     result = []
@@ -172,10 +185,9 @@ def completion_topk(llm: Any, prompt_ids: list[list[int]], completion_ids: list[
     the token log-probs, the top-k ids and their log-probs (most likely first), from one ``prompt_logprobs = k``
     pass (vLLM adds the scored token when it is not among the top k; it is left out of the top k here).
     The log-probs are the model's own (vLLM's prompt log-probs are untempered in every ``logprobs_mode``)."""
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)  # ids only
+    params = scoring_params(prompt_ids, k)
     prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     lps, ids, tops = [], [], []

@@ -6,6 +6,7 @@ import time
 
 from shared.engines import Sleeps, completion_logprobs, completion_topk, make_llm_from_spec, sample
 from shared.runtime import redirect_output
+from teacher.prompt_logprobs import install
 from shared.wire import RolloutBatch, ScoreRequest, ScoreResult, decode, encode
 
 
@@ -19,6 +20,8 @@ class TeacherEngine(Sleeps):
         # vLLM refuses prompt_logprobs above max_logprobs (20 by default): raised for trainer.loss.teacher_topk
         extra = {"max_logprobs": spec["max_logprobs"]} if spec.get("max_logprobs") else None
         self.llm = make_llm_from_spec(model_path, spec, extra=extra)
+        self.prompt_logprobs = install(self.llm)  # "batched", or why vLLM's own loop is kept
+        print(f"teacher prompt log-probs: {self.prompt_logprobs}", flush=True)
         self.start_seconds = time.perf_counter() - t0
 
     def ready(self) -> float:
