@@ -22,6 +22,7 @@ attributes it uses, vLLM's own method stays and :func:`install` says why.
 from __future__ import annotations
 
 import math
+import sys
 import types
 from typing import Any
 
@@ -34,10 +35,26 @@ _RUNNER_ATTRS = ("_get_prompt_logprobs_dict", "num_prompt_logprobs", "requests",
 
 def install(llm: Any) -> str:
     """Install :func:`batched_prompt_logprobs` on every worker of ``llm`` (a ``vllm.LLM``); ``"batched"``, or
-    why vLLM's own method was kept (one line)."""
-    replies = llm.collective_rpc(_install_on_worker)
+    why vLLM's own method was kept (one line). All workers or none: with tensor parallelism every rank computes
+    the logits together, so ranks running different methods would disagree on the number of collectives."""
+    try:
+        import cloudpickle  # vLLM's own dependency: what it pickles a callable with for worker processes
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # so they need not import this module
+    except (ImportError, ValueError):
+        pass
+    try:
+        replies = llm.collective_rpc(_install_on_worker)
+    except Exception as e:  # e.g. a worker process that cannot import this module
+        replies = [f"vLLM's own prompt log-probs: installing failed ({type(e).__name__}: {e})"]
     refused = [r for r in replies if r != "batched"]
-    return refused[0] if refused else "batched"
+    if refused:
+        try:
+            llm.collective_rpc(uninstall)
+        except Exception as e:
+            raise RuntimeError(f"{refused[0]}, and the workers could not be set back: {e}") from e
+        return refused[0]
+    return "batched"
 
 
 def _install_on_worker(worker: Any) -> str:

@@ -46,13 +46,13 @@ def test_batched_prompt_logprobs_equal_vllms_own_and_transformers_and_skip_the_p
     assert all(math.isfinite(x) for lps in ours["logprobs"] for x in lps)
 
 
-def _worker(**attrs):
-    runner = types.SimpleNamespace(**{a: None for a in ("num_prompt_logprobs", "requests", "input_batch",
-                                                         "query_start_loc", "model", "sampler", "model_config")})
-    runner._get_prompt_logprobs_dict = "vllm's own"
-    for k, v in attrs.items():
-        setattr(runner, k, v)
-    return types.SimpleNamespace(model_runner=runner)
+class _Runner(types.SimpleNamespace):
+    _get_prompt_logprobs_dict = "vllm's own"  # a class attribute, as vLLM's method is: uninstall falls back to it
+
+
+def _worker():
+    return types.SimpleNamespace(model_runner=_Runner(**{a: None for a in (
+        "num_prompt_logprobs", "requests", "input_batch", "query_start_loc", "model", "sampler", "model_config")}))
 
 
 def test_install_only_on_the_checked_vllm_and_a_runner_it_knows(monkeypatch):
@@ -72,6 +72,37 @@ def test_install_only_on_the_checked_vllm_and_a_runner_it_knows(monkeypatch):
     assert tp._install_on_worker(worker) == "batched"
     assert worker.model_runner._get_prompt_logprobs_dict.__func__ is tp.batched_prompt_logprobs
     assert tp.rows_computed(worker) == 0
+
+
+class _Workers:
+    """What ``install`` needs of a ``vllm.LLM``: ``collective_rpc`` over its workers (tensor-parallel ranks)."""
+
+    def __init__(self, *workers, fail=None):
+        self.workers, self.fail = workers, fail
+
+    def collective_rpc(self, fn):
+        if self.fail:  # the first call only
+            fail, self.fail = self.fail, None
+            raise fail
+        return [fn(w) for w in self.workers]
+
+
+def test_install_is_all_workers_or_none(monkeypatch):
+    import vllm
+
+    from teacher import prompt_logprobs as tp
+
+    monkeypatch.setattr(vllm, "__version__", "0.32.0")
+    good, bare = _worker(), _worker()
+    del bare.model_runner.sampler
+    llm = _Workers(good, bare)  # rank 1's runner lacks an attribute: rank 0 must not keep ours either
+    assert tp.install(llm) == "vLLM's own prompt log-probs: the model runner has no sampler"
+    assert good.model_runner._get_prompt_logprobs_dict == "vllm's own"
+    both = _Workers(_worker(), _worker())
+    assert tp.install(both) == "batched"
+    assert all(w.model_runner._get_prompt_logprobs_dict.__func__ is tp.batched_prompt_logprobs for w in both.workers)
+    assert tp.install(_Workers(_worker(), fail=ModuleNotFoundError("No module named 'teacher'"))) == (
+        "vLLM's own prompt log-probs: installing failed (ModuleNotFoundError: No module named 'teacher')")
 
 
 @pytest.mark.parametrize("extra, n_prompt, unread", [
