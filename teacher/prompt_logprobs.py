@@ -45,7 +45,7 @@ def install(llm: Any) -> str:
         pass
     try:
         replies = llm.collective_rpc(_install_on_worker)
-    except Exception as e:  # e.g. a worker process that cannot import this module
+    except Exception as e:  # a worker that could not run it: none keeps ours
         replies = [f"vLLM's own prompt log-probs: installing failed ({type(e).__name__}: {e})"]
     refused = [r for r in replies if r != "batched"]
     if refused:
