@@ -1,8 +1,8 @@
 """What streaming within a synchronous step could save at best: each role's call timed on the whole batch and
 on its halves and quarters, and the fastest chunked step those times allow.
 
-    python benchmarks/streaming_bound.py                   # tiny pair (~4 min on 2 quiet cores)
-    python benchmarks/streaming_bound.py --setup smollm2   # the main job's model (~10 min)
+    python benchmarks/streaming_bound.py                   # tiny pair (~1.5 min on 2 quiet cores)
+    python benchmarks/streaming_bound.py --setup smollm2   # the main job's model (~6.5 min)
     python benchmarks/streaming_bound.py --quick           # 2 runs of 2 steps: checks the results are well-formed
 
 Streaming a synchronous step cuts its batch of B sequences into c chunks: the student samples chunk 1; the

@@ -71,8 +71,9 @@ def measure(name: str, pairs: int) -> dict:
     os.environ.update(engine_env(spec["kv_cache_gib"], cpu=True))
     llm = make_llm(teacher, dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=spec["seed"])
     own = completion_logprobs(llm, prompts, completions)  # also the first call's warm-up
-    if tp.install(llm) != "batched":
-        raise SystemExit(f"error: {tp.install(llm)}")
+    installed = tp.install(llm)
+    if installed != "batched":
+        raise SystemExit(f"error: {installed}")
     ours = completion_logprobs(llm, prompts, completions)
     if ours != own:
         raise SystemExit(f"error: {name}: the batched log-probs differ from vLLM's own")

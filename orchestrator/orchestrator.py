@@ -117,8 +117,7 @@ class Orchestrator:
         seed and write ``broadcast/step_0`` (B = 0, so it computes exactly the base model), which the engines
         then serve under a new version."""
         t0 = time.perf_counter()
-        spec = {**self.roles.trainer_spec(), **self.roles.finetune_spec()}  # weight_transfer: as at the start
-        adapter = self.roles.trainer_call("reset", spec, str(self.out))[0]
+        adapter = self.roles.trainer_call("reset", self.roles.trainer_spec(), str(self.out))[0]
         self.adapter_base = self.next_version
         self.roles.call("inference", "load_adapter", self._serve_refs(adapter, 0))
         return {"time/reset": time.perf_counter() - t0}

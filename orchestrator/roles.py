@@ -98,7 +98,7 @@ class Roles:
                 options["runtime_env"]["env_vars"].update(TOKENIZERS_PARALLELISM="false", **omp_env())
                 self.actors["trainer"].append(ray.remote(TrainerRank).options(**options).remote(
                     a.index, world, a.backend, f"file://{rendezvous.resolve()}", self.run.student,
-                    {**self.trainer_spec(), **self.finetune_spec(), **memory_spec(a)}, str(out), log))
+                    {**self.trainer_spec(), **memory_spec(a)}, str(out), log))
         # Start everything at once; report each role's start-up time.
         refs = {role: [x.setup.remote() if role == "trainer" else x.ready.remote() for x in self.actors[role]]
                 for role in ROLES}
@@ -129,7 +129,7 @@ class Roles:
         self.actors = {}
 
     def trainer_spec(self) -> dict[str, Any]:
-        cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
+        cfg, t, m, cont = self.cfg, self.cfg.trainer, self.cfg.model, self.cfg.orchestrator.continual
         return dict(
             seed=cfg.seed, dtype=m.dtype, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
             lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
@@ -142,14 +142,11 @@ class Roles:
             # the student's policy softmax(z / T) (shared/sampling.py) and the top-k estimator (trainer/topk.py)
             temperature=policy_temperature(cfg), topk_coef=t.loss.topk_coef if topk_in_loss(cfg) else 0.0,
             topk_reverse_weight=t.loss.topk_reverse_weight, logprob_floor=t.loss.logprob_floor,
+            # how the weights leave the trainer; full fine-tuning (trainer/full.py): a whole model a step is big,
+            # so only the newest two stay on disk, unless a continual gate may restore an older one
+            finetune=t.finetune, weight_transfer=self.transfer,
+            keep_full_steps=0 if cont.core_environments and cont.gate else 2,
         )
-
-    def finetune_spec(self) -> dict[str, Any]:
-        """The trainer's full fine-tuning keys (trainer/full.py); a whole model a step is big, so only the newest
-        two stay on disk, unless a continual gate may restore an older one."""
-        t, cont = self.cfg.trainer, self.cfg.orchestrator.continual
-        return dict(finetune=t.finetune, weight_transfer=self.transfer,
-                    keep_full_steps=0 if cont.core_environments and cont.gate else 2)
 
     # -- calls ---------------------------------------------------------------------------------------
     def sample_refs(self, role: str, prompt_ids: list[list[int]], first_index: int, n: int, temperature: float,

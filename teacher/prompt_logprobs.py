@@ -153,7 +153,7 @@ def batched_prompt_logprobs(self: Any, hidden_states: Any, num_scheduled_tokens:
             scores = self.sampler.compute_logprobs(logits)
         ids, lps, ranks, *_ = self.sampler.gather_logprobs(scores, k, targets.to(scores.device))
         ids, lps, ranks = ids.cpu(), lps.cpu(), ranks.cpu()
-        self.opd_prompt_logprob_rows = getattr(self, "opd_prompt_logprob_rows", 0) + int(index.numel())
+        self.opd_prompt_logprob_rows += int(index.numel())
         row = 0
         for tensors, first, n, _, _ in group:
             tensors.logprob_token_ids[first:first + n].copy_(ids[row:row + n])

@@ -185,7 +185,8 @@ class TrainerRank:
         totals = self.accumulate(batch)
         t_update = time.perf_counter()
         update = self.apply_update()
-        train_seconds = time.perf_counter() - t0
+        t_done = time.perf_counter()
+        train_seconds = t_done - t0
         adapter = self._publish(batch.step)
         if self.empty_cache and self.backend == "nccl":  # engines wake on this GPU next: hand back the cache
             torch.cuda.empty_cache()
@@ -194,7 +195,7 @@ class TrainerRank:
             **totals,
             **update,
             "time/trainer_compute": train_seconds,
-            "time/trainer_update": t0 + train_seconds - t_update,  # clipping and AdamW: a part of trainer_compute
+            "time/trainer_update": t_done - t_update,  # clipping and AdamW: a part of trainer_compute
             "time/adapter_save": time.perf_counter() - t0 - train_seconds,
         }
         return encode(StepResult(step=batch.step, metrics=metrics, adapter_path=str(adapter)))
