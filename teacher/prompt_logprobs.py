@@ -4,7 +4,8 @@ Scoring asks vLLM for ``prompt_logprobs`` of ``prompt + completion`` and keeps t
 (``GPUModelRunner._get_prompt_logprobs_dict``, which the CPU runner inherits) computes them one request at a
 time, as its comment says ("prompt logprobs are a rare feature"): per request an lm-head, a full log-softmax, a
 top-k and a rank count, over every prompt position. For a tiny-pair batch of 128 sequences that loop took 40 of
-the teacher's 146 ms (measured 2026-12-03 on 2 cores; ``benchmarks/results/teacher_scoring_2026-12-03.md``), and
+the teacher's 146 ms (profiled once, 2026-12-03, 2 cores, load about 0.8; the speed-up is in
+``benchmarks/results/teacher_scoring_2026-12-03.md``), and
 on SmolLM2 the lm-head and 49k-way log-softmax over the teacher's prompt positions are work nobody reads.
 
 :func:`install` replaces that method on the engine's model runner(s) by :func:`batched_prompt_logprobs`: the same
